@@ -1,0 +1,77 @@
+"""Launch a whole federation on this machine: broker, server process, device processes.
+
+This is what `heron run` does. Each part is a real OS process talking over a real broker,
+exactly as when the parts are started by hand on different machines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from devices.datasets import load_dataset
+from devices.partition import partition, write_shards
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    out: Path
+    devices: int = 3
+    dataset: str = "digits"
+    data_dir: str | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    device_threads: int = 1
+    broker: str | None = None  # None: start the embedded broker
+    prefix: str = "heron"
+    device_env: dict[str, str] | None = None  # extra environment for device processes
+
+
+def make_shards(opts: FleetOptions, shard_dir: Path) -> list[Path]:
+    """One dev-N.npz per device from the dataset's training split, in `shard_dir`."""
+    ds = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
+    parts = partition(ds.y_train, opts.devices, opts.partition, opts.alpha, opts.seed)
+    return write_shards(ds.x_train, ds.y_train, parts, shard_dir)
+
+
+def _heron(*args: str) -> list[str]:
+    return [sys.executable, "-m", "heron", *args]
+
+
+def start_devices(opts: FleetOptions, broker: str, shards: list[Path]) -> list[subprocess.Popen]:
+    logs = opts.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **(opts.device_env or {})}
+    procs = []
+    for i, shard in enumerate(shards):
+        dev = f"dev-{i}"
+        log = (logs / f"{dev}.log").open("w")
+        procs.append(subprocess.Popen(
+            _heron("device", "--broker", broker, "--id", dev, "--data", str(shard),
+                   "--threads", str(opts.device_threads), "--prefix", opts.prefix),
+            stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> list[int | None]:
+    """Wait for a clean exit, then SIGTERM, then SIGKILL: never leave orphans behind."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return [p.returncode for p in procs]
+

@@ -1,0 +1,232 @@
+"""Device bundle: the ONNX training graph, its initial weights and a manifest.
+
+The format is owned here, in the torch-free core, so the exporter (which writes it) and
+the device (which reads it) cannot drift apart. Layout of a bundle directory::
+
+    manifest.json   what the graph expects and produces, trainable params, file sha256s
+    train.onnx      inputs: x, y, one input per trainable param; outputs: loss, smashed, logits
+    weights.bin     trainable params, float32 little-endian, concatenated in manifest order
+
+Trainable parameters are graph *inputs*, so a ZO step feeds perturbed weights to the same
+ONNX Runtime session instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "train.onnx"
+WEIGHTS = "weights.bin"
+INPUT_NAME = "x"
+LABEL_NAME = "y"
+LOSS_OUTPUT = "loss"
+SMASHED_OUTPUT = "smashed"
+LOGITS_OUTPUT = "logits"
+ROLES = ("client", "aux")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One trainable tensor inside the flat weight vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str  # "client" (part of the split model) or "aux" (local head)
+    offset: int  # in elements, into the flat float32 vector
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    cut: str
+    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8)
+    num_classes: int
+    smashed_shape: tuple[int, ...]  # per-sample cut-layer activation shape
+    opset: int
+    params: tuple[ParamSpec, ...]
+    files: dict[str, str]  # file name -> sha256 hex
+    extra: dict[str, Any]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "cut": self.cut,
+            "input": {"name": INPUT_NAME, "shape": [None, *self.input_shape], "dtype": "float32"},
+            "label": {"name": LABEL_NAME, "shape": [None], "dtype": "int64"},
+            "outputs": {
+                LOSS_OUTPUT: {"shape": [], "dtype": "float32"},
+                SMASHED_OUTPUT: {"shape": [None, *self.smashed_shape], "dtype": "float32"},
+                LOGITS_OUTPUT: {"shape": [None, self.num_classes], "dtype": "float32"},
+            },
+            "num_classes": self.num_classes,
+            "opset": self.opset,
+            "params": [
+                {"name": p.name, "shape": list(p.shape), "dtype": "float32", "role": p.role,
+                 "offset": p.offset}
+                for p in self.params
+            ],
+            "num_params": self.num_params,
+            "files": dict(self.files),
+            "extra": self.extra,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> Manifest:
+        try:
+            if obj.get("format_version") != FORMAT_VERSION:
+                raise BundleError(
+                    f"manifest format_version {obj.get('format_version')!r} is not "
+                    f"{FORMAT_VERSION}; help: re-export the bundle with this heron version"
+                )
+            params = []
+            offset = 0
+            for p in obj["params"]:
+                spec = ParamSpec(str(p["name"]), tuple(int(s) for s in p["shape"]),
+                                 str(p["role"]), int(p["offset"]))
+                if spec.role not in ROLES:
+                    raise BundleError(f"param {spec.name!r} has unknown role {spec.role!r}")
+                if spec.offset != offset or any(s <= 0 for s in spec.shape):
+                    raise BundleError(f"param {spec.name!r} has a bad offset or shape")
+                offset += spec.size
+                params.append(spec)
+            return Manifest(
+                model=str(obj["model"]),
+                cut=str(obj["cut"]),
+                input_shape=tuple(int(s) for s in obj["input"]["shape"][1:]),
+                num_classes=int(obj["num_classes"]),
+                smashed_shape=tuple(
+                    int(s) for s in obj["outputs"][SMASHED_OUTPUT]["shape"][1:]),
+                opset=int(obj["opset"]),
+                params=tuple(params),
+                files={str(k): str(v) for k, v in obj["files"].items()},
+                extra=dict(obj.get("extra", {})),
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"manifest is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def param_specs(named_shapes: list[tuple[str, tuple[int, ...], str]]) -> tuple[ParamSpec, ...]:
+    """Lay out (name, shape, role) triples back to back in one flat vector."""
+    specs, offset = [], 0
+    for name, shape, role in named_shapes:
+        spec = ParamSpec(name, tuple(int(s) for s in shape), role, offset)
+        specs.append(spec)
+        offset += spec.size
+    return tuple(specs)
+
+
+def write_bundle(
+    out_dir: str | Path,
+    *,
+    onnx_bytes: bytes,
+    params: list[tuple[str, np.ndarray, str]],
+    model: str,
+    cut: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    smashed_shape: tuple[int, ...],
+    opset: int,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write a bundle directory; `params` are (graph input name, value, role) in feed order."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = param_specs([(n, tuple(v.shape), r) for n, v, r in params])
+    flat = np.concatenate([np.asarray(v, dtype="<f4").ravel() for _, v, _ in params])
+    weights_bytes = flat.astype("<f4").tobytes()
+    (out / GRAPH).write_bytes(onnx_bytes)
+    (out / WEIGHTS).write_bytes(weights_bytes)
+    manifest = Manifest(
+        model=model, cut=cut, input_shape=tuple(input_shape), num_classes=num_classes,
+        smashed_shape=tuple(smashed_shape), opset=opset, params=specs,
+        files={GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)},
+        extra=dict(extra or {}),
+    )
+    (out / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle in memory."""
+
+    manifest: Manifest
+    graph: bytes
+    weights: np.ndarray  # flat float32
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Views into `flat`, one per graph input, without copying."""
+        return unflatten(self.manifest.params, flat)
+
+
+def unflatten(params: tuple[ParamSpec, ...], flat: np.ndarray) -> dict[str, np.ndarray]:
+    return {p.name: flat[p.offset:p.offset + p.size].reshape(p.shape) for p in params}
+
+
+def decode_weights(data: bytes, manifest: Manifest) -> np.ndarray:
+    if len(data) != 4 * manifest.num_params:
+        raise BundleError(
+            f"{WEIGHTS} holds {len(data)} bytes but the manifest's params need "
+            f"{4 * manifest.num_params}")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def bundle_from_files(files: dict[str, bytes]) -> Bundle:
+    """Verify raw file contents (from disk or from MQTT) against the manifest's sha256."""
+    if MANIFEST not in files:
+        raise BundleError(f"bundle has no {MANIFEST}")
+    try:
+        manifest = Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
+    for name in (GRAPH, WEIGHTS):
+        if name not in manifest.files:
+            raise BundleError(f"manifest lists no sha256 for {name}")
+        if name not in files:
+            raise BundleError(f"bundle is missing {name}")
+        got = sha256_bytes(files[name])
+        if got != manifest.files[name]:
+            raise BundleError(
+                f"{name} sha256 {got[:12]}… does not match the manifest's "
+                f"{manifest.files[name][:12]}…; help: the bundle was corrupted or tampered "
+                "with, re-export it or let the device fetch it from the server")
+    return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest))
+
+
+def read_bundle_files(path: str | Path) -> dict[str, bytes]:
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist; help: run `heron export`")
+    return {name: (root / name).read_bytes() for name in (MANIFEST, GRAPH, WEIGHTS)
+            if (root / name).is_file()}
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    return bundle_from_files(read_bundle_files(path))

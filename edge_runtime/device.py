@@ -1,0 +1,219 @@
+"""The device's network loop: join, receive the bundle, train the rounds it is picked for.
+
+All MQTT traffic of a device goes through this one loop; training itself is
+`runtime.train_round`, which knows nothing about the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_runtime import topics
+from edge_runtime.bundle import Bundle, BundleError, bundle_from_files, load_bundle
+from edge_runtime.data import load_shard
+from edge_runtime.messages import (
+    BundleFiles,
+    DeviceError,
+    Join,
+    Presence,
+    RoundStart,
+    Smashed,
+    Stop,
+    Update,
+)
+from edge_runtime.runtime import LocalModel, TrainConfig, peak_rss_mb, train_round
+from edge_runtime.transport import Credentials, MqttTransport
+
+log = logging.getLogger("heron.device")
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    broker: str
+    device_id: str
+    data: Path
+    prefix: str = topics.DEFAULT_PREFIX
+    bundle: Path | None = None  # a local bundle instead of the server's
+    threads: int | None = None
+    credentials: Credentials | None = None
+    wait_server_s: float = 600.0  # give up if no server shows up for this long
+
+
+class DeviceExit(Exception):
+    """Raised to end the device loop with a message and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, object]:
+    return {"samples": n, "python": platform.python_version(), "machine": platform.machine(),
+            "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads,
+            "rss_mb": round(peak_rss_mb(), 1)}
+
+
+class Device:
+    def __init__(self, opts: DeviceOptions) -> None:
+        topics.validate_id(opts.device_id)
+        self.opts = opts
+        self.x, self.y = load_shard(opts.data)
+        self.bundle: Bundle | None = load_bundle(opts.bundle) if opts.bundle else None
+        self.model: LocalModel | None = None
+        if self.bundle is not None:
+            self._load_model(self.bundle)
+        self.run_id: str | None = None
+        self.rounds_done = 0
+        p, dev = opts.prefix, opts.device_id
+        self.transport = MqttTransport(
+            opts.broker, f"heron-{dev}", topics.device_subscriptions(dev, p),
+            will=(topics.device_status(dev, p), Presence("", -1, dev, state="offline")),
+            credentials=opts.credentials)
+
+    def _load_model(self, bundle: Bundle) -> None:
+        model = LocalModel(bundle, self.opts.threads)
+        model.check_data(self.x, self.y)
+        self.model = model
+        log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
+                 self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
+                 bundle.manifest.num_params, model.threads)
+
+    def _join(self) -> None:
+        sha = self.bundle.manifest.files.get("train.onnx") if self.bundle else None
+        profile = _profile(self.opts, len(self.y), self.model.threads if self.model else None)
+        self.transport.publish(topics.up(self.opts.device_id, "join", self.opts.prefix),
+                               Join(self.run_id or "", -1, self.opts.device_id,
+                                    profile=profile, bundle_sha256=sha))
+
+    def run(self) -> int:
+        t = self.transport
+        t.start()
+        dev, p = self.opts.device_id, self.opts.prefix
+        t.publish(topics.device_status(dev, p), Presence("", -1, dev, state="online"),
+                  retain=True)
+        log.info("%s: connected to %s with %d samples; waiting for a server",
+                 dev, t.address, len(self.y))
+        last_seen = time.monotonic()
+        try:
+            while True:
+                inc = t.get(timeout=1.0)
+                if inc is None:
+                    if self.run_id is None and \
+                            time.monotonic() - last_seen > self.opts.wait_server_s:
+                        raise DeviceExit("no server appeared; giving up", 3)
+                    continue
+                if inc.message is None:
+                    log.warning("%s: rejected payload on %s: %s", dev, inc.topic, inc.error)
+                    continue
+                last_seen = time.monotonic()
+                self._handle(inc.message)
+        except DeviceExit as exc:
+            log.info("%s: %s", dev, exc)
+            return exc.code
+        finally:
+            t.publish(topics.device_status(dev, p), Presence("", -1, dev, state="offline"),
+                      retain=True, wait=5.0)
+            t.stop()
+
+    def _handle(self, msg: object) -> None:
+        dev = self.opts.device_id
+        if isinstance(msg, Presence) and msg.sender == "server":
+            if msg.state == "online" and msg.run_id != self.run_id:
+                self.run_id = msg.run_id
+                log.info("%s: server online, run %s; joining", dev, msg.run_id)
+                self._join()
+            elif msg.state == "offline":
+                log.info("%s: server went offline; waiting for it to come back", dev)
+                self.run_id = None
+        elif isinstance(msg, BundleFiles):
+            self._on_bundle(msg)
+        elif isinstance(msg, RoundStart):
+            if dev in msg.participants and msg.run_id == self.run_id:
+                self._on_round(msg)
+        elif isinstance(msg, Stop) and msg.run_id == self.run_id:
+            raise DeviceExit(f"server ended the run ({msg.reason}) after "
+                             f"{self.rounds_done} rounds here", 0)
+
+    def _on_bundle(self, msg: BundleFiles) -> None:
+        try:
+            bundle = bundle_from_files(msg.files())
+            self._load_model(bundle)
+        except (BundleError, ValueError) as exc:
+            self._report(f"bundle rejected: {exc}")
+            raise DeviceExit(f"cannot use the server's bundle: {exc}", 4) from exc
+        self.bundle = bundle
+        self._join()  # a join that names our bundle's sha means "ready"
+
+    def _report(self, error: str) -> None:
+        log.error("%s: %s", self.opts.device_id, error)
+        self.transport.publish(topics.up(self.opts.device_id, "error", self.opts.prefix),
+                               DeviceError(self.run_id or "", -1, self.opts.device_id,
+                                           error=error), wait=5.0)
+
+    def _on_round(self, msg: RoundStart) -> None:
+        dev, p, t = self.opts.device_id, self.opts.prefix, self.transport
+        if self.model is None or self.bundle is None:
+            log.warning("%s: round %d started before the bundle arrived; skipping",
+                        dev, msg.round)
+            return
+        try:
+            cfg = TrainConfig.from_json(msg.config)
+            if msg.weights.shape != (self.bundle.manifest.num_params,):
+                raise ValueError(f"global weights have shape {msg.weights.shape}, the bundle "
+                                 f"has {self.bundle.manifest.num_params} params")
+        except (TypeError, ValueError) as exc:
+            self._report(f"round {msg.round} rejected: {exc}")
+            return
+        smashed_topic = topics.up(dev, "smashed", p)
+
+        def send_smashed(step: int, act: np.ndarray, labels: np.ndarray) -> None:
+            t.publish(smashed_topic, Smashed(msg.run_id, msg.round, dev, step=step,
+                                             activations=act, labels=labels))
+
+        bytes_in0, bytes_out0 = t.bytes_in, t.bytes_out
+        t0 = time.perf_counter()
+        try:
+            result = train_round(self.model, msg.weights.astype(np.float32), self.x, self.y,
+                                 cfg, round_idx=msg.round, device_id=dev,
+                                 on_smashed=send_smashed)
+        except (ValueError, FloatingPointError) as exc:
+            self._report(f"round {msg.round} failed: {exc}")
+            return
+        telemetry = {
+            "peak_rss_mb": round(peak_rss_mb(), 2),
+            "step_ms_median": round(statistics.median(result.step_ms), 3),
+            "step_ms_mean": round(statistics.fmean(result.step_ms), 3),
+            "round_s": round(time.perf_counter() - t0, 3),
+            "loss_first": result.losses[0], "loss_last": result.losses[-1],
+            "loss_mean": float(np.mean(result.losses)),
+            "steps": cfg.local_steps, "smashed_sent": result.smashed_sent,
+            "threads": self.model.threads,
+            "bytes_in": t.bytes_in - bytes_in0, "bytes_out": t.bytes_out - bytes_out0,
+        }
+        t.publish(topics.up(dev, "update", p),
+                  Update(msg.run_id, msg.round, dev, weights=result.theta,
+                         num_samples=len(self.y), telemetry=telemetry,
+                         zo_seeds=result.seeds, zo_grads=result.projected), wait=30.0)
+        self.rounds_done += 1
+        log.info("%s: round %d done: local loss %.4f -> %.4f, %.1f ms/step, peak RSS %.1f MB",
+                 dev, msg.round, result.losses[0], result.losses[-1],
+                 telemetry["step_ms_median"], telemetry["peak_rss_mb"])
+
+
+def run_device(opts: DeviceOptions) -> int:
+    """Entry point used by `heron device`."""
+    try:
+        device = Device(opts)
+        return device.run()
+    except (BundleError, ValueError, OSError) as exc:  # BrokerError is an OSError
+        print(f"heron device: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,320 @@
+"""Message kinds and their binary wire format (no pickle, no JSON-encoded arrays).
+
+A message is ``MAGIC | u32 header length | header JSON | raw array bytes``. The header
+carries the envelope (kind, run id, round, message id, sender), small JSON metadata and an
+array table (name, dtype, shape); the arrays follow back to back, little-endian. Large
+messages are cut into chunks (see :func:`chunk`) so that each MQTT payload stays under
+1 MB, the default packet limit of EMQX and far below Mosquitto's.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+MAGIC = b"HRN1"
+CHUNK_MAGIC = b"HRC1"
+MAX_CHUNK_PAYLOAD = 1_000_000  # bytes per MQTT payload, chunk header included
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+MAX_HEADER_BYTES = 1 * 1024 * 1024
+DTYPES = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "uint8": "u1",
+          "uint64": "<u8", "bool": "?"}
+_CHUNK_HEAD = struct.Struct("<4s16sIIQ")  # magic, message id, index, count, total bytes
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded: malformed, truncated, oversized or unknown kind."""
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Message:
+    """Envelope shared by every kind; subclasses add their fields."""
+
+    run_id: str
+    round: int
+    sender: str
+    msg_id: str = field(default_factory=new_msg_id)
+    kind: ClassVar[str] = "message"
+    _arrays: ClassVar[tuple[str, ...]] = ()
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able fields other than the envelope and the arrays."""
+        skip = {"run_id", "round", "sender", "msg_id", *self._arrays}
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._arrays}
+
+
+@dataclass(frozen=True)
+class Presence(Message):
+    """Retained device or server status; the offline variant is the device's last will."""
+
+    state: str = "online"  # online | offline
+    info: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "presence"
+
+
+@dataclass(frozen=True)
+class Join(Message):
+    """A device announcing itself; asks for the bundle unless it has one with this sha."""
+
+    profile: dict[str, Any] = field(default_factory=dict)
+    bundle_sha256: str | None = None
+    kind: ClassVar[str] = "join"
+
+
+@dataclass(frozen=True)
+class BundleFiles(Message):
+    """The bundle's files as raw bytes; the device verifies them against the manifest."""
+
+    names: tuple[str, ...] = ()
+    blobs: tuple[np.ndarray, ...] = ()  # uint8, one per name
+    kind: ClassVar[str] = "bundle"
+
+    def meta(self) -> dict[str, Any]:
+        return {"names": list(self.names)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"file{i}": b for i, b in enumerate(self.blobs)}
+
+    def files(self) -> dict[str, bytes]:
+        return {n: b.tobytes() for n, b in zip(self.names, self.blobs, strict=True)}
+
+
+@dataclass(frozen=True)
+class RoundStart(Message):
+    """Global client+aux weights, the participants and the training config for the round."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    participants: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    bundle_sha256: str = ""
+    kind: ClassVar[str] = "round"
+    _arrays: ClassVar[tuple[str, ...]] = ("weights",)
+
+
+@dataclass(frozen=True)
+class Smashed(Message):
+    """Cut-layer activations of one batch with its labels, for the server's FO step."""
+
+    step: int = 0
+    activations: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    kind: ClassVar[str] = "smashed"
+    _arrays: ClassVar[tuple[str, ...]] = ("activations", "labels")
+
+
+@dataclass(frozen=True)
+class Update(Message):
+    """Round-end device weights, sample count, telemetry and the round's ZO log."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    num_samples: int = 0
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    zo_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    zo_grads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    kind: ClassVar[str] = "update"
+    _arrays: ClassVar[tuple[str, ...]] = ("weights", "zo_seeds", "zo_grads")
+
+
+@dataclass(frozen=True)
+class DeviceError(Message):
+    """A device reporting a problem it cannot fix itself (errors travel as messages)."""
+
+    error: str = ""
+    kind: ClassVar[str] = "error"
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    reason: str = ""
+    kind: ClassVar[str] = "stop"
+
+
+KINDS: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Presence, Join, BundleFiles, RoundStart, Smashed, Update,
+                              DeviceError, Stop)
+}
+
+
+def _dtype_name(arr: np.ndarray) -> str:
+    for name, code in DTYPES.items():
+        if arr.dtype == np.dtype(code):
+            return name
+    raise CodecError(f"array dtype {arr.dtype} cannot go on the wire; allowed: {list(DTYPES)}")
+
+
+def encode(msg: Message) -> bytes:
+    """Message → bytes. Arrays are written little-endian whatever the host order."""
+    arrays = msg.arrays()
+    table, blobs = [], []
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        dname = _dtype_name(arr)
+        data = np.ascontiguousarray(arr, dtype=DTYPES[dname]).tobytes()
+        table.append({"name": name, "dtype": dname, "shape": list(arr.shape)})
+        blobs.append(data)
+    header = {"v": 1, "kind": msg.kind, "run_id": msg.run_id, "round": int(msg.round),
+              "msg_id": msg.msg_id, "sender": msg.sender, "meta": msg.meta(), "arrays": table}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
+
+
+def decode(data: bytes) -> Message:
+    """bytes → Message, validating every length; raises CodecError, never anything else."""
+    try:
+        return _decode(memoryview(data))
+    except CodecError:
+        raise
+    except Exception as exc:  # malformed JSON, wrong field types, bad shapes …
+        raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(view: memoryview) -> Message:
+    if len(view) > MAX_MESSAGE_BYTES:
+        raise CodecError(f"message of {len(view)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+        raise CodecError("not a heron message (bad magic)")
+    (hlen,) = struct.unpack("<I", view[4:8])
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(view):
+        raise CodecError(f"header length {hlen} is larger than the payload")
+    header = json.loads(bytes(view[8:8 + hlen]))
+    if not isinstance(header, dict) or header.get("v") != 1:
+        raise CodecError("unsupported header version")
+    cls = KINDS.get(header.get("kind"))
+    if cls is None:
+        raise CodecError(f"unknown message kind {header.get('kind')!r}")
+    pos = 8 + hlen
+    arrays: dict[str, np.ndarray] = {}
+    for spec in header["arrays"]:
+        dname = spec["dtype"]
+        if dname not in DTYPES:
+            raise CodecError(f"array {spec.get('name')!r} has unsupported dtype {dname!r}")
+        shape = tuple(int(s) for s in spec["shape"])
+        if any(s < 0 for s in shape) or len(shape) > 8:
+            raise CodecError(f"array {spec['name']!r} has a bad shape {shape}")
+        dt = np.dtype(DTYPES[dname])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if pos + nbytes > len(view):
+            raise CodecError(f"array {spec['name']!r} is truncated: needs {nbytes} bytes, "
+                             f"{len(view) - pos} left")
+        arr = np.frombuffer(view[pos:pos + nbytes], dtype=dt).reshape(shape)
+        arrays[str(spec["name"])] = arr.astype(dt.newbyteorder("="), copy=True)
+        pos += nbytes
+    if pos != len(view):
+        raise CodecError(f"{len(view) - pos} trailing bytes after the last array")
+    env = {"run_id": str(header["run_id"]), "round": int(header["round"]),
+           "sender": str(header["sender"]), "msg_id": str(header["msg_id"])}
+    meta = header["meta"]
+    if not isinstance(meta, dict):
+        raise CodecError("meta must be an object")
+    if cls is BundleFiles:
+        names = tuple(str(n) for n in meta["names"])
+        blobs = tuple(arrays[f"file{i}"] for i in range(len(names)))
+        if len(arrays) != len(names):
+            raise CodecError("bundle file table does not match its arrays")
+        return BundleFiles(**env, names=names, blobs=blobs)
+    if set(arrays) != set(cls._arrays):
+        raise CodecError(f"{cls.kind} message needs arrays {sorted(cls._arrays)}, "
+                         f"got {sorted(arrays)}")
+    fields = dict(meta)
+    if "participants" in fields:
+        fields["participants"] = tuple(str(p) for p in fields["participants"])
+    allowed = set(cls.__dataclass_fields__) - {"run_id", "round", "sender", "msg_id"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise CodecError(f"{cls.kind} message has unknown fields {sorted(unknown)}")
+    return cls(**env, **fields, **arrays)
+
+
+def chunk(payload: bytes, msg_id: str, max_payload: int = MAX_CHUNK_PAYLOAD) -> list[bytes]:
+    """Split an encoded message into MQTT payloads of at most `max_payload` bytes each."""
+    per = max_payload - _CHUNK_HEAD.size
+    if per <= 0:
+        raise ValueError("max_payload is smaller than the chunk header")
+    count = max(1, -(-len(payload) // per))
+    mid = uuid.UUID(hex=msg_id).bytes
+    return [_CHUNK_HEAD.pack(CHUNK_MAGIC, mid, i, count, len(payload)) +
+            payload[i * per:(i + 1) * per] for i in range(count)]
+
+
+@dataclass
+class _Partial:
+    count: int
+    total: int
+    parts: dict[int, bytes]
+    first_seen: float
+
+
+class Reassembler:
+    """Rebuilds messages from chunks that may arrive duplicated or out of order.
+
+    Keyed by (topic, message id) so one sender cannot complete another's message.
+    Incomplete messages are dropped after `timeout_s`; completed ids are remembered so a
+    QoS 1 redelivery of a whole message is applied once.
+    """
+
+    def __init__(self, timeout_s: float = 120.0, max_pending_bytes: int = MAX_MESSAGE_BYTES,
+                 remember: int = 4096) -> None:
+        self.timeout_s = timeout_s
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: dict[tuple[str, bytes], _Partial] = {}
+        self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._remember = remember
+        self.duplicates = 0
+
+    def add(self, topic: str, payload: bytes, now: float | None = None) -> bytes | None:
+        """Feed one MQTT payload; returns the whole message once its last chunk arrives."""
+        now = time.monotonic() if now is None else now
+        self._expire(now)
+        if len(payload) < _CHUNK_HEAD.size:
+            raise CodecError(f"chunk of {len(payload)} bytes is shorter than its header")
+        magic, mid, index, count, total = _CHUNK_HEAD.unpack_from(payload)
+        if magic != CHUNK_MAGIC:
+            raise CodecError("not a heron chunk (bad magic)")
+        if count == 0 or index >= count or total > MAX_MESSAGE_BYTES:
+            raise CodecError(f"bad chunk header (index {index}, count {count}, total {total})")
+        key = (topic, mid)
+        if key in self._done:
+            self.duplicates += 1
+            return None
+        part = self._pending.get(key)
+        if part is None:
+            if self._pending_bytes() + total > self.max_pending_bytes:
+                raise CodecError("too many incomplete messages pending; dropping chunk")
+            part = self._pending[key] = _Partial(count, total, {}, now)
+        elif part.count != count or part.total != total:
+            raise CodecError("chunk header disagrees with earlier chunks of the message")
+        if index in part.parts:
+            self.duplicates += 1
+            return None
+        part.parts[index] = payload[_CHUNK_HEAD.size:]
+        if len(part.parts) < part.count:
+            return None
+        del self._pending[key]
+        data = b"".join(part.parts[i] for i in range(part.count))
+        if len(data) != part.total:
+            raise CodecError(f"reassembled {len(data)} bytes, header said {part.total}")
+        self._done[key] = None
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+        return data
+
+    def _pending_bytes(self) -> int:
+        return sum(p.total for p in self._pending.values())
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, p in self._pending.items() if now - p.first_seen > self.timeout_s]:
+            del self._pending[key]

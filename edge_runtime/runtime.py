@@ -1,0 +1,180 @@
+"""Local training on the device: ONNX Runtime forwards driven by the ZO estimator.
+
+`train_round` is the whole of what a device does in a round, with the network kept out:
+smashed data leaves through a callback and the result is returned.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+from edge_runtime import zo
+from edge_runtime.bundle import (
+    INPUT_NAME,
+    LABEL_NAME,
+    LOSS_OUTPUT,
+    SMASHED_OUTPUT,
+    Bundle,
+    BundleError,
+)
+from edge_runtime.data import BatchSampler
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the server tells every device to do in a round (strict: unknown keys fail)."""
+
+    local_steps: int = 40  # h: ZO steps per round
+    upload_every: int = 2  # k: smashed data every k steps
+    batch_size: int = 32
+    seed: int = 0
+    zo: zo.ZOConfig = field(default_factory=zo.ZOConfig)
+    optimizer: zo.OptimizerConfig = field(
+        default_factory=lambda: zo.OptimizerConfig(name="sgd", lr=0.01))
+
+    def __post_init__(self) -> None:
+        for name in ("local_steps", "upload_every", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> TrainConfig:
+        known = set(TrainConfig.__dataclass_fields__)
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys {sorted(unknown)}")
+        fields = dict(obj)
+        if "zo" in fields:
+            fields["zo"] = zo.ZOConfig(**fields["zo"])
+        if "optimizer" in fields:
+            fields["optimizer"] = zo.OptimizerConfig(**fields["optimizer"])
+        return TrainConfig(**fields)
+
+
+class LocalModel:
+    """An ONNX Runtime session over the bundle's training graph with weights as inputs."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+        self.bundle = bundle
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(bundle.graph, sess_options=opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"ONNX Runtime cannot load the bundle's graph: {exc}") from exc
+        names = {i.name for i in self.session.get_inputs()}
+        expected = {INPUT_NAME, LABEL_NAME, *(p.name for p in bundle.manifest.params)}
+        if names != expected:
+            raise BundleError(f"graph inputs {sorted(names)} do not match the manifest "
+                              f"{sorted(expected)}")
+        self.threads = opts.intra_op_num_threads
+
+    def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Refuse a shard that does not fit the bundle, before any training."""
+        m = self.bundle.manifest
+        if tuple(x.shape[1:]) != tuple(m.input_shape):
+            raise ValueError(f"shard samples have shape {tuple(x.shape[1:])} but the bundle "
+                             f"({m.model}) expects {tuple(m.input_shape)}; help: partition "
+                             "the same dataset the server uses")
+        if y.size and int(y.max()) >= m.num_classes:
+            raise ValueError(f"shard has label {int(y.max())} but the bundle has "
+                             f"{m.num_classes} classes")
+
+    def run(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+            outputs: tuple[str, ...] = (LOSS_OUTPUT,)) -> list[np.ndarray]:
+        feeds = {INPUT_NAME: x, LABEL_NAME: y, **self.bundle.unflatten(theta)}
+        return self.session.run(list(outputs), feeds)
+
+    def loss(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+        return float(self.run(theta, x, y)[0])
+
+
+def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
+    """A distinct, reproducible integer seed per (run seed, round, device, step)."""
+    key = zlib.crc32(device_id.encode())
+    return int(np.random.SeedSequence([base, round_idx, key, step]).generate_state(
+        1, dtype=np.uint64)[0])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process as the kernel reports it (ru_maxrss, KiB)."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+               psutil.Process().memory_info().rss / 2**20)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    theta: np.ndarray
+    seeds: np.ndarray  # uint64, one per (step, direction)
+    projected: np.ndarray  # float32, matching seeds
+    losses: list[float]  # l(θ) at each step
+    step_ms: list[float]
+    smashed_sent: int
+
+
+def train_round(
+    model: LocalModel,
+    theta: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    round_idx: int,
+    device_id: str,
+    on_smashed: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+) -> RoundResult:
+    """h ZO steps from θ on the local shard; every k steps the unperturbed pass's
+    activations go to `on_smashed(step, activations, labels)`."""
+    if not np.all(np.isfinite(theta)):
+        raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
+    sampler = BatchSampler(len(y), cfg.batch_size,
+                           np.random.default_rng([cfg.seed, round_idx,
+                                                  zlib.crc32(device_id.encode())]))
+    state = zo.init_state(theta, cfg.optimizer)
+    seeds, projected, losses, times = [], [], [], []
+    sent = 0
+    for step in range(cfg.local_steps):
+        t0 = time.perf_counter()
+        idx = sampler.next_indices()
+        xb, yb = x[idx], y[idx]
+        upload = on_smashed is not None and step % cfg.upload_every == 0
+        if cfg.zo.scheme == "forward" or upload:
+            outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
+                             else (LOSS_OUTPUT,))
+            loss0: float | None = float(outs[0])
+            if upload:
+                assert on_smashed is not None
+                on_smashed(step, outs[1], yb)
+                sent += 1
+        else:
+            loss0 = None
+        est = zo.estimate(lambda t, xb=xb, yb=yb: model.loss(t, xb, yb), theta,
+                          step_seed(cfg.seed, round_idx, device_id, step), cfg.zo,
+                          loss0 if cfg.zo.scheme == "forward" else None)
+        if not np.all(np.isfinite(est.grad)):
+            raise FloatingPointError(
+                f"ZO estimate at step {step} is not finite (loss {est.loss}); help: lower "
+                "the device learning rate or mu")
+        theta, state = zo.apply(theta, est.grad, state, cfg.optimizer)
+        seeds.extend(est.seeds.tolist())
+        projected.extend(est.projected.tolist())
+        losses.append(est.loss if loss0 is None else loss0)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return RoundResult(theta, np.asarray(seeds, dtype=np.uint64),
+                       np.asarray(projected, dtype=np.float32), losses, times, sent)

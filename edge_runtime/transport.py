@@ -1,0 +1,185 @@
+"""The one adapter between heron and paho-mqtt: paho types never leave this module.
+
+Callbacks only reassemble, decode and enqueue; the caller's loop pulls `Incoming` items
+from a queue. Subscriptions are (re)made in on_connect so a reconnect resubscribes.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_runtime.messages import CodecError, Message, Reassembler, chunk, decode, encode
+
+QOS = 1
+
+
+class BrokerError(ConnectionError):
+    """The broker cannot be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @staticmethod
+    def parse(url: str) -> BrokerAddress:
+        """mqtt://HOST[:PORT] (default 1883) or mqtts://HOST[:PORT] (TLS, default 8883)."""
+        if "://" not in url:
+            url = "mqtt://" + url
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r} has a bad port") from exc
+        return BrokerAddress(parsed.hostname, port, tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A decoded message, or the reason a payload on `topic` was rejected."""
+
+    topic: str
+    message: Message | None
+    nbytes: int
+    error: str | None = None
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        subscriptions: list[str],
+        *,
+        will: tuple[str, Message] | None = None,
+        credentials: Credentials | None = None,
+        keepalive: int = 30,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connected = threading.Event()
+        self._refused: str | None = None
+        self._reassembler = Reassembler()
+        self._lock = threading.Lock()
+        self._keepalive = keepalive
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=mqtt.MQTTv311, clean_session=True)
+        self._client.max_inflight_messages_set(64)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        cred = credentials or Credentials()
+        if cred.username:
+            self._client.username_pw_set(cred.username, cred.password)
+        if self.address.tls or cred.ca_file:
+            self._client.tls_set(ca_certs=cred.ca_file, certfile=cred.cert_file,
+                                 keyfile=cred.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            topic, msg = will
+            payload = chunk(encode(msg), msg.msg_id)
+            if len(payload) != 1:
+                raise ValueError("a last will must fit in one chunk")
+            self._client.will_set(topic, payload[0], qos=QOS, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho callbacks: decode and enqueue only ------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            return
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=QOS)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        payload = bytes(msg.payload)
+        if not payload:  # a cleared retained message
+            return
+        with self._lock:
+            self.bytes_in += len(payload)
+        try:
+            data = self._reassembler.add(msg.topic, payload)
+            if data is None:
+                return
+            self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
+        except CodecError as exc:
+            self.inbox.put(Incoming(msg.topic, None, len(payload), error=str(exc)))
+
+    # -- API ---------------------------------------------------------------------------
+    def start(self, timeout: float = 15.0) -> None:
+        """Connect and wait for the broker's acknowledgement; paho reconnects after that."""
+        try:
+            self._client.connect(self.address.host, self.address.port,
+                                 keepalive=self._keepalive)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(
+                f"cannot reach the MQTT broker at {self.address}: {exc}; help: start a "
+                "broker there (e.g. `mosquitto -p PORT`) or check --broker") from exc
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(0.05):
+            if self._refused or time.monotonic() > deadline:
+                self.stop()
+                why = self._refused or "no answer"
+                raise BrokerError(f"the MQTT broker at {self.address} refused the connection "
+                                  f"({why}); help: check --broker, credentials and TLS options")
+
+    def publish(self, topic: str, msg: Message, *, retain: bool = False,
+                wait: float | None = None) -> int:
+        """Encode, chunk and publish at QoS 1; returns the payload bytes sent."""
+        chunks = chunk(encode(msg), msg.msg_id)
+        info = None
+        for part in chunks:
+            info = self._client.publish(topic, part, qos=QOS, retain=retain)
+        n = sum(len(c) for c in chunks)
+        with self._lock:
+            self.bytes_out += n
+        if wait is not None and info is not None:
+            info.wait_for_publish(wait)
+        return n
+
+    def clear_retained(self, topic: str) -> None:
+        self._client.publish(topic, b"", qos=QOS, retain=True)
+
+    def get(self, timeout: float | None = None) -> Incoming | None:
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

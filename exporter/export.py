@@ -1,0 +1,220 @@
+"""Export a split model's device side (client + aux head + loss) as an ONNX training bundle.
+
+The graph computes (loss, smashed, logits) from (x, y, weights). Trainable parameters are
+moved from initializers to graph inputs so a device can feed perturbed weights to one
+ONNX Runtime session per zeroth-order step; frozen tensors stay baked in as initializers.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
+
+from edge_runtime.bundle import (
+    INPUT_NAME,
+    LABEL_NAME,
+    LOGITS_OUTPUT,
+    LOSS_OUTPUT,
+    SMASHED_OUTPUT,
+    Manifest,
+    write_bundle,
+)
+from exporter.zoo import SplitModel, build_split
+
+AUX_KIND = "gap+fc"
+ROLE_PREFIXES = {"client": "client.", "aux": "aux."}
+_EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
+
+
+class TrainGraph(nn.Module):
+    """What the device runs: client sub-model, aux head and mean cross-entropy."""
+
+    def __init__(self, client: nn.Module, aux: nn.Module) -> None:
+        super().__init__()
+        self.client = client  # registered first: its params come first in the flat vector
+        self.aux = aux
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        smashed = self.client(x)
+        logits = self.aux(smashed)
+        return F.cross_entropy(logits, y), smashed, logits
+
+
+def train_graph(split: SplitModel) -> TrainGraph:
+    """The torch twin of the exported graph; it shares (not copies) the split's modules."""
+    return TrainGraph(split.client, split.aux)
+
+
+def trainable_params(graph: TrainGraph) -> list[tuple[str, torch.Tensor, str]]:
+    """(graph input name, tensor, role) for every trainable tensor, in module order."""
+    out = []
+    for name, param in graph.named_parameters():
+        if param.requires_grad:
+            role = "client" if name.startswith(ROLE_PREFIXES["client"]) else "aux"
+            out.append((name, param, role))
+    return out
+
+
+def _torch_to_onnx(graph: TrainGraph, split: SplitModel, opset: int) -> onnx.ModelProto:
+    x = torch.zeros(_EXPORT_BATCH, *split.input_shape)
+    y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
+    batch = {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # dynamo=False is deliberate: the legacy TorchScript exporter keeps parameter names
+        # as initializer names, which become the graph input names the bundle relies on.
+        # torch warns that the legacy path is deprecated; that is expected, not actionable.
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"The feature will be removed",
+                                category=DeprecationWarning, module=r"torch\.onnx")
+        # F.group_norm checks "more than one value per group" on traced sizes; the check only
+        # decides whether to raise, it adds nothing to the graph. Batch-size specialisation
+        # would still show up in the parity tests, which run two batch sizes.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                module=r"torch\.nn\.functional")
+        torch.onnx.export(
+            graph, (x, y), buf, dynamo=False,
+            input_names=[INPUT_NAME, LABEL_NAME],
+            output_names=[LOSS_OUTPUT, SMASHED_OUTPUT, LOGITS_OUTPUT],
+            dynamic_axes={INPUT_NAME: batch, LABEL_NAME: batch,
+                          SMASHED_OUTPUT: batch, LOGITS_OUTPUT: batch},
+            # No folding, and initializers kept as inputs: with False the exporter
+            # deduplicates initializers by *value*, merging e.g. all GroupNorm weights (all
+            # ones at init) into one tensor, and trainable names vanish from the graph.
+            do_constant_folding=False, keep_initializers_as_inputs=True, opset_version=opset,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _weights_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Make the named initializers graph inputs (float32, static shape), in `names` order.
+
+    Every other tensor stays an initializer only (frozen: baked into the graph).
+    """
+    inits = {init.name: init for init in proto.graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise RuntimeError(
+            f"trainable parameters {missing[:5]} ({len(missing)} missing) are not initializers "
+            "of the exported graph; the exporter renamed, folded or dropped them. help: make "
+            "sure every trainable parameter is used in forward, and export with "
+            "do_constant_folding=False and keep_initializers_as_inputs=True")
+    data_inputs = [i for i in proto.graph.input if i.name not in inits]
+    if [i.name for i in data_inputs] != [INPUT_NAME, LABEL_NAME]:
+        raise RuntimeError(f"exported graph has data inputs {[i.name for i in data_inputs]}, "
+                           f"expected {[INPUT_NAME, LABEL_NAME]}")
+    weight_inputs = []
+    for name in names:
+        init = inits[name]
+        if init.data_type != TensorProto.FLOAT:
+            raise RuntimeError(f"trainable parameter {name!r} exported as dtype "
+                               f"{TensorProto.DataType.Name(init.data_type)}, not FLOAT")
+        weight_inputs.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, list(init.dims)))
+    trainable = set(names)
+    keep = [init for init in proto.graph.initializer if init.name not in trainable]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    del proto.graph.input[:]
+    proto.graph.input.extend([*data_inputs, *weight_inputs])
+
+
+def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) -> Manifest:
+    """Write the device bundle for `split` into `out_dir`."""
+    graph = train_graph(split)
+    params = trainable_params(graph)
+    names = [name for name, _, _ in params]
+    proto = _torch_to_onnx(graph, split, opset)
+    _weights_to_inputs(proto, names)
+    onnx.checker.check_model(proto, full_check=True)
+    return write_bundle(
+        out_dir,
+        onnx_bytes=proto.SerializeToString(),
+        params=[(n, p.detach().cpu().numpy().astype(np.float32), r) for n, p, r in params],
+        model=split.model, cut=split.cut, input_shape=split.input_shape,
+        num_classes=split.num_classes, smashed_shape=split.smashed_shape, opset=opset,
+        extra={"aux": AUX_KIND, "torch": torch.__version__, "exported_by": "heron"},
+    )
+
+
+def export_split(
+    model: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    out_dir: str | Path,
+    *,
+    cut: str | None = None,
+    seed: int = 0,
+    opset: int = 17,
+) -> Manifest:
+    """Build a seeded split model and export its device bundle in one call."""
+    split = build_split(model, input_shape, num_classes, cut=cut, seed=seed)
+    return export_bundle(split, out_dir, opset=opset)
+
+
+def _check_flat(manifest: Manifest, flat: np.ndarray) -> np.ndarray:
+    arr = np.asarray(flat)
+    if arr.ndim != 1 or arr.size != manifest.num_params:
+        raise ValueError(f"flat weights have shape {arr.shape}, expected ({manifest.num_params},) "
+                         f"for bundle {manifest.model}/{manifest.cut}")
+    return arr.astype(np.float32, copy=False)
+
+
+def flat_to_state(manifest: Manifest, flat: np.ndarray) -> dict[str, torch.Tensor]:
+    """Split a flat device weight vector into tensors keyed by graph input name."""
+    arr = _check_flat(manifest, flat)
+    return {p.name: torch.from_numpy(arr[p.offset:p.offset + p.size].reshape(p.shape).copy())
+            for p in manifest.params}
+
+
+def _split_params(split: SplitModel, manifest: Manifest) -> dict[str, nn.Parameter]:
+    """Map manifest names to the split's parameters, checking names, roles and shapes."""
+    owners = {"client": split.client, "aux": split.aux}
+    found: dict[str, nn.Parameter] = {}
+    for spec in manifest.params:
+        prefix = ROLE_PREFIXES[spec.role]
+        if not spec.name.startswith(prefix):
+            raise ValueError(f"param {spec.name!r} has role {spec.role!r} but no {prefix!r} prefix")
+        try:
+            param = owners[spec.role].get_parameter(spec.name[len(prefix):])
+        except AttributeError as exc:
+            raise ValueError(f"bundle param {spec.name!r} does not exist in the split model; "
+                             "help: build the split with the bundle's model and cut") from exc
+        if tuple(param.shape) != spec.shape:
+            raise ValueError(f"param {spec.name!r} has shape {tuple(param.shape)} in the model "
+                             f"but {spec.shape} in the bundle")
+        found[spec.name] = param
+    expected = {n for n, _, _ in trainable_params(train_graph(split))}
+    if set(found) != expected:
+        raise ValueError(f"bundle and model trainable params differ: only in model "
+                         f"{sorted(expected - set(found))[:5]}, only in bundle "
+                         f"{sorted(set(found) - expected)[:5]}")
+    return found
+
+
+def load_flat_into(split: SplitModel, manifest: Manifest, flat: np.ndarray) -> None:
+    """Copy a flat device weight vector (e.g. the averaged one) into split.client and aux."""
+    params = _split_params(split, manifest)
+    state = flat_to_state(manifest, flat)
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def flat_from_split(split: SplitModel, manifest: Manifest) -> np.ndarray:
+    """The split's client and aux weights as one flat vector in manifest order."""
+    params = _split_params(split, manifest)
+    parts = [params[p.name].detach().cpu().numpy().astype(np.float32).ravel()
+             for p in manifest.params]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,156 @@
+"""Model zoo: each network is a sequence of named blocks, split at a named cut.
+
+The device holds the blocks up to and including the cut (the client sub-model) plus a small
+auxiliary head for its local loss; the server holds the remaining blocks and the classifier.
+Blocks are registered by name, so parameter names read like ``stem.0.weight`` or
+``layer1.0.conv1.weight`` and survive the ONNX export as graph input names.
+
+ResNet-18 uses GroupNorm, not BatchNorm: devices train with forward passes only (zeroth-order),
+so BatchNorm's running statistics would be updated by every perturbed evaluation, and
+federated averaging of per-device running means and variances is ill-defined under non-IID
+data. GroupNorm has no buffers and behaves the same in training and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MODELS: dict[str, tuple[str, ...]] = {
+    "cnn": ("conv1", "conv2"),
+    "resnet18": ("stem", "layer1", "layer2"),
+}
+DEFAULT_CUTS: dict[str, str] = {"cnn": "conv1", "resnet18": "layer1"}
+MIN_SIDE = 8  # three stride-2 stages in ResNet-18 still leave a 1x1 map
+
+
+@dataclass
+class SplitModel:
+    """A network cut in two, plus the device's auxiliary head on the cut output."""
+
+    client: nn.Module
+    aux: nn.Module
+    server: nn.Module
+    model: str
+    cut: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    smashed_shape: tuple[int, ...]  # per-sample shape of client(x)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32 if channels >= 32 else channels, channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs, identity or 1x1 projection shortcut)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.norm2 = _norm(out_ch)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _norm(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _cnn_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+    return [
+        ("conv1", nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU())),
+        ("conv2", nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))),
+        ("conv3", nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())),
+        ("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))),
+    ]
+
+
+def _resnet18_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+    # CIFAR-style: 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep their resolution.
+    blocks: list[tuple[str, nn.Module]] = [
+        ("stem", nn.Sequential(
+            nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False), _norm(64), nn.ReLU())),
+    ]
+    in_ch = 64
+    for i, (out_ch, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+        blocks.append((f"layer{i}", nn.Sequential(
+            BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1))))
+        in_ch = out_ch
+    blocks.append(("head", nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))))
+    return blocks
+
+
+_BUILDERS: dict[str, Callable[[int, int], list[tuple[str, nn.Module]]]] = {
+    "cnn": _cnn_blocks,
+    "resnet18": _resnet18_blocks,
+}
+
+
+def build_aux(smashed_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The paper's auxiliary head: global average pool and one fully-connected layer."""
+    if len(smashed_shape) == 1:
+        return nn.Sequential(OrderedDict(fc=nn.Linear(smashed_shape[0], num_classes)))
+    return nn.Sequential(OrderedDict(
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+        fc=nn.Linear(smashed_shape[0], num_classes)))
+
+
+def _validate(model: str, input_shape: tuple[int, int, int], num_classes: int,
+              cut: str | None) -> str:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; help: choose one of {sorted(MODELS)}")
+    cut = DEFAULT_CUTS[model] if cut is None else cut
+    if cut not in MODELS[model]:
+        raise ValueError(
+            f"unknown cut {cut!r} for model {model!r}; help: choose one of {list(MODELS[model])}")
+    if len(input_shape) != 3 or any(int(s) != s or s <= 0 for s in input_shape):
+        raise ValueError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
+    if min(input_shape[1:]) < MIN_SIDE:
+        raise ValueError(f"input height and width must be >= {MIN_SIDE}, got {input_shape!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return cut
+
+
+def build_split(
+    model: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    cut: str | None = None,
+    seed: int = 0,
+) -> SplitModel:
+    """Build `model` with weights fixed by `seed`, cut after block `cut` (default per model)."""
+    cut = _validate(model, input_shape, num_classes, cut)
+    input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    # fork_rng keeps the caller's global RNG untouched while init draws from a seeded one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        blocks = _BUILDERS[model](input_shape[0], num_classes)
+        at = [name for name, _ in blocks].index(cut) + 1
+        client = nn.Sequential(OrderedDict(blocks[:at]))
+        server = nn.Sequential(OrderedDict(blocks[at:]))
+        with torch.no_grad():
+            smashed = client(torch.zeros(1, *input_shape))
+        smashed_shape = tuple(int(s) for s in smashed.shape[1:])
+        aux = build_aux(smashed_shape, num_classes)
+    return SplitModel(client=client, aux=aux, server=server, model=model, cut=cut,
+                      input_shape=input_shape, num_classes=num_classes,
+                      smashed_shape=smashed_shape)
+
+
+def full_forward(split: SplitModel, x: torch.Tensor) -> torch.Tensor:
+    """Evaluation path: the aux head only serves the device's local loss."""
+    return split.server(split.client(x))

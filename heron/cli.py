@@ -1,0 +1,388 @@
+"""The `heron` command. Device subcommands need only the device install; the rest import
+torch lazily and, when it is missing, say which extra to install."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_runtime import topics
+
+SERVER_EXTRA_HINT = (
+    "this command needs the server extra; help: `pip install torch==2.13.0` (CPU build) "
+    "then `pip install '.[server]'` in the heron checkout")
+SERVER_MODULES = ("torch", "onnx", "sklearn", "amqtt")
+
+
+def _need_server_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"heron: missing {', '.join(missing)}: {SERVER_EXTRA_HINT}")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    from edge_runtime.transport import Credentials
+
+    username, password = args.username, args.password
+    if args.credentials:
+        try:
+            obj = json.loads(Path(args.credentials).read_text())
+            username, password = obj["username"], obj["password"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"heron: cannot read credentials file {args.credentials}: {exc}; "
+                             'help: it must be JSON {"username": ..., "password": ...}') from exc
+    return Credentials(username, password, args.ca_file, args.cert_file, args.key_file)
+
+
+# -- options shared by several subcommands --------------------------------------------------
+def _add_broker(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("MQTT")
+    g.add_argument("--broker", required=required, default=None,
+                   help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT"
+                   + ("" if required else " (default: start an embedded broker)"))
+    g.add_argument("--prefix", default=topics.DEFAULT_PREFIX, help="topic prefix (default heron)")
+    g.add_argument("--username", help="MQTT username")
+    g.add_argument("--password", help="MQTT password")
+    g.add_argument("--credentials", help="JSON file with username and password")
+    g.add_argument("--ca-file", help="CA certificate for TLS")
+    g.add_argument("--cert-file", help="client certificate for TLS")
+    g.add_argument("--key-file", help="client key for TLS")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits",
+                   help="digits (ships with scikit-learn), mnist (idx files), cifar10 "
+                   "(python batches) or npz (default digits)")
+    g.add_argument("--data-dir", help="directory (or .npz file) holding the dataset's files")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, init and sampling")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("federation")
+    g.add_argument("--devices", type=int, default=3, help="devices in the federation (3)")
+    g.add_argument("--rounds", type=int, default=10, help="rounds R (10)")
+    g.add_argument("--per-round", type=int, default=None,
+                   help="devices picked per round (default: all)")
+    g.add_argument("--model", default="cnn", help="cnn or resnet18 (cnn)")
+    g.add_argument("--cut", default=None,
+                   help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2)")
+    g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
+                   help="how device weights are averaged (samples)")
+    g.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds before a round closes with the updates it has (600)")
+    g.add_argument("--join-timeout", type=float, default=300.0,
+                   help="seconds to wait for --devices devices to join (300)")
+    z = p.add_argument_group("device (zeroth-order) training")
+    z.add_argument("--local-steps", type=int, default=40, help="h: ZO steps per round (40)")
+    z.add_argument("--upload-every", type=int, default=2,
+                   help="k: upload smashed data every k steps (2)")
+    z.add_argument("--batch-size", type=int, default=32, help="device batch size (32)")
+    z.add_argument("--mu", type=float, default=1e-3, help="ZO smoothing mu (1e-3)")
+    z.add_argument("--q", type=int, default=1, help="ZO directions per step (1)")
+    z.add_argument("--scheme", default="forward", choices=("forward", "central"),
+                   help="finite difference (forward)")
+    z.add_argument("--distribution", default="gaussian", choices=("gaussian", "sphere"),
+                   help="direction distribution (gaussian)")
+    z.add_argument("--device-optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="optimizer fed with the ZO estimate (sgd)")
+    z.add_argument("--device-lr", type=float, default=0.01, help="device learning rate (0.01)")
+    s = p.add_argument_group("server (first-order) training")
+    s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))
+    s.add_argument("--server-lr", type=float, default=1e-3, help="server learning rate (1e-3)")
+    s.add_argument("--server-threads", type=int, default=None, help="torch threads on the server")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from edge_runtime.runtime import TrainConfig
+    from edge_runtime.zo import OptimizerConfig, ZOConfig
+
+    return TrainConfig(
+        local_steps=args.local_steps, upload_every=args.upload_every,
+        batch_size=args.batch_size, seed=args.seed,
+        zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution),
+        optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr))
+
+
+def _server_argv(args: argparse.Namespace) -> list[str]:
+    """Forward the federation options of `heron run` to the server process."""
+    argv = []
+    for name in ("dataset", "data_dir", "seed", "devices", "rounds", "per_round", "model", "cut",
+                 "weighting", "round_timeout", "join_timeout", "local_steps", "upload_every",
+                 "batch_size", "mu", "q", "scheme", "distribution", "device_optimizer",
+                 "device_lr", "server_optimizer", "server_lr", "server_threads", "prefix"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+# -- subcommands ----------------------------------------------------------------------------
+def cmd_device(args: argparse.Namespace) -> int:
+    from edge_runtime.device import DeviceOptions, run_device
+
+    _logging(args.verbose)
+    try:
+        topics.validate_id(args.id)
+    except ValueError as exc:
+        raise SystemExit(f"heron device: {exc}") from exc
+    return run_device(DeviceOptions(
+        broker=args.broker, device_id=args.id, data=Path(args.data), prefix=args.prefix,
+        bundle=Path(args.bundle) if args.bundle else None, threads=args.threads,
+        credentials=_credentials(args)))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    _logging(args.verbose)
+    from devices.datasets import DatasetError
+    from edge_runtime.transport import BrokerError
+    from server.loop import Server, ServerOptions
+
+    try:
+        server = Server(ServerOptions(
+            broker=args.broker, out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir,
+            model=args.model, cut=args.cut, devices=args.devices, rounds=args.rounds,
+            per_round=args.per_round, train=_train_config(args),
+            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+            weighting=args.weighting, seed=args.seed, prefix=args.prefix,
+            threads=args.server_threads, join_timeout=args.join_timeout,
+            round_timeout=args.round_timeout, credentials=_credentials(args)))
+        summary = server.run()
+    except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:
+        print(f"heron server: {exc}", file=sys.stderr)
+        return 2
+    print(f"final test accuracy {summary['final_test_accuracy']:.4f} after "
+          f"{summary['rounds']} rounds in {summary['wall_seconds']:.1f} s; "
+          f"files in {Path(args.out).resolve()}", flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    from devices.datasets import DatasetError
+    from devices.fleet import FleetOptions, make_shards, start_devices, stop_all
+    from server.broker import EmbeddedBroker
+
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "metrics.jsonl").exists() and not args.overwrite:
+        raise SystemExit(f"heron run: {out} already holds a run; help: pass --overwrite or "
+                         "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
+                         data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
+                         seed=args.seed, device_threads=args.device_threads, prefix=args.prefix)
+    t0 = time.monotonic()
+    try:
+        shards = make_shards(fleet, out / "shards")
+    except (DatasetError, ValueError) as exc:
+        raise SystemExit(f"heron run: {exc}") from exc
+    print(f"heron run: {args.devices} devices, {args.rounds} rounds, {args.dataset} "
+          f"({args.partition}), model {args.model}; files in {out.resolve()}", flush=True)
+    broker = None
+    url = args.broker
+    if url is None:
+        broker = EmbeddedBroker(port=args.broker_port).start()
+        url = broker.url
+        print(f"embedded MQTT broker on {url}", flush=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "heron", "server", "--broker", url, "--out", str(out),
+         *_server_argv(args), *_auth_argv(args)],
+        stdout=subprocess.PIPE, stderr=(logs / "server.log").open("w"), text=True,
+        stdin=subprocess.DEVNULL)
+    devices = start_devices(fleet, url, shards)
+    code = 1
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            print(line, end="", flush=True)
+        code = server.wait()
+    except KeyboardInterrupt:
+        print("\nheron run: interrupted; stopping server and devices", flush=True)
+        server.send_signal(signal.SIGINT)
+        stop_all([server], grace=10)
+    finally:
+        device_codes = stop_all(devices, grace=20)
+        if broker is not None:
+            broker.stop()
+    if code != 0:
+        print(f"heron run: the server exited with code {code}; see {logs / 'server.log'} and "
+              f"{logs}/dev-*.log", file=sys.stderr)
+        return code
+    bad = [f"dev-{i}" for i, c in enumerate(device_codes) if c != 0]
+    if bad:
+        print(f"heron run: devices {bad} did not exit cleanly; see their logs in {logs}",
+              file=sys.stderr)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall_seconds"] = round(time.monotonic() - t0, 3)
+    summary["partition"] = args.partition
+    from server.records import write_json
+
+    write_json(out / "summary.json", summary)
+    print(f"done: final test accuracy {summary['final_test_accuracy']:.4f}, "
+          f"{summary['bytes_up'] / 1e6:.2f} MB up / {summary['bytes_down'] / 1e6:.2f} MB down, "
+          f"{summary['wall_seconds']:.1f} s; metrics {out / 'metrics.jsonl'}, summary "
+          f"{out / 'summary.json'}, checkpoint {out / 'checkpoint.pt'}", flush=True)
+    return 0
+
+
+def _auth_argv(args: argparse.Namespace) -> list[str]:
+    argv = []
+    for name in ("username", "password", "credentials", "ca_file", "cert_file", "key_file"):
+        if getattr(args, name):
+            argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+    return argv
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    from devices.datasets import DatasetError
+    from devices.fleet import FleetOptions, make_shards
+
+    fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
+                         data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
+                         seed=args.seed)
+    target = Path(args.out)
+    try:
+        make_shards(fleet, target)
+    except (DatasetError, ValueError) as exc:
+        raise SystemExit(f"heron devices partition: {exc}") from exc
+    index = json.loads((target / "shards.json").read_text())
+    for dev, info in index.items():
+        print(f"{target / info['path']}: {info['samples']} samples ({dev})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    from devices.datasets import DatasetError, load_dataset
+    from exporter.export import export_split
+
+    if args.input_shape:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+        classes = args.num_classes
+    else:
+        try:
+            ds = load_dataset(args.dataset, args.data_dir)
+        except DatasetError as exc:
+            raise SystemExit(f"heron export: {exc}") from exc
+        shape, classes = ds.input_shape, ds.num_classes
+    try:
+        m = export_split(args.model, shape, classes, args.out, cut=args.cut, seed=args.seed,
+                         opset=args.opset)
+    except ValueError as exc:
+        raise SystemExit(f"heron export: {exc}") from exc
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir())
+    print(f"bundle {args.out}: {m.model} cut {m.cut}, input {m.input_shape}, smashed "
+          f"{m.smashed_shape}, {m.num_params} trainable params "
+          f"({sum(p.size for p in m.params if p.role == 'aux')} in the aux head), "
+          f"{size / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    from server.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.host, args.port).start()
+    print(f"embedded MQTT broker listening on {broker.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heron", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="a whole federation on this machine (broker, server, "
+                         "devices)")
+    _add_broker(run, required=False)
+    _add_data(run)
+    _add_training(run)
+    run.add_argument("--out", help="run directory (default runs/TIMESTAMP)")
+    run.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    run.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
+    run.add_argument("--device-threads", type=int, default=1,
+                     help="ONNX Runtime threads per device process (1)")
+    run.add_argument("--broker-port", type=int, default=None,
+                     help="port of the embedded broker (default: a free one)")
+    run.set_defaults(func=cmd_run)
+
+    srv = sub.add_parser("server", help="the server: waits for devices, runs the rounds")
+    _add_broker(srv, required=True)
+    _add_data(srv)
+    _add_training(srv)
+    srv.add_argument("--out", required=True, help="run directory")
+    srv.set_defaults(func=cmd_server)
+
+    dev = sub.add_parser("device", help="one device (needs only the device install)")
+    _add_broker(dev, required=True)
+    dev.add_argument("--id", required=True, help="device id, e.g. dev-0")
+    dev.add_argument("--data", required=True, help="this device's shard (.npz with x, y)")
+    dev.add_argument("--bundle", help="a local bundle directory instead of the server's")
+    dev.add_argument("--threads", type=int, default=None,
+                     help="ONNX Runtime threads (default: all cores)")
+    dev.set_defaults(func=cmd_device)
+
+    devs = sub.add_parser("devices", help="fleet tools")
+    dsub = devs.add_subparsers(dest="devices_command", required=True)
+    part = dsub.add_parser("partition", help="split a dataset into one shard per device")
+    _add_data(part)
+    part.add_argument("--devices", type=int, default=3)
+    part.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
+    part.add_argument("--out", required=True, help="directory for dev-N.npz shards")
+    part.set_defaults(func=cmd_partition)
+
+    exp = sub.add_parser("export", help="write a device bundle (ONNX + weights + manifest)")
+    _add_data(exp)
+    exp.add_argument("--model", default="cnn", help="cnn or resnet18")
+    exp.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
+    exp.add_argument("--input-shape", help="C,H,W instead of taking it from --dataset")
+    exp.add_argument("--num-classes", type=int, default=10)
+    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--out", required=True, help="bundle directory")
+    exp.set_defaults(func=cmd_export)
+
+    brk = sub.add_parser("broker", help="run the embedded (pure Python) MQTT broker")
+    brk.add_argument("--host", default="127.0.0.1")
+    brk.add_argument("--port", type=int, default=1883)
+    brk.set_defaults(func=cmd_broker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The server's MQTT loop: admit devices, run the rounds, record everything.
+
+The round loop is the one `for` in `Server.run`; planning and aggregation are pure
+functions in `server.aggregate`, training in `server.trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from devices.datasets import load_dataset
+from edge_runtime import topics
+from edge_runtime.bundle import GRAPH, read_bundle_files
+from edge_runtime.bundle import bundle_from_files as verify_files
+from edge_runtime.messages import (
+    BundleFiles,
+    DeviceError,
+    Join,
+    Presence,
+    RoundStart,
+    Smashed,
+    Stop,
+    Update,
+)
+from edge_runtime.runtime import TrainConfig
+from edge_runtime.transport import Credentials, Incoming, MqttTransport
+from exporter.export import export_bundle, load_flat_into
+from exporter.zoo import build_split
+from server.aggregate import DeviceUpdate, aggregate, check_update, plan_round
+from server.records import append_jsonl, save_checkpoint, write_json
+from server.trainer import ServerTrainer, evaluate
+
+log = logging.getLogger("heron.server")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    broker: str
+    out: Path
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "cnn"
+    cut: str | None = None
+    devices: int = 3  # how many ready devices to wait for before round 1
+    rounds: int = 10
+    per_round: int | None = None  # devices picked per round (default: all ready)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server_optimizer: str = "adam"
+    server_lr: float = 1e-3
+    weighting: str = "samples"
+    seed: int = 0
+    prefix: str = topics.DEFAULT_PREFIX
+    threads: int | None = None
+    join_timeout: float = 300.0
+    round_timeout: float = 600.0
+    credentials: Credentials | None = None
+    algorithm: str = "heron"
+
+
+@dataclass
+class _RoundState:
+    participants: tuple[str, ...]
+    updates: dict[str, DeviceUpdate] = field(default_factory=dict)
+    telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    server_losses: list[float] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)
+
+    def finished(self) -> bool:
+        return all(p in self.updates or p in self.gone for p in self.participants)
+
+
+class Server:
+    def __init__(self, opts: ServerOptions) -> None:
+        self.opts = opts
+        self.run_id = uuid.uuid4().hex[:12]
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
+        self.split = build_split(opts.model, self.data.input_shape, self.data.num_classes,
+                                 cut=opts.cut, seed=opts.seed)
+        opts.out.mkdir(parents=True, exist_ok=True)
+        self.manifest = export_bundle(self.split, opts.out / "bundle")
+        self.bundle_files = read_bundle_files(opts.out / "bundle")
+        self.bundle = verify_files(self.bundle_files)
+        self.bundle_sha = self.manifest.files[GRAPH]
+        self.trainer = ServerTrainer(self.split.server, optimizer=opts.server_optimizer,
+                                     lr=opts.server_lr, smashed_shape=self.manifest.smashed_shape,
+                                     num_classes=self.manifest.num_classes)
+        self.theta = self.bundle.weights.copy()
+        self.online: set[str] = set()
+        self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
+        self.rejected: dict[str, int] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.peak_rss: dict[str, float] = {}
+        p = opts.prefix
+        self.transport = MqttTransport(
+            opts.broker, f"heron-server-{self.run_id}", topics.server_subscriptions(p),
+            will=(topics.server_status(p), Presence(self.run_id, -1, "server", state="offline")),
+            credentials=opts.credentials)
+
+    # -- sending ---------------------------------------------------------------------------
+    def _send_bundle(self, device_id: str) -> None:
+        names = tuple(self.bundle_files)
+        blobs = tuple(np.frombuffer(self.bundle_files[n], dtype=np.uint8) for n in names)
+        n = self.transport.publish(topics.down_device(device_id, "bundle", self.opts.prefix),
+                                   BundleFiles(self.run_id, 0, "server", names=names,
+                                               blobs=blobs))
+        self.bytes_down += n
+        log.info("sent bundle (%.1f kB) to %s", n / 1e3, device_id)
+
+    # -- receiving -------------------------------------------------------------------------
+    def _reject(self, sender: str, why: str) -> None:
+        self.rejected[why.split(":")[0]] = self.rejected.get(why.split(":")[0], 0) + 1
+        log.warning("rejected message from %s: %s", sender, why)
+
+    def _poll(self, timeout: float, state: _RoundState | None, round_idx: int) -> None:
+        """Handle one incoming message (or none within `timeout`)."""
+        inc: Incoming | None = self.transport.get(timeout)
+        if inc is None:
+            return
+        self.bytes_up += inc.nbytes
+        if inc.message is None:
+            self._reject(inc.topic, f"malformed payload: {inc.error}")
+            return
+        msg = inc.message
+        status_id = topics.parse_status(inc.topic, self.opts.prefix)
+        if status_id is not None:
+            if isinstance(msg, Presence):
+                self._presence(status_id, msg, state)
+            return
+        route = topics.parse_up(inc.topic, self.opts.prefix)
+        if route is None:
+            return
+        device_id, kind = route
+        if msg.sender != device_id or msg.kind != kind:
+            self._reject(device_id, f"spoofed sender: {msg.kind} from {msg.sender!r} on "
+                                    f"{device_id}'s {kind} topic")
+            return
+        if isinstance(msg, Join):
+            self._join(device_id, msg)
+        elif isinstance(msg, DeviceError):
+            log.error("device %s reports: %s", device_id, msg.error)
+            if state is not None and device_id in state.participants:
+                state.gone.add(device_id)
+        elif msg.run_id != self.run_id:
+            self._reject(device_id, f"wrong run: {msg.kind} for run {msg.run_id}")
+        elif state is None or msg.round != round_idx:
+            self._reject(device_id, f"stale round: {msg.kind} for round {msg.round} "
+                                    f"during round {round_idx}")
+        elif device_id not in state.participants:
+            self._reject(device_id, f"not a participant: {msg.kind} in round {round_idx}")
+        elif isinstance(msg, Smashed):
+            why = self.trainer.check_batch(msg.activations, msg.labels)
+            if why:
+                self._reject(device_id, f"bad smashed data: {why}")
+            else:
+                state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
+        elif isinstance(msg, Update):
+            why = check_update(msg.weights, self.manifest.num_params)
+            if why is None and msg.num_samples < 1:
+                why = f"sample count {msg.num_samples} < 1"
+            if why:
+                self._reject(device_id, f"bad update: {why}")
+                state.gone.add(device_id)
+            elif device_id not in state.updates:
+                state.updates[device_id] = DeviceUpdate(device_id, msg.weights, msg.num_samples)
+                state.telemetry[device_id] = dict(msg.telemetry)
+
+    def _presence(self, device_id: str, msg: Presence, state: _RoundState | None) -> None:
+        if msg.state == "online":
+            self.online.add(device_id)
+        else:
+            if device_id in self.online:
+                log.warning("device %s went offline", device_id)
+            self.online.discard(device_id)
+            self.ready.pop(device_id, None)
+            if state is not None and device_id in state.participants:
+                state.gone.add(device_id)
+
+    def _join(self, device_id: str, msg: Join) -> None:
+        self.online.add(device_id)
+        if msg.bundle_sha256 == self.bundle_sha:
+            if device_id not in self.ready:
+                log.info("device %s ready (%s samples, %s, RSS %s MB)", device_id,
+                         msg.profile.get("samples"), msg.profile.get("machine"),
+                         msg.profile.get("rss_mb"))
+            self.ready[device_id] = dict(msg.profile)
+        else:
+            self._send_bundle(device_id)
+
+    # -- the run ---------------------------------------------------------------------------
+    def _wait_for_devices(self) -> None:
+        deadline = time.monotonic() + self.opts.join_timeout
+        shown = -1
+        while len(self.ready) < self.opts.devices:
+            if len(self.ready) != shown:
+                shown = len(self.ready)
+                print(f"waiting for devices: {shown}/{self.opts.devices} ready "
+                      f"(broker {self.transport.address}, prefix {self.opts.prefix!r})",
+                      flush=True)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(self.ready)}/{self.opts.devices} devices joined within "
+                    f"{self.opts.join_timeout:.0f} s; help: start devices with `heron device "
+                    f"--broker {self.transport.address} --id ID --data SHARD` or lower --devices")
+            self._poll(0.5, None, 0)
+
+    def _run_round(self, r: int) -> dict[str, Any]:
+        o = self.opts
+        t0 = time.monotonic()
+        up0, down0 = self.bytes_up, self.bytes_down
+        participants = plan_round(list(self.ready), o.per_round, r, o.seed)
+        state = _RoundState(participants)
+        msg = RoundStart(self.run_id, r, "server", weights=self.theta,
+                         participants=participants, config=o.train.to_json(),
+                         bundle_sha256=self.bundle_sha)
+        n = self.transport.publish(topics.down_all("round", o.prefix), msg)
+        self.bytes_down += n * len(participants)  # the broker delivers one copy to each
+        deadline = t0 + o.round_timeout
+        while not state.finished() and time.monotonic() < deadline:
+            self._poll(0.2, state, r)
+        if time.monotonic() >= deadline and not state.finished():
+            log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
+                        o.round_timeout, len(state.updates), len(participants))
+        if state.updates:
+            self.theta = aggregate(list(state.updates.values()), o.weighting)
+        else:
+            log.warning("round %d: no device update arrived; keeping the global weights", r)
+        load_flat_into(self.split, self.manifest, self.theta)
+        ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
+        for dev, tel in state.telemetry.items():
+            self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), float(tel.get("peak_rss_mb", 0)))
+        tel = state.telemetry.values()
+        return {
+            "round": r,
+            "test_accuracy": ev.accuracy,
+            "test_loss": ev.loss,
+            "server_train_loss": statistics.fmean(state.server_losses)
+            if state.server_losses else None,
+            "device_local_loss": statistics.fmean(t["loss_mean"] for t in tel) if tel else None,
+            "participants": list(participants),
+            "updates": sorted(state.updates),
+            "smashed_batches": len(state.server_losses),
+            "round_bytes_up": self.bytes_up - up0,
+            "round_bytes_down": self.bytes_down - down0,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "device_peak_rss_mb": {d: t.get("peak_rss_mb") for d, t in state.telemetry.items()},
+            "device_step_ms": {d: t.get("step_ms_median") for d, t in state.telemetry.items()},
+            "rejected": dict(self.rejected),
+            "round_seconds": round(time.monotonic() - t0, 3),
+        }
+
+    def run(self) -> dict[str, Any]:
+        o = self.opts
+        t_start = time.monotonic()
+        self.transport.start()
+        self.transport.publish(
+            topics.server_status(o.prefix),
+            Presence(self.run_id, -1, "server", state="online",
+                     info={"model": o.model, "cut": self.manifest.cut, "dataset": o.dataset}),
+            retain=True)
+        metrics_path = o.out / "metrics.jsonl"
+        metrics_path.unlink(missing_ok=True)
+        accs: list[float] = []
+        try:
+            self._wait_for_devices()
+            print(f"run {self.run_id}: {o.algorithm} {o.model}/{self.manifest.cut} on "
+                  f"{o.dataset}, {len(self.ready)} devices, {o.rounds} rounds, "
+                  f"{self.manifest.num_params} device params", flush=True)
+            for r in range(1, o.rounds + 1):
+                rec = self._run_round(r)
+                rec["elapsed_seconds"] = round(time.monotonic() - t_start, 3)
+                append_jsonl(metrics_path, rec)
+                accs.append(rec["test_accuracy"])
+                self._checkpoint(r)
+                print(_round_line(rec, o.rounds), flush=True)
+            self.transport.publish(topics.down_all("stop", o.prefix),
+                                   Stop(self.run_id, o.rounds, "server", reason="finished"),
+                                   wait=10.0)
+        finally:
+            self.transport.publish(topics.server_status(o.prefix),
+                                   Presence(self.run_id, -1, "server", state="offline"),
+                                   retain=True, wait=5.0)
+            self.transport.stop()
+        summary = {
+            "run_id": self.run_id,
+            "algorithm": o.algorithm,
+            "model": o.model,
+            "cut": self.manifest.cut,
+            "dataset": o.dataset,
+            "devices": sorted(self.ready) if self.ready else o.devices,
+            "num_devices": o.devices,
+            "rounds": o.rounds,
+            "final_test_accuracy": accs[-1] if accs else None,
+            "test_accuracy_per_round": accs,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "device_peak_rss_mb": self.peak_rss,
+            "device_params": self.manifest.num_params,
+            "rejected": dict(self.rejected),
+            "config": {"train": o.train.to_json(), "server_optimizer": o.server_optimizer,
+                       "server_lr": o.server_lr, "weighting": o.weighting, "seed": o.seed,
+                       "per_round": o.per_round},
+            "wall_seconds": round(time.monotonic() - t_start, 3),
+        }
+        write_json(o.out / "summary.json", summary)
+        return summary
+
+    def _checkpoint(self, r: int) -> None:
+        save_checkpoint(self.opts.out / "checkpoint.pt", {
+            "round": r,
+            "run_id": self.run_id,
+            "device_weights": torch.from_numpy(self.theta.copy()),
+            "server_state": self.split.server.state_dict(),
+            "server_optimizer": self.trainer.optimizer.state_dict(),
+            "manifest": self.manifest.to_json(),
+            "train_config": self.opts.train.to_json(),
+        })
+
+
+def _round_line(rec: dict[str, Any], rounds: int) -> str:
+    rss = [v for v in rec["device_peak_rss_mb"].values() if v is not None]
+    steps = [v for v in rec["device_step_ms"].values() if v is not None]
+    return (f"round {rec['round']:>3}/{rounds}  test acc {rec['test_accuracy']:.4f}  "
+            f"test loss {rec['test_loss']:.4f}  "
+            f"devices {len(rec['updates'])}/{len(rec['participants'])}  "
+            f"up {rec['bytes_up'] / 1e6:.2f} MB  down {rec['bytes_down'] / 1e6:.2f} MB  "
+            f"device peak RSS {max(rss) if rss else float('nan'):.0f} MB  "
+            f"step {statistics.median(steps) if steps else float('nan'):.2f} ms  "
+            f"{rec['round_seconds']:.1f} s")
