@@ -23,9 +23,14 @@ SERVER_MODULES = ("torch", "onnx", "sklearn", "amqtt")
 
 
 def _need_server_extra() -> None:
-    import importlib.util
+    import importlib
 
-    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in SERVER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise SystemExit(f"heron: missing {', '.join(missing)}: {SERVER_EXTRA_HINT}")
 

@@ -1,0 +1,147 @@
+"""Whole federations over real brokers, with every part a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, heron
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+FAST = ["--rounds", "6", "--local-steps", "30"]
+
+
+def _summary(out: Path, rounds: int) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("algorithm", "model", "dataset", "devices", "rounds", "final_test_accuracy",
+                "test_accuracy_per_round", "bytes_up", "bytes_down", "device_peak_rss_mb",
+                "wall_seconds"):
+        assert key in summary, key
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == list(range(1, rounds + 1))
+    assert len(summary["test_accuracy_per_round"]) == rounds
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    return summary
+
+
+def test_heron_run_embedded_broker_devices_without_torch(tmp_path: Path,
+                                                         no_torch_env: dict) -> None:
+    """`heron run` with its embedded broker; device processes cannot import torch."""
+    from devices.fleet import FleetOptions, make_shards, start_devices, stop_all
+    from server.broker import EmbeddedBroker
+
+    out = tmp_path / "run"
+    fleet = FleetOptions(out=out, devices=3, device_env={"PYTHONPATH":
+                                                         no_torch_env["PYTHONPATH"]})
+    shards = make_shards(fleet, out / "shards")
+    with EmbeddedBroker() as broker:
+        devices = start_devices(fleet, broker.url, shards)
+        server = subprocess.run(heron("server", "--broker", broker.url, "--out", str(out),
+                                      "--devices", "3", *FAST),
+                                cwd=ROOT, capture_output=True, text=True, timeout=240)
+        codes = stop_all(devices)
+    assert server.returncode == 0, server.stderr[-3000:]
+    assert codes == [0, 0, 0], [(out / "logs" / f"dev-{i}.log").read_text()[-2000:]
+                                for i in range(3)]
+    summary = _summary(out, 6)
+    assert summary["final_test_accuracy"] > 0.8  # chance is 0.1
+    assert set(summary["device_peak_rss_mb"]) == {"dev-0", "dev-1", "dev-2"}
+    for i in range(3):
+        assert "ModuleNotFoundError" not in (out / "logs" / f"dev-{i}.log").read_text()
+
+
+def test_heron_run_command_end_to_end(tmp_path: Path) -> None:
+    """The README's main command, shortened: broker, server and devices all started by it."""
+    out = tmp_path / "run"
+    proc = subprocess.run(heron("run", "--out", str(out), *FAST), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "round   6/6" in proc.stdout and "final test accuracy" in proc.stdout
+    summary = _summary(out, 6)
+    assert summary["final_test_accuracy"] > 0.8
+    assert len(list((out / "shards").glob("dev-*.npz"))) == 3
+
+
+def test_by_hand_over_mosquitto(tmp_path: Path, mosquitto: str) -> None:
+    """partition, server and devices as separate commands against a stock Mosquitto."""
+    shards = tmp_path / "shards"
+    part = subprocess.run(heron("devices", "partition", "--dataset", "digits", "--devices", "3",
+                                "--partition", "dirichlet", "--alpha", "1.0",
+                                "--out", str(shards)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert part.returncode == 0, part.stderr
+    assert sorted(p.name for p in shards.glob("*.npz")) == ["dev-0.npz", "dev-1.npz",
+                                                            "dev-2.npz"]
+    out = tmp_path / "server"
+    server = subprocess.Popen(heron("server", "--broker", mosquitto, "--out", str(out),
+                                    "--devices", "3", *FAST),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    devs = [subprocess.Popen(heron("device", "--broker", mosquitto, "--id", f"dev-{i}",
+                                   "--data", str(shards / f"dev-{i}.npz"), "--threads", "1"),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+            for i in range(3)]
+    stdout, stderr = server.communicate(timeout=240)
+    logs = [d.communicate(timeout=60)[0] for d in devs]
+    assert server.returncode == 0, stderr[-3000:]
+    assert [d.returncode for d in devs] == [0, 0, 0], [log[-1500:] for log in logs]
+    assert all("bundle cnn/conv1 ready" in log for log in logs)  # received over MQTT
+    summary = _summary(out, 6)
+    assert summary["final_test_accuracy"] > 0.8
+
+
+def test_heron_run_against_external_broker(tmp_path: Path, mosquitto: str) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(heron("run", "--broker", mosquitto, "--out", str(out), "--rounds", "3",
+                                "--devices", "2"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded MQTT broker" not in proc.stdout
+    assert _summary(out, 3)["final_test_accuracy"] > 0.5
+
+
+def test_device_with_local_bundle(tmp_path: Path, mosquitto: str) -> None:
+    """A device that ships with its bundle does not download it (same export, same sha)."""
+    shards = tmp_path / "shards"
+    subprocess.run(heron("devices", "partition", "--devices", "1", "--out", str(shards)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    bundle = tmp_path / "bundle"
+    subprocess.run(heron("export", "--model", "cnn", "--dataset", "digits", "--out", str(bundle)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    out = tmp_path / "server"
+    server = subprocess.Popen(heron("server", "--broker", mosquitto, "--out", str(out),
+                                    "--devices", "1", "--rounds", "2"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    dev = subprocess.run(heron("device", "--broker", mosquitto, "--id", "dev-0", "--data",
+                               str(shards / "dev-0.npz"), "--bundle", str(bundle)),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr[-2000:]
+    assert dev.returncode == 0, dev.stderr[-2000:]
+    assert "sent bundle" not in stderr
+    _summary(out, 2)
+
+
+def test_device_reports_dead_broker(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    shards = tmp_path / "shards"
+    subprocess.run(heron("devices", "partition", "--devices", "1", "--out", str(shards)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    proc = subprocess.run(heron("device", "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                                "--id", "dev-0", "--data", str(shards / "dev-0.npz")),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot reach the MQTT broker" in proc.stderr
+
+
+def test_server_side_commands_name_the_extra(no_torch_env: dict) -> None:
+    proc = subprocess.run(heron("server", "--broker", "mqtt://127.0.0.1:1", "--out", "x"),
+                          cwd=ROOT, env=no_torch_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "[server]" in proc.stderr
