@@ -7,7 +7,6 @@ smashed data leaves through a callback and the result is returned.
 from __future__ import annotations
 
 import os
-import resource
 import time
 import zlib
 from collections.abc import Callable
@@ -40,7 +39,7 @@ class TrainConfig:
     seed: int = 0
     zo: zo.ZOConfig = field(default_factory=zo.ZOConfig)
     optimizer: zo.OptimizerConfig = field(
-        default_factory=lambda: zo.OptimizerConfig(name="sgd", lr=0.01))
+        default_factory=lambda: zo.OptimizerConfig(name="adam", lr=0.01))
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "upload_every", "batch_size"):
@@ -112,10 +111,33 @@ def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
         1, dtype=np.uint64)[0])
 
 
+_PEAK_SAMPLED = [0.0]
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (psutil), and remember it as a peak sample."""
+    now = psutil.Process().memory_info().rss / 2**20
+    _PEAK_SAMPLED[0] = max(_PEAK_SAMPLED[0], now)
+    return now
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process as the kernel reports it (ru_maxrss, KiB)."""
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-               psutil.Process().memory_info().rss / 2**20)
+    """Peak resident memory of this whole process, as the OS reports it.
+
+    Linux keeps the high-water mark in /proc/self/status (VmHWM), reset at exec. We do not
+    use getrusage's ru_maxrss: Linux carries it across fork+exec, so a device started by
+    a large parent (e.g. `heron run`) would report the parent's peak. Elsewhere we fall
+    back to the largest psutil sample taken after each training step.
+    """
+    rss_mb()
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return max(int(line.split()[1]) / 1024.0, _PEAK_SAMPLED[0])
+    except OSError:
+        pass
+    return _PEAK_SAMPLED[0]
 
 
 @dataclass(frozen=True)
@@ -176,5 +198,6 @@ def train_round(
         projected.extend(est.projected.tolist())
         losses.append(est.loss if loss0 is None else loss0)
         times.append((time.perf_counter() - t0) * 1000.0)
+        rss_mb()
     return RoundResult(theta, np.asarray(seeds, dtype=np.uint64),
                        np.asarray(projected, dtype=np.float32), losses, times, sent)

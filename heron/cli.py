@@ -83,7 +83,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("federation")
     g.add_argument("--devices", type=int, default=3, help="devices in the federation (3)")
-    g.add_argument("--rounds", type=int, default=10, help="rounds R (10)")
+    g.add_argument("--rounds", type=int, default=20, help="rounds R (20)")
     g.add_argument("--per-round", type=int, default=None,
                    help="devices picked per round (default: all)")
     g.add_argument("--model", default="cnn", help="cnn or resnet18 (cnn)")
@@ -106,8 +106,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="finite difference (forward)")
     z.add_argument("--distribution", default="gaussian", choices=("gaussian", "sphere"),
                    help="direction distribution (gaussian)")
-    z.add_argument("--device-optimizer", default="sgd", choices=("sgd", "adam"),
-                   help="optimizer fed with the ZO estimate (sgd)")
+    z.add_argument("--device-optimizer", default="adam", choices=("sgd", "adam"),
+                   help="optimizer fed with the ZO estimate (adam)")
     z.add_argument("--device-lr", type=float, default=0.01, help="device learning rate (0.01)")
     s = p.add_argument_group("server (first-order) training")
     s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))

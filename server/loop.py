@@ -51,7 +51,7 @@ class ServerOptions:
     model: str = "cnn"
     cut: str | None = None
     devices: int = 3  # how many ready devices to wait for before round 1
-    rounds: int = 10
+    rounds: int = 20
     per_round: int | None = None  # devices picked per round (default: all ready)
     train: TrainConfig = field(default_factory=TrainConfig)
     server_optimizer: str = "adam"
