@@ -11,7 +11,7 @@ from conftest import ROOT, heron
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-FAST = ["--rounds", "6", "--local-steps", "30"]
+FAST = ["--rounds", "10", "--local-steps", "30"]
 
 
 def _summary(out: Path, rounds: int) -> dict:
@@ -46,7 +46,7 @@ def test_heron_run_embedded_broker_devices_without_torch(tmp_path: Path,
     assert server.returncode == 0, server.stderr[-3000:]
     assert codes == [0, 0, 0], [(out / "logs" / f"dev-{i}.log").read_text()[-2000:]
                                 for i in range(3)]
-    summary = _summary(out, 6)
+    summary = _summary(out, 10)
     assert summary["final_test_accuracy"] > 0.8  # chance is 0.1
     assert set(summary["device_peak_rss_mb"]) == {"dev-0", "dev-1", "dev-2"}
     for i in range(3):
@@ -59,8 +59,8 @@ def test_heron_run_command_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(heron("run", "--out", str(out), *FAST), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "round   6/6" in proc.stdout and "final test accuracy" in proc.stdout
-    summary = _summary(out, 6)
+    assert "round  10/10" in proc.stdout and "final test accuracy" in proc.stdout
+    summary = _summary(out, 10)
     assert summary["final_test_accuracy"] > 0.8
     assert len(list((out / "shards").glob("dev-*.npz"))) == 3
 
@@ -90,7 +90,7 @@ def test_by_hand_over_mosquitto(tmp_path: Path, mosquitto: str) -> None:
     assert server.returncode == 0, stderr[-3000:]
     assert [d.returncode for d in devs] == [0, 0, 0], [log[-1500:] for log in logs]
     assert all("bundle cnn/conv1 ready" in log for log in logs)  # received over MQTT
-    summary = _summary(out, 6)
+    summary = _summary(out, 10)
     assert summary["final_test_accuracy"] > 0.8
 
 

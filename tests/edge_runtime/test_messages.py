@@ -1,0 +1,582 @@
+"""Wire codec: every kind round-trips, chunks stay under the MQTT limit, the reassembler
+survives QoS 1 redelivery and reordering, and bad bytes only ever raise CodecError."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_runtime.messages import (
+    DTYPES,
+    MAGIC,
+    MAX_CHUNK_PAYLOAD,
+    MAX_MESSAGE_BYTES,
+    BundleFiles,
+    CodecError,
+    DeviceError,
+    Join,
+    Message,
+    Presence,
+    Reassembler,
+    RoundStart,
+    Smashed,
+    Stop,
+    Update,
+    chunk,
+    decode,
+    encode,
+    new_msg_id,
+)
+
+# The chunk header as documented in messages.py: magic, 16-byte message id, index, count,
+# total bytes. Written out here so that a silent change of the wire format fails a test.
+CHUNK_HEAD = struct.Struct("<4s16sIIQ")
+ENV: dict[str, Any] = {"run_id": "run-7", "round": 3, "sender": "dev-0"}
+
+
+def _rng_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape, dtype=np.int64))
+    if dtype == "bool":
+        flat = rng.integers(0, 2, n).astype(bool)
+    elif np.dtype(dtype).kind == "f":
+        flat = rng.standard_normal(n).astype(dtype)
+    else:
+        info = np.iinfo(np.dtype(dtype))
+        flat = rng.integers(info.min, info.max, n, dtype=np.dtype(dtype), endpoint=True)
+    return flat.reshape(shape)
+
+
+def _messages() -> list[Message]:
+    """One (or more) message of every kind, with arrays of several dtypes and shapes."""
+    return [
+        Presence(**ENV, state="offline", info={"machine": "aarch64", "rss_mb": 41.5}),
+        Presence(**ENV),
+        Join(**ENV, profile={"samples": 120, "threads": [1, 2], "ok": True}, bundle_sha256=None),
+        Join(**ENV, profile={}, bundle_sha256="ab" * 32),
+        BundleFiles(**ENV, names=("manifest.json", "train.onnx", "weights.bin"),
+                    blobs=(np.frombuffer(b'{"a": 1}', np.uint8), _rng_array("uint8", (1000,)),
+                           np.zeros(0, np.uint8))),
+        BundleFiles(**ENV),
+        RoundStart(**ENV, weights=_rng_array("float32", (333,)),
+                   participants=("dev-0", "dev-1"),
+                   config={"local_steps": 5, "zo": {"mu": 0.001}}, bundle_sha256="cd" * 32),
+        RoundStart(**ENV),
+        Smashed(**ENV, step=4, activations=_rng_array("float32", (5, 16, 4, 4)),
+                labels=_rng_array("int64", (5,))),
+        Smashed(**ENV, step=0, activations=np.zeros((0, 16, 4, 4), np.float32),
+                labels=np.zeros(0, np.int64)),
+        Update(**ENV, weights=_rng_array("float32", (257,)), num_samples=120,
+               telemetry={"step_ms": [1.5, 2.0], "peak_rss_mb": 80.0},
+               zo_seeds=_rng_array("uint64", (40,)), zo_grads=_rng_array("float32", (40,))),
+        Update(**ENV, weights=_rng_array("float64", (3, 2)), zo_seeds=_rng_array("int32", (7,)),
+               zo_grads=_rng_array("bool", (2, 0, 3))),
+        DeviceError(**ENV, error="shard has label 11 but the bundle has 10 classes"),
+        Stop(**ENV, reason="done"),
+        Stop(run_id="", round=-1, sender="server", reason="ünïcode ✓"),
+    ]
+
+
+MESSAGES = _messages()
+IDS = [f"{m.kind}-{i}" for i, m in enumerate(MESSAGES)]
+
+
+def assert_same_message(got: Message, want: Message) -> None:
+    """Field-by-field equality; arrays must match in values, dtype, shape and be native."""
+    assert type(got) is type(want)
+    for f in dataclasses.fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if isinstance(b, tuple) and b and isinstance(b[0], np.ndarray):
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                _assert_same_array(x, y)
+        elif isinstance(b, np.ndarray):
+            _assert_same_array(a, b)
+        else:
+            assert a == b, f.name
+
+
+def _assert_same_array(got: np.ndarray, want: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray)
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype.newbyteorder("=")
+    assert got.dtype.isnative
+    np.testing.assert_array_equal(got, want)
+
+
+def _header(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    return json.loads(raw[8:8 + hlen]), raw[8 + hlen:]
+
+
+def _rebuild(raw: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """Re-encode `raw` after editing its header JSON (to forge malformed messages)."""
+    header, body = _header(raw)
+    edit(header)
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + body
+
+
+def _small() -> bytes:
+    return encode(Smashed(**ENV, step=1, activations=np.arange(6, dtype=np.float32)
+                          .reshape(2, 3), labels=np.array([1, 0], np.int64)))
+
+
+# --- round trips -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=IDS)
+def test_every_kind_round_trips(msg: Message) -> None:
+    raw = encode(msg)
+    assert raw.startswith(MAGIC)
+    assert_same_message(decode(raw), msg)
+    assert encode(decode(raw)) == raw  # encoding is a function of the message alone
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 0, 2), (2, 3, 4), ()],
+                         ids=lambda s: "x".join(map(str, s)) or "scalar")
+def test_every_dtype_and_shape_round_trips(dtype: str, shape: tuple[int, ...]) -> None:
+    arr = _rng_array(dtype, shape, seed=len(shape))
+    msg = Update(**ENV, weights=arr, zo_seeds=arr, zo_grads=arr)
+    assert_same_message(decode(encode(msg)), msg)
+
+
+def test_non_contiguous_arrays_round_trip() -> None:
+    base = _rng_array("float32", (6, 8))
+    msg = Smashed(**ENV, activations=base.T, labels=np.arange(20, dtype=np.int64)[::3])
+    assert not msg.activations.flags.c_contiguous
+    assert_same_message(decode(encode(msg)), msg)
+
+
+BIG_ENDIAN = [name for name, code in DTYPES.items() if np.dtype(code).itemsize > 1]
+
+
+@pytest.mark.xfail(
+    strict=True, raises=CodecError,
+    reason="BUG messages.py _dtype_name: compares arr.dtype == np.dtype('<f4') which is False "
+           "for '>f4', so encode() raises CodecError for any big-endian array although its "
+           "docstring promises little-endian output whatever the input order")
+@pytest.mark.parametrize("dtype", BIG_ENDIAN)
+def test_big_endian_arrays_come_back_equal_in_native_order(dtype: str) -> None:
+    little = _rng_array(dtype, (4, 3))
+    big = little.astype(np.dtype(DTYPES[dtype]).newbyteorder(">"))
+    msg = Update(**ENV, weights=big, zo_seeds=big[:, :1], zo_grads=np.zeros(0, big.dtype))
+    got = decode(encode(msg))
+    assert isinstance(got, Update)
+    assert got.weights.dtype.isnative and got.zo_seeds.dtype.isnative
+    np.testing.assert_array_equal(got.weights, little)
+    assert encode(msg) == encode(Update(**{**ENV, "msg_id": msg.msg_id}, weights=little,
+                                        zo_seeds=little[:, :1],
+                                        zo_grads=np.zeros(0, little.dtype)))
+
+
+def test_single_byte_dtypes_have_no_byte_order_problem() -> None:
+    arr = np.dtype("|u1").newbyteorder(">")
+    msg = BundleFiles(**ENV, names=("a",), blobs=(np.arange(5, dtype=arr),))
+    assert_same_message(decode(encode(msg)), msg)
+
+
+def test_unsupported_dtype_cannot_be_encoded() -> None:
+    with pytest.raises(CodecError, match="float16"):
+        encode(RoundStart(**ENV, weights=np.zeros(3, np.float16)))
+
+
+def test_message_ids_are_unique_and_chunkable() -> None:
+    ids = {new_msg_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(chunk(b"x", i)) == 1 for i in ids)
+
+
+# --- chunking ------------------------------------------------------------------------------
+
+def _overhead() -> int:
+    return len(chunk(b"", new_msg_id())[0])
+
+
+def test_chunk_header_size_matches_the_documented_layout() -> None:
+    assert _overhead() == CHUNK_HEAD.size
+
+
+def test_three_megabyte_message_is_chunked_under_the_limit_and_reassembled_shuffled() -> None:
+    msg = RoundStart(**ENV, weights=_rng_array("float32", (750_000,)))
+    raw = encode(msg)
+    assert len(raw) > 3_000_000
+    parts = chunk(raw, msg.msg_id)
+    assert all(len(p) <= MAX_CHUNK_PAYLOAD for p in parts)
+    assert len(parts) == -(-len(raw) // (MAX_CHUNK_PAYLOAD - CHUNK_HEAD.size)) == 4
+    assert b"".join(p[CHUNK_HEAD.size:] for p in parts) == raw
+    random.Random(0).shuffle(parts)
+    re = Reassembler()
+    outs = [re.add("heron/down/all/round", p, now=0.0) for p in parts]
+    assert outs[:-1] == [None] * (len(parts) - 1)
+    assert outs[-1] == raw
+    assert_same_message(decode(outs[-1]), msg)
+
+
+def _message_of_size(size: int) -> tuple[Message, bytes]:
+    """A BundleFiles message whose encoding is exactly `size` bytes long."""
+    n = size - len(encode(BundleFiles(**ENV, names=("f",), blobs=(np.zeros(size, np.uint8),)))
+                   ) + size
+    msg = BundleFiles(**ENV, names=("f",), blobs=(np.zeros(n, np.uint8),))
+    raw = encode(msg)
+    assert len(raw) == size
+    return msg, raw
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_message_at_the_chunk_boundary(extra: int) -> None:
+    per = MAX_CHUNK_PAYLOAD - CHUNK_HEAD.size
+    msg, raw = _message_of_size(per + extra)
+    parts = chunk(raw, msg.msg_id)
+    assert [len(p) for p in parts] == ([MAX_CHUNK_PAYLOAD - (extra < 0)] if extra <= 0
+                                       else [MAX_CHUNK_PAYLOAD, CHUNK_HEAD.size + 1])
+    re = Reassembler()
+    assert [re.add("t", p) for p in parts][-1] == raw
+
+
+@pytest.mark.parametrize("max_payload", [CHUNK_HEAD.size + 1, 100, 4096])
+def test_small_chunk_limit_is_respected(max_payload: int) -> None:
+    raw = bytes(range(256)) * 37
+    parts = chunk(raw, new_msg_id(), max_payload)
+    assert all(len(p) <= max_payload for p in parts)
+    re = Reassembler()
+    assert [re.add("t", p) for p in reversed(parts)][-1] == raw
+
+
+def test_chunk_limit_below_header_size_is_refused() -> None:
+    with pytest.raises(ValueError):
+        chunk(b"abc", new_msg_id(), CHUNK_HEAD.size)
+
+
+def test_empty_payload_is_one_chunk() -> None:
+    parts = chunk(b"", new_msg_id())
+    assert len(parts) == 1
+    assert Reassembler().add("t", parts[0]) == b""
+
+
+# --- reassembly ----------------------------------------------------------------------------
+
+def _parts(n_chunks: int = 3, per: int = 10) -> tuple[bytes, list[bytes]]:
+    raw = bytes(i % 251 for i in range(per * n_chunks - 3))
+    parts = chunk(raw, new_msg_id(), CHUNK_HEAD.size + per)
+    assert len(parts) == n_chunks
+    return raw, parts
+
+
+def test_duplicate_chunks_are_ignored_and_counted() -> None:
+    raw, (a, b, c) = _parts()
+    re = Reassembler()
+    assert re.add("t", b) is None
+    assert re.add("t", b) is None
+    assert re.duplicates == 1
+    assert re.add("t", a) is None
+    assert re.add("t", c) == raw
+    assert re.duplicates == 1
+
+
+def test_redelivered_whole_message_is_applied_once() -> None:
+    raw, parts = _parts()
+    re = Reassembler()
+    assert [re.add("t", p) for p in parts][-1] == raw
+    assert [re.add("t", p) for p in parts] == [None, None, None]
+    assert re.duplicates == 3
+
+
+def test_same_message_id_on_another_topic_is_a_separate_message() -> None:
+    raw, (a, b, c) = _parts()
+    re = Reassembler()
+    assert re.add("heron/up/dev-0/update", a) is None
+    assert re.add("heron/up/dev-1/update", b) is None  # cannot complete dev-0's message
+    assert re.add("heron/up/dev-1/update", c) is None
+    assert re.add("heron/up/dev-0/update", b) is None
+    assert re.add("heron/up/dev-0/update", c) == raw
+    assert re.add("heron/up/dev-1/update", a) == raw
+    assert re.duplicates == 0
+
+
+def test_incomplete_messages_expire_after_the_timeout() -> None:
+    raw, (a, b, c) = _parts()
+    re = Reassembler(timeout_s=10.0)
+    assert re.add("t", a, now=100.0) is None
+    assert re.add("t", b, now=105.0) is None
+    assert re.add("t", c, now=111.0) is None  # a and b were dropped at 110+
+    assert re.add("t", a, now=112.0) is None
+    assert re.add("t", b, now=113.0) == raw
+
+
+def test_message_within_the_timeout_completes() -> None:
+    raw, (a, b, c) = _parts()
+    re = Reassembler(timeout_s=10.0)
+    assert re.add("t", a, now=100.0) is None
+    assert re.add("t", b, now=105.0) is None
+    assert re.add("t", c, now=109.5) == raw
+
+
+def test_pending_byte_budget_is_enforced() -> None:
+    _, parts = _parts(n_chunks=3, per=100)
+    re = Reassembler(max_pending_bytes=700)  # room for two of 297 bytes
+    assert re.add("a", parts[0]) is None
+    assert re.add("b", parts[0]) is None
+    with pytest.raises(CodecError, match="pending"):
+        re.add("c", parts[0])
+
+
+def _forged(magic: bytes = b"HRC1", index: int = 0, count: int = 1, total: int = 3,
+            body: bytes = b"abc", mid: bytes = b"\x01" * 16) -> bytes:
+    return CHUNK_HEAD.pack(magic, mid, index, count, total) + body
+
+
+def test_forged_chunk_is_accepted_when_consistent() -> None:
+    assert Reassembler().add("t", _forged()) == b"abc"
+
+
+@pytest.mark.parametrize("payload", [
+    _forged(magic=b"HRN1"),
+    _forged(magic=b"\x00\x00\x00\x00"),
+    _forged()[:CHUNK_HEAD.size - 1],
+    b"",
+    b"HRC1",
+    _forged(count=0),
+    _forged(index=1, count=1),
+    _forged(index=7, count=3),
+    _forged(total=MAX_MESSAGE_BYTES + 1),
+    _forged(total=5),  # says 5 bytes, delivers 3
+    _forged(total=1),
+], ids=["chunk-magic-of-a-message", "zero-magic", "one-short", "empty", "magic-only",
+        "count-0", "index-eq-count", "index-gt-count", "oversized-total", "total-too-big",
+        "total-too-small"])
+def test_bad_chunks_raise_codec_error(payload: bytes) -> None:
+    with pytest.raises(CodecError):
+        Reassembler().add("t", payload)
+
+
+def test_chunk_disagreeing_with_earlier_chunks_is_rejected() -> None:
+    re = Reassembler()
+    assert re.add("t", _forged(index=0, count=2, total=6)) is None
+    with pytest.raises(CodecError, match="disagrees"):
+        re.add("t", _forged(index=1, count=3, total=6))
+    with pytest.raises(CodecError, match="disagrees"):
+        re.add("t", _forged(index=1, count=2, total=7))
+    assert re.add("t", _forged(index=1, count=2, total=6)) == b"abcabc"
+
+
+# --- decode rejects bad bytes with CodecError --------------------------------------------
+
+def test_every_truncation_raises_codec_error() -> None:
+    raw = _small()
+    for n in range(len(raw)):
+        with pytest.raises(CodecError):
+            decode(raw[:n])
+    assert isinstance(decode(raw), Smashed)
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    with pytest.raises(CodecError, match="trailing"):
+        decode(_small() + b"\x00")
+
+
+def test_bad_magic_is_rejected() -> None:
+    raw = _small()
+    for bad in (b"HRC1", b"hrn1", b"\x00\x00\x00\x00"):
+        with pytest.raises(CodecError, match="magic"):
+            decode(bad + raw[4:])
+
+
+@pytest.mark.parametrize("hlen", [0, 1, 2**31, 2**32 - 1])
+def test_bad_header_length_is_rejected(hlen: int) -> None:
+    raw = _small()
+    with pytest.raises(CodecError):
+        decode(raw[:4] + struct.pack("<I", hlen) + raw[8:])
+
+
+def test_header_length_off_by_one_is_rejected() -> None:
+    raw = _small()
+    (hlen,) = struct.unpack("<I", raw[4:8])
+    for delta in (-1, 1):
+        with pytest.raises(CodecError):
+            decode(raw[:4] + struct.pack("<I", hlen + delta) + raw[8:])
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(h: dict[str, Any]) -> None:
+        h[key] = value
+    return edit
+
+
+def _set_array(key: str, value: Any, i: int = 0) -> Callable[[dict[str, Any]], None]:
+    def edit(h: dict[str, Any]) -> None:
+        h["arrays"][i][key] = value
+    return edit
+
+
+def _del(key: str) -> Callable[[dict[str, Any]], None]:
+    def edit(h: dict[str, Any]) -> None:
+        del h[key]
+    return edit
+
+
+BAD_HEADERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "unknown-kind": _set("kind", "telepathy"),
+    "kind-null": _set("kind", None),
+    "version-2": _set("v", 2),
+    "no-version": _del("v"),
+    "no-run-id": _del("run_id"),
+    "round-not-int": _set("round", "three"),
+    "meta-list": _set("meta", [1, 2]),
+    "arrays-null": _set("arrays", None),
+    "arrays-missing-one": _set("arrays", []),
+    "unknown-dtype": _set_array("dtype", "float16"),
+    "dtype-numpy-code": _set_array("dtype", "<f4"),
+    "dtype-object": _set_array("dtype", "object"),
+    "negative-shape": _set_array("shape", [-2, -3]),
+    "negative-one-dim": _set_array("shape", [-1]),
+    "shape-too-big": _set_array("shape", [2, 4]),
+    "shape-too-small": _set_array("shape", [2, 2]),
+    "shape-huge": _set_array("shape", [2**62, 2**62]),
+    "shape-float": _set_array("shape", [1e300]),
+    "shape-string": _set_array("shape", ["x"]),
+    "shape-nine-dims": _set_array("shape", [1] * 9),
+    "renamed-array": _set_array("name", "weights"),
+    "unknown-meta-field": lambda h: h["meta"].update(bogus=1),
+    "meta-overrides-array": lambda h: h["meta"].update(labels=[1, 0]),
+    "meta-overrides-kind": lambda h: h["meta"].update(kind="update"),
+}
+
+
+@pytest.mark.parametrize("edit", list(BAD_HEADERS.values()), ids=list(BAD_HEADERS))
+def test_malformed_header_raises_codec_error(edit: Callable[[dict[str, Any]], None]) -> None:
+    with pytest.raises(CodecError):
+        decode(_rebuild(_small(), edit))
+
+
+@pytest.mark.parametrize("head", [b"not json", b"[1, 2]", b'"x"', b"\xff\xfe", b"{}", b"null"])
+def test_header_that_is_not_a_json_object_raises_codec_error(head: bytes) -> None:
+    with pytest.raises(CodecError):
+        decode(MAGIC + struct.pack("<I", len(head)) + head)
+
+
+UNKNOWN_META = [pytest.param(m, id=i) for m, i in zip(MESSAGES, IDS, strict=True)
+                if not isinstance(m, BundleFiles)] + [
+    pytest.param(m, id=i, marks=pytest.mark.xfail(
+        strict=True, reason="BUG messages.py _decode: the BundleFiles branch returns before "
+                            "the unknown-field check, so unknown meta keys are ignored"))
+    for m, i in zip(MESSAGES, IDS, strict=True) if isinstance(m, BundleFiles)]
+
+
+@pytest.mark.parametrize("msg", UNKNOWN_META)
+def test_unknown_meta_field_is_rejected_for_every_kind(msg: Message) -> None:
+    raw = _rebuild(encode(msg), lambda h: h["meta"].update(surprise=True))
+    with pytest.raises(CodecError):
+        decode(raw)
+
+
+def test_bundle_with_fewer_arrays_than_names_is_rejected() -> None:
+    raw = encode(BundleFiles(**ENV, names=("a", "b"),
+                             blobs=(np.zeros(2, np.uint8), np.ones(3, np.uint8))))
+    with pytest.raises(CodecError):
+        decode(_rebuild(raw, lambda h: h["meta"].update(names=["a", "b", "c"])))
+    with pytest.raises(CodecError):
+        decode(_rebuild(raw, lambda h: h["meta"].update(names=["a"])))
+
+
+def test_decode_refuses_oversized_input_without_reading_it() -> None:
+    with pytest.raises(CodecError, match="exceeds"):
+        decode(memoryview(bytearray(MAX_MESSAGE_BYTES + 1)))
+
+
+# --- fuzzing ------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+SEED_MESSAGES = [encode(m) for m in MESSAGES if len(encode(m)) < 20_000]
+
+
+def _decode_or_codec_error(data: bytes) -> None:
+    try:
+        out = decode(data)
+    except CodecError:
+        return
+    assert isinstance(out, Message)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_random_bytes_decode_or_raise_codec_error(data: bytes) -> None:
+    _decode_or_codec_error(data)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids,
+                                                              max_size=4),
+    max_leaves=12)
+
+
+@FUZZ
+@given(st.sampled_from(SEED_MESSAGES), st.sampled_from(["v", "kind", "run_id", "round", "msg_id",
+                                                        "sender", "meta", "arrays"]),
+       json_values, st.binary(max_size=64))
+def test_random_header_values_decode_or_raise_codec_error(
+        raw: bytes, key: str, value: Any, tail: bytes) -> None:
+    _decode_or_codec_error(_rebuild(raw, _set(key, value)))
+    _decode_or_codec_error(_rebuild(raw, _set(key, value)) + tail)
+
+
+@FUZZ
+@given(st.sampled_from(SEED_MESSAGES), st.lists(st.tuples(st.integers(0, 2**31),
+                                                          st.integers(0, 255)), max_size=8),
+       st.one_of(st.none(), st.integers(0, 2**31)), st.binary(max_size=16))
+def test_mutated_messages_decode_or_raise_codec_error(
+        raw: bytes, flips: list[tuple[int, int]], cut: int | None, extra: bytes) -> None:
+    data = bytearray(raw)
+    for pos, byte in flips:
+        data[pos % len(data)] = byte
+    if cut is not None:
+        data = data[:cut % (len(data) + 1)]
+    _decode_or_codec_error(bytes(data))
+    _decode_or_codec_error(bytes(data) + extra)
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=96), min_size=1, max_size=6))
+def test_random_bytes_into_reassembler_raise_codec_error_or_return(payloads: list[bytes]) -> None:
+    re = Reassembler()
+    for p in payloads:
+        for data in (p, b"HRC1" + p):
+            try:
+                out = re.add("t", data, now=0.0)
+            except CodecError:
+                continue
+            assert out is None or isinstance(out, bytes)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=6),
+       st.permutations(range(4)))
+def test_mutated_chunks_into_reassembler_raise_codec_error_or_return(
+        flips: list[tuple[int, int]], order: list[int]) -> None:
+    raw = SEED_MESSAGES[0]
+    parts = chunk(raw, new_msg_id(), CHUNK_HEAD.size + -(-len(raw) // 4))
+    assert len(parts) == 4
+    re = Reassembler()
+    for i in order:
+        data = bytearray(parts[i])
+        if i == order[0]:
+            for pos, byte in flips:
+                data[pos % len(data)] = byte
+        try:
+            out = re.add("t", bytes(data), now=0.0)
+        except CodecError:
+            continue
+        assert out is None or isinstance(out, bytes)
+        if out is not None:
+            _decode_or_codec_error(out)
