@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import struct
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, heron
 
@@ -145,3 +148,32 @@ def test_server_side_commands_name_the_extra(no_torch_env: dict) -> None:
                           cwd=ROOT, env=no_torch_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "[server]" in proc.stderr
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    """Standard MNIST idx format: big-endian magic (0x0803 images, 0x0801 labels), dims."""
+    magic = 0x0800 | arr.ndim
+    header = struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_heron_run_on_mnist_format_files(tmp_path: Path) -> None:
+    """`--dataset mnist --data-dir DIR` on files named and laid out as MNIST ships them."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mnist"
+    data.mkdir()
+    textures = np.tile(rng.integers(0, 2, (10, 4, 4)), (1, 7, 7)) * 200  # one per class
+    for split, n in (("train", 600), ("t10k", 200)):
+        labels = rng.integers(0, 10, n)
+        images = textures[labels] + rng.integers(0, 56, (n, 28, 28))
+        _write_idx(data / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
+    out = tmp_path / "run"
+    proc = subprocess.run(heron("run", "--dataset", "mnist", "--data-dir", str(data), "--out",
+                                str(out), "--rounds", "6"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(out, 6)
+    assert summary["dataset"] == "mnist"
+    assert summary["final_test_accuracy"] > 0.5
