@@ -31,7 +31,7 @@ from edge_runtime.messages import (
     Update,
 )
 from edge_runtime.runtime import LocalModel, TrainConfig, peak_rss_mb, train_round
-from edge_runtime.transport import Credentials, MqttTransport
+from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
 
 log = logging.getLogger("heron.device")
 
@@ -73,6 +73,7 @@ class Device:
             self._load_model(self.bundle)
         self.run_id: str | None = None
         self.rounds_done = 0
+        self.last_update: Update | None = None  # resent if the server asks for its round again
         p, dev = opts.prefix, opts.device_id
         self.transport = MqttTransport(
             opts.broker, f"heron-{dev}", topics.device_subscriptions(dev, p),
@@ -111,6 +112,9 @@ class Device:
                             time.monotonic() - last_seen > self.opts.wait_server_s:
                         raise DeviceExit("no server appeared; giving up", 3)
                     continue
+                if inc.topic == RECONNECTED:
+                    self._reannounce()
+                    continue
                 if inc.message is None:
                     log.warning("%s: rejected payload on %s: %s", dev, inc.topic, inc.error)
                     continue
@@ -124,10 +128,19 @@ class Device:
                       retain=True, wait=5.0)
             t.stop()
 
+    def _reannounce(self) -> None:
+        """After a broker drop: our retained presence and the server's view may be gone."""
+        dev, p = self.opts.device_id, self.opts.prefix
+        log.info("%s: reconnected to the broker; announcing again", dev)
+        self.transport.publish(topics.device_status(dev, p),
+                               Presence("", -1, dev, state="online"), retain=True)
+        if self.run_id is not None:
+            self._join()
+
     def _handle(self, msg: object) -> None:
         dev = self.opts.device_id
         if isinstance(msg, Presence) and msg.sender == "server":
-            if msg.state == "online" and msg.run_id != self.run_id:
+            if msg.state == "online":  # a new server session (or a resumed one): (re)join
                 self.run_id = msg.run_id
                 log.info("%s: server online, run %s; joining", dev, msg.run_id)
                 self._join()
@@ -137,8 +150,14 @@ class Device:
         elif isinstance(msg, BundleFiles):
             self._on_bundle(msg)
         elif isinstance(msg, RoundStart):
-            if dev in msg.participants and msg.run_id == self.run_id:
-                self._on_round(msg)
+            if dev not in msg.participants or msg.run_id != self.run_id:
+                return
+            last = self.last_update
+            if last is not None and (last.run_id, last.round) == (msg.run_id, msg.round):
+                log.info("%s: round %d asked again; resending its update", dev, msg.round)
+                self.transport.publish(topics.up(dev, "update", self.opts.prefix), last)
+                return
+            self._on_round(msg)
         elif isinstance(msg, Stop) and msg.run_id == self.run_id:
             raise DeviceExit(f"server ended the run ({msg.reason}) after "
                              f"{self.rounds_done} rounds here", 0)
@@ -199,10 +218,10 @@ class Device:
             "threads": self.model.threads,
             "bytes_in": t.bytes_in - bytes_in0, "bytes_out": t.bytes_out - bytes_out0,
         }
-        t.publish(topics.up(dev, "update", p),
-                  Update(msg.run_id, msg.round, dev, weights=result.theta,
-                         num_samples=len(self.y), telemetry=telemetry,
-                         zo_seeds=result.seeds, zo_grads=result.projected), wait=30.0)
+        self.last_update = Update(msg.run_id, msg.round, dev, weights=result.theta,
+                                  num_samples=len(self.y), telemetry=telemetry,
+                                  zo_seeds=result.seeds, zo_grads=result.projected)
+        t.publish(topics.up(dev, "update", p), self.last_update, wait=30.0)
         self.rounds_done += 1
         log.info("%s: round %d done: local loss %.4f -> %.4f, %.1f ms/step, peak RSS %.1f MB",
                  dev, msg.round, result.losses[0], result.losses[-1],

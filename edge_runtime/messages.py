@@ -274,6 +274,7 @@ class Reassembler:
         self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._remember = remember
         self.duplicates = 0
+        self.expired = 0
 
     def add(self, topic: str, payload: bytes, now: float | None = None) -> bytes | None:
         """Feed one MQTT payload; returns the whole message once its last chunk arrives."""
@@ -281,6 +282,8 @@ class Reassembler:
         self._expire(now)
         if len(payload) < _CHUNK_HEAD.size:
             raise CodecError(f"chunk of {len(payload)} bytes is shorter than its header")
+        if len(payload) > MAX_CHUNK_PAYLOAD:
+            raise CodecError(f"oversized chunk: {len(payload)} bytes > {MAX_CHUNK_PAYLOAD}")
         magic, mid, index, count, total = _CHUNK_HEAD.unpack_from(payload)
         if magic != CHUNK_MAGIC:
             raise CodecError("not a heron chunk (bad magic)")
@@ -318,3 +321,4 @@ class Reassembler:
     def _expire(self, now: float) -> None:
         for key in [k for k, p in self._pending.items() if now - p.first_seen > self.timeout_s]:
             del self._pending[key]
+            self.expired += 1

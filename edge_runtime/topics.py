@@ -26,12 +26,16 @@ UP_KINDS = ("join", "smashed", "update", "error")
 DOWN_DEVICE_KINDS = ("bundle",)
 DOWN_ALL_KINDS = ("round", "stop")
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_id(device_id: str) -> bool:
+    return _ID.fullmatch(device_id) is not None and device_id != ALL
 
 
 def validate_id(device_id: str) -> str:
     """Device ids become topic levels, so they may not contain MQTT wildcards or slashes."""
-    if not _ID.match(device_id) or device_id == ALL:
+    if not is_id(device_id):
         raise ValueError(
             f"device id {device_id!r} is not allowed; help: use 1-64 characters from "
             "letters, digits, '_', '-', '.', starting with a letter or digit, and not 'all'")
@@ -90,7 +94,7 @@ def parse_up(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None
     if parts[:len(head)] != head:
         return None
     rest = parts[len(head):]
-    if len(rest) == 3 and rest[0] == "up" and rest[2] in UP_KINDS and _ID.match(rest[1]):
+    if len(rest) == 3 and rest[0] == "up" and rest[2] in UP_KINDS and is_id(rest[1]):
         return rest[1], rest[2]
     return None
 
@@ -101,7 +105,7 @@ def parse_status(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
     head = prefix.split("/")
     rest = parts[len(head):]
     if parts[:len(head)] == head and len(rest) == 2 and rest[0] == "status" and \
-            _ID.match(rest[1]):
+            is_id(rest[1]):
         return rest[1]
     return None
 

@@ -61,12 +61,19 @@ class Credentials:
 
 @dataclass(frozen=True)
 class Incoming:
-    """A decoded message, or the reason a payload on `topic` was rejected."""
+    """A decoded message, or the reason a payload on `topic` was rejected.
+
+    `topic` is RECONNECTED (and `message` None) when the link to the broker came back after
+    a drop: the loop then re-announces itself, since the broker may have lost its state.
+    """
 
     topic: str
     message: Message | None
     nbytes: int
     error: str | None = None
+
+
+RECONNECTED = "$heron/reconnected"
 
 
 class MqttTransport:
@@ -78,7 +85,8 @@ class MqttTransport:
         *,
         will: tuple[str, Message] | None = None,
         credentials: Credentials | None = None,
-        keepalive: int = 30,
+        keepalive: int = 15,
+        persistent: bool = True,
     ) -> None:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
@@ -91,9 +99,12 @@ class MqttTransport:
         self._reassembler = Reassembler()
         self._lock = threading.Lock()
         self._keepalive = keepalive
+        self.connects = 0
+        # A persistent session (clean_session=False, stable client id) lets the broker keep
+        # our subscriptions and queue QoS 1 messages while we are briefly away.
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-            protocol=mqtt.MQTTv311, clean_session=True)
+            protocol=mqtt.MQTTv311, clean_session=not persistent)
         self._client.max_inflight_messages_set(64)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         cred = credentials or Credentials()
@@ -119,6 +130,9 @@ class MqttTransport:
             return
         for topic in self.subscriptions:
             client.subscribe(topic, qos=QOS)
+        self.connects += 1
+        if self.connects > 1:
+            self.inbox.put(Incoming(RECONNECTED, None, 0))
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -137,6 +151,14 @@ class MqttTransport:
             self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
         except CodecError as exc:
             self.inbox.put(Incoming(msg.topic, None, len(payload), error=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - never let a payload kill paho's thread
+            self.inbox.put(Incoming(msg.topic, None, len(payload),
+                                    error=f"undecodable payload ({type(exc).__name__}: {exc})"))
+
+    @property
+    def incomplete_dropped(self) -> int:
+        """Chunked messages whose missing chunks never arrived (expired)."""
+        return self._reassembler.expired
 
     # -- API ---------------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:

@@ -46,14 +46,17 @@ def _credentials(args: argparse.Namespace) -> Any:
     from edge_runtime.transport import Credentials
 
     username, password = args.username, args.password
+    tls = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
     if args.credentials:
         try:
             obj = json.loads(Path(args.credentials).read_text())
             username, password = obj["username"], obj["password"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # a provisioned file may name TLS files too; the command-line options win
+            tls = {key: value or obj.get(key) for key, value in tls.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SystemExit(f"heron: cannot read credentials file {args.credentials}: {exc}; "
                              'help: it must be JSON {"username": ..., "password": ...}') from exc
-    return Credentials(username, password, args.ca_file, args.cert_file, args.key_file)
+    return Credentials(username, password, tls["ca_file"], tls["cert_file"], tls["key_file"])
 
 
 # -- options shared by several subcommands --------------------------------------------------
@@ -95,6 +98,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="seconds before a round closes with the updates it has (600)")
     g.add_argument("--join-timeout", type=float, default=300.0,
                    help="seconds to wait for --devices devices to join (300)")
+    g.add_argument("--min-devices", type=int, default=None,
+                   help="close a round as soon as this many updates arrived, and start once "
+                   "this many devices are ready (default: all participants)")
+    g.add_argument("--max-update-norm", type=float, default=None,
+                   help="reject device updates farther than this (L2) from the global weights")
     z = p.add_argument_group("device (zeroth-order) training")
     z.add_argument("--local-steps", type=int, default=40, help="h: ZO steps per round (40)")
     z.add_argument("--upload-every", type=int, default=2,
@@ -130,7 +138,8 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
     """Forward the federation options of `heron run` to the server process."""
     argv = []
     for name in ("dataset", "data_dir", "seed", "devices", "rounds", "per_round", "model", "cut",
-                 "weighting", "round_timeout", "join_timeout", "local_steps", "upload_every",
+                 "weighting", "round_timeout", "join_timeout", "min_devices", "max_update_norm",
+                 "local_steps", "upload_every",
                  "batch_size", "mu", "q", "scheme", "distribution", "device_optimizer",
                  "device_lr", "server_optimizer", "server_lr", "server_threads", "prefix"):
         value = getattr(args, name)
@@ -169,7 +178,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             server_optimizer=args.server_optimizer, server_lr=args.server_lr,
             weighting=args.weighting, seed=args.seed, prefix=args.prefix,
             threads=args.server_threads, join_timeout=args.join_timeout,
-            round_timeout=args.round_timeout, credentials=_credentials(args)))
+            round_timeout=args.round_timeout, min_devices=args.min_devices,
+            max_update_norm=args.max_update_norm, resume=args.resume,
+            credentials=_credentials(args)))
         summary = server.run()
     except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:
         print(f"heron server: {exc}", file=sys.stderr)
@@ -186,17 +197,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all
     from server.broker import EmbeddedBroker
 
+    resume = args.resume is not None
+    if resume:
+        args = _saved_run_args(Path(args.resume), args)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "metrics.jsonl").exists() and not args.overwrite:
-        raise SystemExit(f"heron run: {out} already holds a run; help: pass --overwrite or "
-                         "another --out")
+    if not resume and (out / "metrics.jsonl").exists() and not args.overwrite:
+        raise SystemExit(f"heron run: {out} already holds a run; help: pass --resume {out} to "
+                         "continue it, --overwrite to replace it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    saved = {k: v for k, v in vars(args).items()
+             if k not in ("func", "resume", "overwrite", "password")}  # no secrets on disk
+    (out / "run.json").write_text(json.dumps(saved, indent=2) + "\n")
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix)
     t0 = time.monotonic()
     try:
-        shards = make_shards(fleet, out / "shards")
+        existing = sorted((out / "shards").glob("dev-*.npz"), key=lambda p: int(p.stem[4:]))
+        shards = existing if resume and len(existing) == args.devices else \
+            make_shards(fleet, out / "shards")
     except (DatasetError, ValueError) as exc:
         raise SystemExit(f"heron run: {exc}") from exc
     print(f"heron run: {args.devices} devices, {args.rounds} rounds, {args.dataset} "
@@ -211,8 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.mkdir(exist_ok=True)
     server = subprocess.Popen(
         [sys.executable, "-m", "heron", "server", "--broker", url, "--out", str(out),
-         *_server_argv(args), *_auth_argv(args)],
-        stdout=subprocess.PIPE, stderr=(logs / "server.log").open("w"), text=True,
+         *_server_argv(args), *_auth_argv(args), *(["--resume"] if resume else [])],
+        stdout=subprocess.PIPE, stderr=(logs / "server.log").open("a"), text=True,
         stdin=subprocess.DEVNULL)
     devices = start_devices(fleet, url, shards)
     code = 1
@@ -250,6 +269,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_run_args(out: Path, given: argparse.Namespace) -> argparse.Namespace:
+    """The options an interrupted `heron run` was started with (its DIR/run.json)."""
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"heron run: cannot resume {out}: no readable run.json ({exc}); help: "
+                         "--resume takes the --out directory of an earlier `heron run`") from exc
+    merged = vars(given).copy()
+    merged.update({k: v for k, v in saved.items() if k in merged})
+    merged["out"] = str(out)
+    if given.broker:  # the broker may legitimately live elsewhere now
+        merged["broker"] = given.broker
+    return argparse.Namespace(**merged)
+
+
 def _auth_argv(args: argparse.Namespace) -> list[str]:
     argv = []
     for name in ("username", "password", "credentials", "ca_file", "cert_file", "key_file"):
@@ -274,6 +308,21 @@ def cmd_partition(args: argparse.Namespace) -> int:
     index = json.loads((target / "shards.json").read_text())
     for dev, info in index.items():
         print(f"{target / info['path']}: {info['samples']} samples ({dev})")
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from devices.provision import ProvisionError, ProvisionOptions, provision, summary
+
+    try:
+        result = provision(ProvisionOptions(
+            out=Path(args.out), device_ids=tuple(args.device_ids), port=args.port,
+            prefix=args.prefix, host=args.host, advertise=args.advertise, tls=args.tls,
+            client_certs=args.client_certs, broker_user=args.broker_user, days=args.days,
+            force=args.force))
+    except (ProvisionError, OSError) as exc:
+        raise SystemExit(f"heron devices provision: {exc}") from exc
+    print(summary(result))
     return 0
 
 
@@ -332,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(run)
     run.add_argument("--out", help="run directory (default runs/TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    run.add_argument("--resume", metavar="DIR", default=None,
+                     help="continue an interrupted run in DIR with its saved options")
     run.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
     run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
     run.add_argument("--device-threads", type=int, default=1,
@@ -345,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(srv)
     _add_training(srv)
     srv.add_argument("--out", required=True, help="run directory")
+    srv.add_argument("--resume", action="store_true",
+                     help="continue the run in --out after its last completed round")
     srv.set_defaults(func=cmd_server)
 
     dev = sub.add_parser("device", help="one device (needs only the device install)")
@@ -365,6 +418,31 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
     part.add_argument("--out", required=True, help="directory for dev-N.npz shards")
     part.set_defaults(func=cmd_partition)
+    prov = dsub.add_parser(
+        "provision", help="Mosquitto password file, ACL, config (and TLS) plus one login per "
+        "device and one for the server")
+    prov.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="e.g. dev-0 dev-1")
+    prov.add_argument("--out", required=True, help="directory for everything it writes")
+    prov.add_argument("--port", type=int, default=None,
+                      help="broker port (default 1883, 8883 with --tls)")
+    prov.add_argument("--prefix", default=topics.DEFAULT_PREFIX,
+                      help="topic prefix (default heron)")
+    prov.add_argument("--host", default="127.0.0.1",
+                      help="address the broker listens on (default 127.0.0.1; 0.0.0.0 for all)")
+    prov.add_argument("--advertise", default=None,
+                      help="host name clients use in the broker URL and the certificate "
+                      "(default: --host, or this machine's name when --host is 0.0.0.0)")
+    prov.add_argument("--tls", action="store_true",
+                      help="make a CA and a broker certificate (needs openssl); mqtts:// URLs")
+    prov.add_argument("--client-certs", action="store_true",
+                      help="with --tls: every client also needs its own certificate")
+    prov.add_argument("--broker-user", default=None,
+                      help="account the broker drops to when started as root (default: the "
+                      "current user; as root e.g. mosquitto)")
+    prov.add_argument("--days", type=int, default=825, help="certificate lifetime (825)")
+    prov.add_argument("--force", action="store_true",
+                      help="replace existing credentials in --out (old passwords stop working)")
+    prov.set_defaults(func=cmd_provision)
 
     exp = sub.add_parser("export", help="write a device bundle (ONNX + weights + manifest)")
     _add_data(exp)

@@ -57,6 +57,9 @@ def aggregate(updates: Sequence[DeviceUpdate], weighting: str = "samples") -> np
             raise ValueError("sample-weighted averaging needs positive sample counts")
     else:
         w = np.ones(len(updates), dtype=np.float64)
+    shapes = {u.weights.shape for u in updates}
+    if len(shapes) != 1:
+        raise ValueError(f"updates have different shapes {sorted(shapes)}; cannot average")
     w /= w.sum()
     out = np.zeros_like(updates[0].weights, dtype=np.float64)
     for wi, u in zip(w, updates, strict=True):

@@ -6,6 +6,7 @@ functions in `server.aggregate`, training in `server.trainer`.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -32,11 +33,17 @@ from edge_runtime.messages import (
     Update,
 )
 from edge_runtime.runtime import TrainConfig
-from edge_runtime.transport import Credentials, Incoming, MqttTransport
+from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
 from exporter.export import export_bundle, load_flat_into
 from exporter.zoo import build_split
 from server.aggregate import DeviceUpdate, aggregate, check_update, plan_round
-from server.records import append_jsonl, save_checkpoint, write_json
+from server.records import (
+    append_jsonl,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from server.trainer import ServerTrainer, evaluate
 
 log = logging.getLogger("heron.server")
@@ -62,6 +69,10 @@ class ServerOptions:
     threads: int | None = None
     join_timeout: float = 300.0
     round_timeout: float = 600.0
+    min_devices: int | None = None  # close a round once this many updates are in
+    resume: bool = False  # continue from OUT/checkpoint.pt
+    max_update_norm: float | None = None  # bound on |device weights - global weights|
+    max_weight_abs: float = 1e4  # larger weights are treated as a broken or hostile update
     credentials: Credentials | None = None
     algorithm: str = "heron"
 
@@ -69,12 +80,17 @@ class ServerOptions:
 @dataclass
 class _RoundState:
     participants: tuple[str, ...]
+    start: RoundStart
+    min_devices: int | None = None
     updates: dict[str, DeviceUpdate] = field(default_factory=dict)
     telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_losses: list[float] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
 
     def finished(self) -> bool:
+        """Every live participant reported, or the configured minimum did."""
+        if self.min_devices is not None and len(self.updates) >= self.min_devices:
+            return True
         return all(p in self.updates or p in self.gone for p in self.participants)
 
 
@@ -84,6 +100,8 @@ class Server:
         self.run_id = uuid.uuid4().hex[:12]
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        if opts.min_devices is not None and opts.min_devices < 1:
+            raise ValueError(f"--min-devices must be >= 1, got {opts.min_devices}")
         self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
         self.split = build_split(opts.model, self.data.input_shape, self.data.num_classes,
                                  cut=opts.cut, seed=opts.seed)
@@ -102,11 +120,54 @@ class Server:
         self.bytes_up = 0
         self.bytes_down = 0
         self.peak_rss: dict[str, float] = {}
+        self.records: list[dict[str, Any]] = []  # one per completed round
+        self.first_round = 1
+        self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
+        if opts.resume:
+            self._restore()
         p = opts.prefix
         self.transport = MqttTransport(
-            opts.broker, f"heron-server-{self.run_id}", topics.server_subscriptions(p),
+            opts.broker, f"heron-server-{p.replace('/', '_')}", topics.server_subscriptions(p),
             will=(topics.server_status(p), Presence(self.run_id, -1, "server", state="offline")),
             credentials=opts.credentials)
+
+    # -- resume ----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Continue after the last completed round recorded in OUT/checkpoint.pt."""
+        path = self.opts.out / "checkpoint.pt"
+        if not path.exists():
+            print(f"nothing to resume in {self.opts.out} (no checkpoint.pt): starting at round 1",
+                  flush=True)
+            return
+        try:
+            ckpt = load_checkpoint(path)
+        except Exception as exc:  # torch raises several types for a bad file
+            raise ValueError(f"cannot read {path}: {exc}; help: start a new run with another "
+                             "--out") from exc
+        mine = self.manifest.to_json()
+        theirs = ckpt["manifest"]
+        for key in ("model", "cut", "num_params", "num_classes"):
+            if mine[key] != theirs[key]:
+                raise ValueError(
+                    f"{path} is for {key}={theirs[key]!r} but this server has {mine[key]!r}; "
+                    "help: resume with the options of the original run")
+        weights = ckpt["device_weights"].numpy().astype(np.float32)
+        self.theta = weights
+        self.split.server.load_state_dict(ckpt["server_state"])
+        self.trainer.optimizer.load_state_dict(ckpt["server_optimizer"])
+        self.run_id = str(ckpt["run_id"])
+        self.records = list(ckpt["records"])
+        self.first_round = int(ckpt["round"]) + 1
+        counters = ckpt["counters"]
+        self.bytes_up, self.bytes_down = int(counters["bytes_up"]), int(counters["bytes_down"])
+        self.rejected = dict(counters["rejected"])
+        self.peak_rss = dict(counters["peak_rss"])
+        self.elapsed_before = float(counters["elapsed"])
+        # metrics.jsonl may hold a line for a round the checkpoint never saw: rebuild it from
+        # the checkpoint, which is the record of what was completed.
+        atomic_write_bytes(self.opts.out / "metrics.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        print(f"resuming run {self.run_id} after round {ckpt['round']} from {path}", flush=True)
 
     # -- sending ---------------------------------------------------------------------------
     def _send_bundle(self, device_id: str) -> None:
@@ -118,27 +179,56 @@ class Server:
         self.bytes_down += n
         log.info("sent bundle (%.1f kB) to %s", n / 1e3, device_id)
 
+    def _announce(self) -> None:
+        o = self.opts
+        self.transport.publish(
+            topics.server_status(o.prefix),
+            Presence(self.run_id, -1, "server", state="online",
+                     info={"model": o.model, "cut": self.manifest.cut, "dataset": o.dataset}),
+            retain=True)
+
+    def _broadcast(self, state: _RoundState) -> None:
+        n = self.transport.publish(topics.down_all("round", self.opts.prefix), state.start)
+        self.bytes_down += n * len(state.participants)  # the broker delivers one copy to each
+
     # -- receiving -------------------------------------------------------------------------
     def _reject(self, sender: str, why: str) -> None:
-        self.rejected[why.split(":")[0]] = self.rejected.get(why.split(":")[0], 0) + 1
+        kind = why.split(":")[0]
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
         log.warning("rejected message from %s: %s", sender, why)
 
     def _poll(self, timeout: float, state: _RoundState | None, round_idx: int) -> None:
-        """Handle one incoming message (or none within `timeout`)."""
+        """Handle one incoming message (or none within `timeout`); bad input never raises."""
         inc: Incoming | None = self.transport.get(timeout)
         if inc is None:
             return
+        if inc.topic == RECONNECTED:
+            log.warning("reconnected to the broker; announcing again")
+            self._announce()
+            if state is not None and not state.finished():
+                self._broadcast(state)  # the broker may have lost the round's start
+            return
         self.bytes_up += inc.nbytes
+        try:
+            self._dispatch(inc, state, round_idx)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the run
+            log.exception("error handling a message on %s", inc.topic)
+            self._reject(inc.topic, f"unhandled: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, inc: Incoming, state: _RoundState | None, round_idx: int) -> None:
+        route = topics.parse_up(inc.topic, self.opts.prefix)
+        sender = route[0] if route else inc.topic
         if inc.message is None:
-            self._reject(inc.topic, f"malformed payload: {inc.error}")
+            self._reject(sender, f"malformed payload: {inc.error}")
             return
         msg = inc.message
         status_id = topics.parse_status(inc.topic, self.opts.prefix)
         if status_id is not None:
-            if isinstance(msg, Presence):
+            if isinstance(msg, Presence) and msg.sender == status_id:
                 self._presence(status_id, msg, state)
+            else:
+                self._reject(status_id, f"spoofed sender: presence from {msg.sender!r}")
             return
-        route = topics.parse_up(inc.topic, self.opts.prefix)
         if route is None:
             return
         device_id, kind = route
@@ -154,6 +244,10 @@ class Server:
                 state.gone.add(device_id)
         elif msg.run_id != self.run_id:
             self._reject(device_id, f"wrong run: {msg.kind} for run {msg.run_id}")
+        elif device_id not in self.ready and (state is None or
+                                              device_id not in state.participants):
+            self._reject(device_id, f"unknown device: {msg.kind} from a device that never "
+                                    "joined")
         elif state is None or msg.round != round_idx:
             self._reject(device_id, f"stale round: {msg.kind} for round {msg.round} "
                                     f"during round {round_idx}")
@@ -166,15 +260,27 @@ class Server:
             else:
                 state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
         elif isinstance(msg, Update):
-            why = check_update(msg.weights, self.manifest.num_params)
-            if why is None and msg.num_samples < 1:
-                why = f"sample count {msg.num_samples} < 1"
-            if why:
-                self._reject(device_id, f"bad update: {why}")
-                state.gone.add(device_id)
-            elif device_id not in state.updates:
-                state.updates[device_id] = DeviceUpdate(device_id, msg.weights, msg.num_samples)
-                state.telemetry[device_id] = dict(msg.telemetry)
+            self._update(device_id, msg, state)
+
+    def _update(self, device_id: str, msg: Update, state: _RoundState) -> None:
+        o = self.opts
+        why = check_update(msg.weights, self.manifest.num_params)
+        if why is None and msg.num_samples < 1:
+            why = f"sample count {msg.num_samples} < 1"
+        if why is None and float(np.abs(msg.weights).max(initial=0.0)) > o.max_weight_abs:
+            why = f"weights exceed |{o.max_weight_abs:g}|"
+        if why is None and o.max_update_norm is not None:
+            norm = float(np.linalg.norm(msg.weights - self.theta))
+            if norm > o.max_update_norm:
+                why = f"update norm {norm:.3g} exceeds --max-update-norm {o.max_update_norm:g}"
+        if why:
+            self._reject(device_id, f"bad update: {why}")
+            state.gone.add(device_id)
+        elif device_id in state.updates:
+            self._reject(device_id, "duplicate update: already have this round's update")
+        else:
+            state.updates[device_id] = DeviceUpdate(device_id, msg.weights, msg.num_samples)
+            state.telemetry[device_id] = dict(msg.telemetry)
 
     def _presence(self, device_id: str, msg: Presence, state: _RoundState | None) -> None:
         if msg.state == "online":
@@ -201,16 +307,18 @@ class Server:
     # -- the run ---------------------------------------------------------------------------
     def _wait_for_devices(self) -> None:
         deadline = time.monotonic() + self.opts.join_timeout
+        need = self.opts.devices if self.opts.min_devices is None else \
+            min(self.opts.devices, self.opts.min_devices)
         shown = -1
-        while len(self.ready) < self.opts.devices:
+        while len(self.ready) < need:
             if len(self.ready) != shown:
                 shown = len(self.ready)
-                print(f"waiting for devices: {shown}/{self.opts.devices} ready "
+                print(f"waiting for devices: {shown}/{need} ready "
                       f"(broker {self.transport.address}, prefix {self.opts.prefix!r})",
                       flush=True)
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(self.ready)}/{self.opts.devices} devices joined within "
+                    f"only {len(self.ready)}/{need} devices joined within "
                     f"{self.opts.join_timeout:.0f} s; help: start devices with `heron device "
                     f"--broker {self.transport.address} --id ID --data SHARD` or lower --devices")
             self._poll(0.5, None, 0)
@@ -220,16 +328,15 @@ class Server:
         t0 = time.monotonic()
         up0, down0 = self.bytes_up, self.bytes_down
         participants = plan_round(list(self.ready), o.per_round, r, o.seed)
-        state = _RoundState(participants)
-        msg = RoundStart(self.run_id, r, "server", weights=self.theta,
-                         participants=participants, config=o.train.to_json(),
-                         bundle_sha256=self.bundle_sha)
-        n = self.transport.publish(topics.down_all("round", o.prefix), msg)
-        self.bytes_down += n * len(participants)  # the broker delivers one copy to each
+        start = RoundStart(self.run_id, r, "server", weights=self.theta,
+                           participants=participants, config=o.train.to_json(),
+                           bundle_sha256=self.bundle_sha)
+        state = _RoundState(participants, start, o.min_devices)
+        self._broadcast(state)
         deadline = t0 + o.round_timeout
         while not state.finished() and time.monotonic() < deadline:
             self._poll(0.2, state, r)
-        if time.monotonic() >= deadline and not state.finished():
+        if not state.finished():
             log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
                         o.round_timeout, len(state.updates), len(participants))
         if state.updates:
@@ -240,6 +347,10 @@ class Server:
         ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), float(tel.get("peak_rss_mb", 0)))
+        dropped = self.transport.incomplete_dropped - self.rejected.get("incomplete message", 0)
+        if dropped > 0:
+            self._reject("broker", f"incomplete message: {dropped} chunked messages expired")
+            self.rejected["incomplete message"] = self.transport.incomplete_dropped
         tel = state.telemetry.values()
         return {
             "round": r,
@@ -250,6 +361,7 @@ class Server:
             "device_local_loss": statistics.fmean(t["loss_mean"] for t in tel) if tel else None,
             "participants": list(participants),
             "updates": sorted(state.updates),
+            "dropped": sorted(state.gone - set(state.updates)),
             "smashed_batches": len(state.server_losses),
             "round_bytes_up": self.bytes_up - up0,
             "round_bytes_down": self.bytes_down - down0,
@@ -263,27 +375,24 @@ class Server:
 
     def run(self) -> dict[str, Any]:
         o = self.opts
-        t_start = time.monotonic()
+        t_start = time.monotonic() - self.elapsed_before
         self.transport.start()
-        self.transport.publish(
-            topics.server_status(o.prefix),
-            Presence(self.run_id, -1, "server", state="online",
-                     info={"model": o.model, "cut": self.manifest.cut, "dataset": o.dataset}),
-            retain=True)
+        self._announce()
         metrics_path = o.out / "metrics.jsonl"
-        metrics_path.unlink(missing_ok=True)
-        accs: list[float] = []
+        if not o.resume:
+            metrics_path.unlink(missing_ok=True)
         try:
             self._wait_for_devices()
             print(f"run {self.run_id}: {o.algorithm} {o.model}/{self.manifest.cut} on "
-                  f"{o.dataset}, {len(self.ready)} devices, {o.rounds} rounds, "
-                  f"{self.manifest.num_params} device params", flush=True)
-            for r in range(1, o.rounds + 1):
+                  f"{o.dataset}, {len(self.ready)} devices, rounds {self.first_round}..{o.rounds}"
+                  f", {self.manifest.num_params} device params", flush=True)
+            for r in range(self.first_round, o.rounds + 1):
                 rec = self._run_round(r)
                 rec["elapsed_seconds"] = round(time.monotonic() - t_start, 3)
+                self.records.append(rec)
+                # checkpoint first: a round is complete once its checkpoint exists
+                self._checkpoint(r, time.monotonic() - t_start)
                 append_jsonl(metrics_path, rec)
-                accs.append(rec["test_accuracy"])
-                self._checkpoint(r)
                 print(_round_line(rec, o.rounds), flush=True)
             self.transport.publish(topics.down_all("stop", o.prefix),
                                    Stop(self.run_id, o.rounds, "server", reason="finished"),
@@ -293,6 +402,7 @@ class Server:
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)
             self.transport.stop()
+        accs = [r["test_accuracy"] for r in self.records]
         summary = {
             "run_id": self.run_id,
             "algorithm": o.algorithm,
@@ -311,13 +421,14 @@ class Server:
             "rejected": dict(self.rejected),
             "config": {"train": o.train.to_json(), "server_optimizer": o.server_optimizer,
                        "server_lr": o.server_lr, "weighting": o.weighting, "seed": o.seed,
-                       "per_round": o.per_round},
+                       "per_round": o.per_round, "min_devices": o.min_devices,
+                       "round_timeout": o.round_timeout},
             "wall_seconds": round(time.monotonic() - t_start, 3),
         }
         write_json(o.out / "summary.json", summary)
         return summary
 
-    def _checkpoint(self, r: int) -> None:
+    def _checkpoint(self, r: int, elapsed: float) -> None:
         save_checkpoint(self.opts.out / "checkpoint.pt", {
             "round": r,
             "run_id": self.run_id,
@@ -326,6 +437,10 @@ class Server:
             "server_optimizer": self.trainer.optimizer.state_dict(),
             "manifest": self.manifest.to_json(),
             "train_config": self.opts.train.to_json(),
+            "records": self.records,
+            "counters": {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                         "rejected": dict(self.rejected), "peak_rss": dict(self.peak_rss),
+                         "elapsed": elapsed},
         })
 
 
