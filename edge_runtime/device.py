@@ -30,6 +30,7 @@ from edge_runtime.messages import (
     Stop,
     Update,
 )
+from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict, Profile, check_bundle_memory
 from edge_runtime.runtime import LocalModel, TrainConfig, peak_rss_mb, train_round
 from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
 
@@ -46,6 +47,7 @@ class DeviceOptions:
     threads: int | None = None
     credentials: Credentials | None = None
     wait_server_s: float = 600.0  # give up if no server shows up for this long
+    profile: Profile | None = None  # board profile: memory budget (and default threads)
 
 
 class DeviceExit(Exception):
@@ -69,6 +71,8 @@ class Device:
         self.x, self.y = load_shard(opts.data)
         self.bundle: Bundle | None = load_bundle(opts.bundle) if opts.bundle else None
         self.model: LocalModel | None = None
+        self.memory: dict[int, float] = {}  # batch -> measured peak RSS MB (this bundle)
+        self.memory_verdict: MemoryVerdict | None = None  # the check made at join
         if self.bundle is not None:
             self._load_model(self.bundle)
         self.run_id: str | None = None
@@ -84,13 +88,38 @@ class Device:
         model = LocalModel(bundle, self.opts.threads)
         model.check_data(self.x, self.y)
         self.model = model
+        self.memory, self.memory_verdict = {}, None
         log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
                  self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
                  bundle.manifest.num_params, model.threads)
 
+    def _check_memory(self, batch: int, theta: np.ndarray,
+                      cfg: TrainConfig | None) -> MemoryVerdict:
+        """Real dry-run steps at growing batches up to `batch`, against the budget."""
+        assert self.model is not None
+        verdict = check_bundle_memory(self.model, theta, self.x, self.y, batch,
+                                      self.opts.profile, known=self.memory, cfg=cfg)
+        log.info("%s: memory check: %s", self.opts.device_id, verdict.message())
+        return verdict
+
+    def _refuse(self, why: str) -> None:
+        """Say no instead of being OOM-killed: tell the server, then stop."""
+        self._report(why)
+        raise DeviceExit(why, MEMORY_EXIT_CODE)
+
     def _join(self) -> None:
+        if self.model is not None and self.bundle is not None and self.memory_verdict is None:
+            # before saying ready: measure at the server's default batch size; refuse only if
+            # nothing fits, a round with a larger batch is checked again when it starts
+            self.memory_verdict = self._check_memory(TrainConfig().batch_size,
+                                                     self.bundle.weights, None)
+            if self.memory_verdict.largest_fitting is None:
+                self._refuse(f"bundle refused: {self.memory_verdict.message()}")
         sha = self.bundle.manifest.files.get("train.onnx") if self.bundle else None
         profile = _profile(self.opts, len(self.y), self.model.threads if self.model else None)
+        profile["profile"] = self.opts.profile.name if self.opts.profile else "none"
+        if self.memory_verdict is not None:
+            profile.update(self.memory_verdict.join_fields())
         self.transport.publish(topics.up(self.opts.device_id, "join", self.opts.prefix),
                                Join(self.run_id or "", -1, self.opts.device_id,
                                     profile=profile, bundle_sha256=sha))
@@ -192,6 +221,9 @@ class Device:
         except (TypeError, ValueError) as exc:
             self._report(f"round {msg.round} rejected: {exc}")
             return
+        verdict = self._check_memory(cfg.batch_size, msg.weights.astype(np.float32), cfg)
+        if not verdict.fits:
+            self._refuse(f"round {msg.round} refused: {verdict.message()}")
         smashed_topic = topics.up(dev, "smashed", p)
 
         def send_smashed(step: int, act: np.ndarray, labels: np.ndarray) -> None:

@@ -150,8 +150,8 @@ KINDS: dict[str, type[Message]] = {
 
 
 def _dtype_name(arr: np.ndarray) -> str:
-    for name, code in DTYPES.items():
-        if arr.dtype == np.dtype(code):
+    for name, code in DTYPES.items():  # any byte order; encode writes little-endian
+        if arr.dtype.newbyteorder("<") == np.dtype(code).newbyteorder("<"):
             return name
     raise CodecError(f"array dtype {arr.dtype} cannot go on the wire; allowed: {list(DTYPES)}")
 
@@ -221,6 +221,8 @@ def _decode(view: memoryview) -> Message:
     if not isinstance(meta, dict):
         raise CodecError("meta must be an object")
     if cls is BundleFiles:
+        if set(meta) != {"names"}:
+            raise CodecError(f"bundle message has unknown fields {sorted(set(meta) - {'names'})}")
         names = tuple(str(n) for n in meta["names"])
         blobs = tuple(arrays[f"file{i}"] for i in range(len(names)))
         if len(arrays) != len(names):

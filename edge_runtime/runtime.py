@@ -91,9 +91,9 @@ class LocalModel:
             raise ValueError(f"shard samples have shape {tuple(x.shape[1:])} but the bundle "
                              f"({m.model}) expects {tuple(m.input_shape)}; help: partition "
                              "the same dataset the server uses")
-        if y.size and int(y.max()) >= m.num_classes:
-            raise ValueError(f"shard has label {int(y.max())} but the bundle has "
-                             f"{m.num_classes} classes")
+        if y.size and (int(y.max()) >= m.num_classes or int(y.min()) < 0):
+            raise ValueError(f"shard has labels in {int(y.min())}..{int(y.max())} but the "
+                             f"bundle has {m.num_classes} classes (0..{m.num_classes - 1})")
 
     def run(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
             outputs: tuple[str, ...] = (LOSS_OUTPUT,)) -> list[np.ndarray]:

@@ -144,7 +144,7 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
         params=[(n, p.detach().cpu().numpy().astype(np.float32), r) for n, p, r in params],
         model=split.model, cut=split.cut, input_shape=split.input_shape,
         num_classes=split.num_classes, smashed_shape=split.smashed_shape, opset=opset,
-        extra={"aux": AUX_KIND, "torch": torch.__version__, "exported_by": "heron"},
+        extra={"aux": AUX_KIND, "torch": str(torch.__version__), "exported_by": "heron"},
     )
 
 

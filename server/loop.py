@@ -116,6 +116,7 @@ class Server:
         self.theta = self.bundle.weights.copy()
         self.online: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
+        self.profiles: dict[str, dict[str, Any]] = {}  # every device that was ever ready
         self.rejected: dict[str, int] = {}
         self.bytes_up = 0
         self.bytes_down = 0
@@ -297,10 +298,13 @@ class Server:
         self.online.add(device_id)
         if msg.bundle_sha256 == self.bundle_sha:
             if device_id not in self.ready:
-                log.info("device %s ready (%s samples, %s, RSS %s MB)", device_id,
-                         msg.profile.get("samples"), msg.profile.get("machine"),
-                         msg.profile.get("rss_mb"))
+                log.info("device %s ready (%s samples, %s, RSS %s MB, profile %s, measured "
+                         "%s MB at batch %s)", device_id, msg.profile.get("samples"),
+                         msg.profile.get("machine"), msg.profile.get("rss_mb"),
+                         msg.profile.get("profile"), msg.profile.get("memory_mb"),
+                         msg.profile.get("memory_batch"))
             self.ready[device_id] = dict(msg.profile)
+            self.profiles[device_id] = dict(msg.profile)
         else:
             self._send_bundle(device_id)
 
@@ -369,6 +373,8 @@ class Server:
             "bytes_down": self.bytes_down,
             "device_peak_rss_mb": {d: t.get("peak_rss_mb") for d, t in state.telemetry.items()},
             "device_step_ms": {d: t.get("step_ms_median") for d, t in state.telemetry.items()},
+            "device_memory_mb": {d: self.profiles.get(d, {}).get("memory_mb")
+                                 for d in participants},  # measured by its dry run at join
             "rejected": dict(self.rejected),
             "round_seconds": round(time.monotonic() - t0, 3),
         }
@@ -417,6 +423,7 @@ class Server:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "device_peak_rss_mb": self.peak_rss,
+            "device_profiles": self.profiles,  # join profiles: board profile, measured memory
             "device_params": self.manifest.num_params,
             "rejected": dict(self.rejected),
             "config": {"train": o.train.to_json(), "server_optimizer": o.server_optimizer,
@@ -429,18 +436,21 @@ class Server:
         return summary
 
     def _checkpoint(self, r: int, elapsed: float) -> None:
+        def plain(obj: Any) -> Any:  # only JSON types, so torch's weights_only load accepts it
+            return json.loads(json.dumps(obj))
+
         save_checkpoint(self.opts.out / "checkpoint.pt", {
             "round": r,
             "run_id": self.run_id,
             "device_weights": torch.from_numpy(self.theta.copy()),
             "server_state": self.split.server.state_dict(),
             "server_optimizer": self.trainer.optimizer.state_dict(),
-            "manifest": self.manifest.to_json(),
-            "train_config": self.opts.train.to_json(),
-            "records": self.records,
-            "counters": {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                         "rejected": dict(self.rejected), "peak_rss": dict(self.peak_rss),
-                         "elapsed": elapsed},
+            "manifest": plain(self.manifest.to_json()),
+            "train_config": plain(self.opts.train.to_json()),
+            "records": plain(self.records),
+            "counters": plain({"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                               "rejected": self.rejected, "peak_rss": self.peak_rss,
+                               "elapsed": elapsed}),
         })
 
 

@@ -163,14 +163,10 @@ def test_parse_respects_a_multi_level_prefix() -> None:
     assert topics.parse_status("lab/status/dev-0", "lab/heron") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG topics.py parse_up/parse_status: they check ids with _ID.match, not "
-           "validate_id, so 'all' (and 'dev\\n', since _ID ends in '$') parse as device ids; "
-           "server/loop.py _join then calls down_device('all', ...) which raises ValueError")
 @pytest.mark.parametrize("topic", ["heron/up/all/join", "heron/status/all", "heron/up/dev\n/join",
                                    "heron/status/dev\n"])
 def test_parse_refuses_ids_that_validate_id_refuses(topic: str) -> None:
+    """A join on up/all/join once crashed the server: down_device('all') raised."""
     assert topics.parse_up(topic) is None and topics.parse_status(topic) is None
 
 
@@ -188,11 +184,19 @@ def test_validate_id_rejects_unsafe_ids(dev: str) -> None:
         topics.validate_id(dev)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG topics.py _ID: the regex ends in '$', which also "
-                                       "matches before a trailing newline, so 'dev-0\\n' passes")
 def test_validate_id_rejects_a_trailing_newline() -> None:
     with pytest.raises(ValueError):
         topics.validate_id("dev-0\n")
+
+
+@pytest.mark.parametrize("dev", [*IDS_OK, "+", "#", "all", "", "dev-0\n", "x" * 65, "a/b"])
+def test_is_id_agrees_with_validate_id(dev: str) -> None:
+    try:
+        topics.validate_id(dev)
+        valid = True
+    except ValueError:
+        valid = False
+    assert topics.is_id(dev) is valid
 
 
 @pytest.mark.parametrize("build", [

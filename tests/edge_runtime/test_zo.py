@@ -27,19 +27,15 @@ X, Y, THETA = _data()
 
 def _forward(flat: torch.Tensor) -> torch.Tensor:
     """Loss of a 2-layer MLP whose parameters are the flat vector (float64 inside)."""
-    parts, pos = [], 0
-    for shape in SHAPES:
-        n = int(np.prod(shape))
-        parts.append(flat[pos:pos + n].reshape(shape))
-        pos += n
-    w1, b1, w2, b2 = parts
-    return F.cross_entropy(torch.tanh(X @ w1.T + b1) @ w2.T + b2, Y)
+    w1, b1, w2, b2 = torch.split(flat, [int(np.prod(s)) for s in SHAPES])
+    hidden = torch.tanh(torch.addmm(b1, X, w1.view(SHAPES[0]).T))
+    return F.cross_entropy(torch.addmm(b2, hidden, w2.view(SHAPES[2]).T), Y)
 
 
 def loss_fn(theta: np.ndarray) -> float:
     assert theta.dtype == np.float32 and theta.shape == (D,)
-    with torch.no_grad():
-        return float(_forward(torch.from_numpy(theta.astype(np.float64))))
+    with torch.inference_mode():  # forward only, like the device
+        return float(_forward(torch.from_numpy(theta).double()))
 
 
 def true_grad(theta: np.ndarray) -> np.ndarray:

@@ -1,0 +1,357 @@
+"""Board profiles, the device config file, and the memory check a device runs before training.
+
+Torch-free, like all of `edge_runtime/`: this runs on the board.
+
+A *profile* is a flat TOML file, ``devices/profiles/<name>.toml`` in the checkout and in the
+installed wheel (package data), found by its file name; any other ``.toml`` path works too::
+
+    description = "Raspberry Pi 4 Model B, 4 GB"
+    memory_mb = 4096   # the board's RAM
+    budget_mb = 3072   # the most the device process may hold (peak RSS)
+    cores = 4
+    threads = 4        # ONNX Runtime intra-op threads
+
+The *memory check* is measured, not guessed: real ZO training steps (the same `train_round`
+the rounds use, ONNX Runtime forwards included) at growing batch sizes 1, 2, 4, ... up to the
+configured one, reading the process's peak RSS after each. It stops early, without running
+the next step, when a straight line through the last two measurements already passes the
+budget, so a board is refused before the kernel's OOM killer would have to act.
+
+TOML: Python 3.11+ has `tomllib`; on Python 3.10 (the oldest heron supports) a small parser
+for the flat ``key = value`` subset that profiles and device configs use takes its place, so
+boards need no extra package. Tables and arrays are refused there with a hint.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psutil
+
+if TYPE_CHECKING:  # imported lazily: `heron --help` should not load ONNX Runtime
+    from edge_runtime.runtime import LocalModel, TrainConfig
+
+try:  # Python 3.11+
+    import tomllib as _tomllib
+except ModuleNotFoundError:  # Python 3.10: the flat-subset parser below
+    _tomllib = None  # type: ignore[assignment]
+
+PROFILE_PACKAGE = "devices"  # profiles ship as package data of `devices` (no torch in it)
+PROFILE_DIR = "profiles"
+PROFILE_KEYS = {"description": str, "memory_mb": int, "budget_mb": int, "cores": int,
+                "threads": int}
+# `heron device --config FILE`: the keys mirror `heron device`'s long options.
+DEVICE_CONFIG_KEYS = {"broker": str, "id": str, "data": str, "profile": str, "prefix": str,
+                      "bundle": str, "threads": int, "username": str, "password": str,
+                      "credentials": str, "ca_file": str, "cert_file": str, "key_file": str}
+MEMORY_EXIT_CODE = 5  # `heron device` exit status when the bundle does not fit the budget
+
+
+class ProfileError(ValueError):
+    """A profile or device config file is missing, malformed or inconsistent."""
+
+
+# -- TOML -----------------------------------------------------------------------------------
+_KEY = re.compile(r"^([A-Za-z0-9_-]+)\s*=\s*(.*)$")
+_INT = re.compile(r"^[+-]?(0|[1-9](_?[0-9])*)$")
+_FLOAT = re.compile(r"^[+-]?(0|[1-9](_?[0-9])*)(\.[0-9](_?[0-9])*)?([eE][+-]?[0-9]+)?$")
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
+
+
+def parse_flat_toml(text: str, source: str = "<toml>") -> dict[str, Any]:
+    """The flat subset of TOML (``key = string | integer | float | boolean`` and comments).
+
+    Used where `tomllib` is missing (Python 3.10); the tests check that it agrees with
+    `tomllib` on every file heron ships.
+    """
+    out: dict[str, Any] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}:{lineno}"
+        m = _KEY.match(line)
+        if m is None:
+            raise ProfileError(f"{where}: expected `key = value`, got {raw.strip()!r}; help: "
+                               "heron's TOML files are flat (no [tables] or arrays) so that "
+                               "Python 3.10 boards can read them without tomllib")
+        key, rest = m.group(1), m.group(2)
+        if key in out:
+            raise ProfileError(f"{where}: key {key!r} is set twice")
+        out[key] = _flat_value(rest, where)
+    return out
+
+
+def _flat_value(rest: str, where: str) -> Any:
+    if rest.startswith('"'):
+        chars, i = [], 1
+        while i < len(rest) and rest[i] != '"':
+            if rest[i] == "\\":
+                if i + 1 >= len(rest) or rest[i + 1] not in _ESCAPES:
+                    raise ProfileError(f"{where}: unsupported escape in {rest!r}")
+                chars.append(_ESCAPES[rest[i + 1]])
+                i += 2
+            else:
+                chars.append(rest[i])
+                i += 1
+        if i >= len(rest):
+            raise ProfileError(f"{where}: unterminated string {rest!r}")
+        value: Any = "".join(chars)
+        tail = rest[i + 1:]
+    elif rest.startswith("'"):
+        end = rest.find("'", 1)
+        if end < 0:
+            raise ProfileError(f"{where}: unterminated string {rest!r}")
+        value, tail = rest[1:end], rest[end + 1:]
+    else:
+        token, tail = rest.partition("#")[0].strip(), ""  # the rest is a comment
+        if token in ("true", "false"):
+            value = token == "true"
+        elif _INT.match(token):
+            value = int(token.replace("_", ""))
+        elif _FLOAT.match(token):
+            value = float(token.replace("_", ""))
+        else:
+            raise ProfileError(f"{where}: unsupported value {token!r}; help: use a quoted "
+                               "string, an integer, a float or true/false")
+    tail = tail.strip()
+    if tail and not tail.startswith("#"):
+        raise ProfileError(f"{where}: unexpected text after the value: {tail!r}")
+    return value
+
+
+def parse_toml(text: str, source: str = "<toml>") -> dict[str, Any]:
+    if _tomllib is None:
+        return parse_flat_toml(text, source)
+    try:
+        return _tomllib.loads(text)
+    except _tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{source} is not valid TOML: {exc}") from exc
+
+
+def _typed(obj: dict[str, Any], schema: dict[str, type], source: str, what: str) -> None:
+    unknown = sorted(set(obj) - set(schema))
+    if unknown:
+        raise ProfileError(f"{source}: unknown {what} key(s) {unknown}; known: "
+                           f"{sorted(schema)}")
+    for key, value in obj.items():
+        want = schema[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ProfileError(f"{source}: {key} = {value!r} should be a {want.__name__}")
+
+
+# -- profiles -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    memory_mb: int
+    budget_mb: int
+    cores: int
+    threads: int
+    source: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "budget_mb": self.budget_mb, "memory_mb": self.memory_mb,
+                "cores": self.cores, "threads": self.threads}
+
+
+def _profile_dir() -> Any:
+    return importlib.resources.files(PROFILE_PACKAGE).joinpath(PROFILE_DIR)
+
+
+def profile_names() -> list[str]:
+    """Names of the profiles shipped with heron (file names without .toml)."""
+    return sorted(p.name[:-5] for p in _profile_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name (`rpi4`) or any profile file by path (`./my-board.toml`)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ProfileError(f"profile file {path} does not exist")
+        return profile_from_toml(path.stem, path.read_text(), str(path))
+    resource = _profile_dir().joinpath(f"{name_or_path}.toml")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name_or_path) or not resource.is_file():
+        raise ProfileError(f"no board profile named {name_or_path!r}; help: pick one of "
+                           f"{', '.join(profile_names())} or give a path to a .toml file")
+    return profile_from_toml(name_or_path, resource.read_text(), f"profile {name_or_path}")
+
+
+def profile_from_toml(name: str, text: str, source: str) -> Profile:
+    obj = parse_toml(text, source)
+    _typed(obj, PROFILE_KEYS, source, "profile")
+    missing = sorted(set(PROFILE_KEYS) - set(obj))
+    if missing:
+        raise ProfileError(f"{source}: missing key(s) {missing}")
+    for key in ("memory_mb", "budget_mb", "cores", "threads"):
+        if obj[key] < 1:
+            raise ProfileError(f"{source}: {key} must be >= 1, got {obj[key]}")
+    if obj["budget_mb"] > obj["memory_mb"]:
+        raise ProfileError(f"{source}: budget_mb {obj['budget_mb']} is more than the board's "
+                           f"memory_mb {obj['memory_mb']}")
+    if obj["threads"] > obj["cores"]:
+        raise ProfileError(f"{source}: threads {obj['threads']} > cores {obj['cores']}")
+    return Profile(name=name, source=source, **obj)
+
+
+# -- device config file ---------------------------------------------------------------------
+def load_device_config(path: str | Path) -> dict[str, Any]:
+    """`heron device --config FILE`: flat TOML whose keys are `heron device`'s options."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read device config {path}: {exc}; help: `heron devices "
+                           "pack` writes one (device.toml), install.sh puts it in "
+                           "/etc/heron/") from exc
+    obj = parse_toml(text, str(path))
+    _typed(obj, DEVICE_CONFIG_KEYS, str(path), "device config")
+    return obj
+
+
+# -- the memory check -----------------------------------------------------------------------
+def memory_budget(profile: Profile | None) -> tuple[float, str]:
+    """The budget in MB and where it comes from: the profile's, but never more than this
+    process holds now plus what the OS says is still available."""
+    available = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / 2**20
+    if profile is not None and profile.budget_mb <= available:
+        return float(profile.budget_mb), f"the {profile.name} profile's budget"
+    if profile is not None:
+        return available, (f"the memory available on this machine (less than the "
+                           f"{profile.name} profile's {profile.budget_mb} MB)")
+    return available, "the memory available on this machine (no --profile given)"
+
+
+def probe_batches(batch: int) -> list[int]:
+    """1, 2, 4, ... below `batch`, then `batch` itself."""
+    out, b = [], 1
+    while b < batch:
+        out.append(b)
+        b *= 2
+    return [*out, batch]
+
+
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """The outcome of a memory check at one batch size."""
+
+    batch: int  # the batch size checked (the configured one, capped at the shard size)
+    budget_mb: float
+    budget_source: str
+    measured: dict[int, float]  # batch -> process peak RSS (MB) after a real step there
+    fits: bool
+    needed_mb: float  # measured at `batch`, or extrapolated if the check stopped early
+    extrapolated: bool
+    profile: str = "none"
+
+    @property
+    def largest_fitting(self) -> int | None:
+        ok = [b for b, mb in self.measured.items() if mb <= self.budget_mb]
+        return max(ok) if ok else None
+
+    def message(self) -> str:
+        budget = f"{self.budget_source} of {self.budget_mb:.0f} MB"
+        bigger = ("help: use an earlier cut (a smaller device part), a smaller model, or a "
+                  "board (--profile) with a larger memory budget")
+        if not self.measured:
+            return (f"the device process already holds {self.needed_mb:.0f} MB before any "
+                    f"training step, over {budget}; {bigger}")
+        how = "would need about" if self.extrapolated else "measured"
+        head = (f"batch size {self.batch}: {how} {self.needed_mb:.0f} MB peak RSS, "
+                f"{'within' if self.fits else 'over'} {budget}")
+        if self.fits:
+            return head
+        best = self.largest_fitting
+        if best is None:
+            return (f"{head}; even batch size 1 does not fit (measured "
+                    f"{min(self.measured.values()):.0f} MB); {bigger}")
+        return (f"{head}; batch size {best} fits (measured {self.measured[best]:.0f} MB); "
+                f"help: run the server with --batch-size {best} or smaller, or give this "
+                "device a profile with a larger budget")
+
+    def join_fields(self) -> dict[str, Any]:
+        """What the server learns at join: the profile and the measured memory."""
+        return {"profile": self.profile, "budget_mb": round(self.budget_mb, 1),
+                "memory_mb": round(self.needed_mb, 1), "memory_batch": self.batch,
+                "memory_extrapolated": self.extrapolated,
+                "max_batch_measured_fit": self.largest_fitting}
+
+
+def check_memory(
+    measure: Callable[[int], float],
+    batch: int,
+    budget_mb: float,
+    budget_source: str,
+    *,
+    known: dict[int, float] | None = None,
+    current_mb: float = 0.0,
+    profile: str = "none",
+) -> MemoryVerdict:
+    """Probe batches 1, 2, 4, ... `batch` with `measure(b)` (a real step, returning the
+    process's peak RSS in MB), stopping before a step a linear extrapolation says would
+    pass the budget. `known` holds earlier measurements in this process and is updated."""
+    known = {} if known is None else known
+    done = dict(sorted(known.items()))
+
+    def verdict(fits: bool, needed: float, extrapolated: bool) -> MemoryVerdict:
+        return MemoryVerdict(batch, budget_mb, budget_source, dict(sorted(done.items())),
+                             fits, needed, extrapolated, profile)
+
+    if current_mb > budget_mb:  # already over before any step
+        return verdict(False, current_mb, False)
+    for b in probe_batches(batch):
+        if b in done:
+            if done[b] > budget_mb:
+                return verdict(False, done[b], False)
+            continue
+        below = sorted(k for k in done if k < b)
+        if len(below) >= 2:
+            (b0, m0), (b1, m1) = [(k, done[k]) for k in below[-2:]]
+            slope = max(0.0, (m1 - m0) / (b1 - b0))  # MB per sample
+            if m1 + slope * (b - b1) > budget_mb:  # the next probe would already be over
+                return verdict(False, m1 + slope * (batch - b1), True)
+        mb = float(measure(b))
+        if not math.isfinite(mb) or mb <= 0:
+            raise ValueError(f"memory measurement at batch {b} returned {mb}")
+        done[b] = mb
+        known[b] = mb
+        if mb > budget_mb:
+            return verdict(False, mb, False)
+    return verdict(True, done[batch], False)
+
+
+def dry_run_step(model: LocalModel, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 batch: int, cfg: TrainConfig | None = None) -> float:
+    """One real training step at `batch` (ONNX Runtime forwards at θ and θ+μu, smashed
+    output included, optimizer update); returns the process's peak RSS in MB afterwards."""
+    from edge_runtime.runtime import TrainConfig, peak_rss_mb, train_round
+
+    base = cfg if cfg is not None else TrainConfig()
+    step_cfg = TrainConfig(local_steps=1, upload_every=1, batch_size=batch, seed=base.seed,
+                           zo=base.zo, optimizer=base.optimizer)
+    train_round(model, np.asarray(theta, dtype=np.float32), x, y, step_cfg, round_idx=0,
+                device_id="dry-run", on_smashed=lambda step, act, labels: None)
+    return peak_rss_mb()
+
+
+def check_bundle_memory(model: LocalModel, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                        batch: int, profile: Profile | None, *,
+                        known: dict[int, float] | None = None,
+                        cfg: TrainConfig | None = None) -> MemoryVerdict:
+    """The device's check: real dry-run steps on its own shard at batch sizes up to `batch`
+    (capped at the shard size, as training caps it), against the profile's budget."""
+    from edge_runtime.runtime import rss_mb
+
+    budget, source = memory_budget(profile)
+    return check_memory(lambda b: dry_run_step(model, theta, x, y, b, cfg),
+                        min(batch, len(y)), budget, source, known=known, current_mb=rss_mb(),
+                        profile=profile.name if profile else "none")

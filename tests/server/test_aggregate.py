@@ -1,0 +1,162 @@
+"""Round planning and FedAvg: pure functions checked against hand computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.aggregate import DeviceUpdate, aggregate, check_update, plan_round
+
+# --- aggregate ------------------------------------------------------------------------------
+
+A = np.array([1.0, -2.0, 4.0], np.float32)
+B = np.array([3.0, 2.0, 0.0], np.float32)
+C = np.array([0.5, 0.5, 0.5], np.float32)
+
+
+def _u(dev: str, w: np.ndarray, n: int) -> DeviceUpdate:
+    return DeviceUpdate(dev, w, n)
+
+
+def test_sample_weighted_average_by_hand() -> None:
+    out = aggregate([_u("a", A, 1), _u("b", B, 3)], "samples")
+    # (1*A + 3*B) / 4 = ([1,-2,4] + [9,6,0]) / 4
+    np.testing.assert_allclose(out, [10 / 4, 4 / 4, 4 / 4], rtol=1e-7)
+    assert out.dtype == np.float32 and out.shape == (3,)
+
+
+def test_sample_weighting_is_the_default() -> None:
+    ups = [_u("a", A, 10), _u("b", B, 30), _u("c", C, 60)]
+    np.testing.assert_array_equal(aggregate(ups), aggregate(ups, "samples"))
+    np.testing.assert_allclose(aggregate(ups), 0.1 * A + 0.3 * B + 0.6 * C, rtol=1e-6)
+
+
+def test_uniform_average_ignores_sample_counts() -> None:
+    out = aggregate([_u("a", A, 1), _u("b", B, 1000), _u("c", C, 0)], "uniform")
+    np.testing.assert_allclose(out, [(1 + 3 + 0.5) / 3, (-2 + 2 + 0.5) / 3, (4 + 0 + 0.5) / 3],
+                               rtol=1e-6)
+
+
+def test_equal_counts_make_both_weightings_agree() -> None:
+    ups = [_u("a", A, 7), _u("b", B, 7), _u("c", C, 7)]
+    np.testing.assert_allclose(aggregate(ups, "samples"), aggregate(ups, "uniform"), rtol=1e-7)
+
+
+def test_single_update_is_returned_unchanged() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(1000).astype(np.float32)
+    for weighting in ("samples", "uniform"):
+        np.testing.assert_array_equal(aggregate([_u("a", w, 5)], weighting), w)
+
+
+def test_average_is_accumulated_in_float64() -> None:
+    """Many large, nearly equal vectors average without float32 drift."""
+    base = np.full(4, 1e4, np.float32)
+    ups = [_u(f"d{i}", base + np.float32(i % 2), 1) for i in range(1001)]
+    np.testing.assert_allclose(aggregate(ups, "uniform"), 1e4 + 500 / 1001, rtol=1e-7)
+
+
+def test_inputs_are_not_modified() -> None:
+    a, b = A.copy(), B.copy()
+    aggregate([_u("a", a, 2), _u("b", b, 1)])
+    assert np.array_equal(a, A) and np.array_equal(b, B)
+
+
+def test_aggregate_rejects_empty_and_bad_weighting() -> None:
+    with pytest.raises(ValueError, match="zero updates"):
+        aggregate([])
+    with pytest.raises(ValueError, match="weighting"):
+        aggregate([_u("a", A, 1)], "median")
+
+
+@pytest.mark.parametrize("counts", [[0, 1], [1, -3], [0, 0]])
+def test_sample_weighting_needs_positive_counts(counts: list[int]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        aggregate([_u("a", A, counts[0]), _u("b", B, counts[1])], "samples")
+
+
+def test_aggregate_refuses_updates_of_different_shapes() -> None:
+    for other in (np.array([5.0], np.float32), np.zeros((3, 1), np.float32)):
+        for pair in ([_u("a", A, 1), _u("b", other, 1)], [_u("b", other, 1), _u("a", A, 1)]):
+            with pytest.raises(ValueError, match="shape"):
+                aggregate(pair)
+
+
+# --- check_update ---------------------------------------------------------------------------
+
+def test_good_update_passes() -> None:
+    assert check_update(A, 3) is None
+    assert check_update(A, 3, max_norm=float(np.linalg.norm(A))) is None
+    assert check_update(np.zeros(0, np.float32), 0) is None
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_update_is_refused(bad: float) -> None:
+    w = A.copy()
+    w[1] = bad
+    why = check_update(w, 3)
+    assert why is not None and "NaN or Inf" in why
+
+
+@pytest.mark.parametrize("w", [np.zeros(4, np.float32), np.zeros(2, np.float32),
+                               np.zeros((3, 1), np.float32), np.zeros((1, 3), np.float32),
+                               np.float32(1.0) * np.ones(()), np.zeros(0, np.float32)],
+                         ids=["too-long", "too-short", "column", "row", "scalar", "empty"])
+def test_wrong_shape_is_refused(w: np.ndarray) -> None:
+    why = check_update(w.astype(np.float32), 3)
+    assert why is not None and "shape" in why
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32, np.uint8, np.bool_])
+def test_wrong_dtype_is_refused(dtype: type) -> None:
+    why = check_update(A.astype(dtype), 3)
+    assert why is not None and "dtype" in why
+
+
+def test_norm_bound_is_enforced() -> None:
+    norm = float(np.linalg.norm(A))  # sqrt(21)
+    why = check_update(A, 3, max_norm=norm * 0.999)
+    assert why is not None and "norm" in why
+    assert check_update(A, 3, max_norm=norm * 1.001) is None
+    assert check_update(A * 1e6, 3) is None  # no bound given: size alone is fine
+
+
+# --- plan_round -----------------------------------------------------------------------------
+
+POOL = [f"dev-{i}" for i in range(10)]
+
+
+def test_all_ready_devices_train_by_default() -> None:
+    assert plan_round(["dev-2", "dev-0", "dev-1"], None, 0, 0) == ("dev-0", "dev-1", "dev-2")
+    assert plan_round(POOL, len(POOL), 3, 0) == tuple(sorted(POOL))
+    assert plan_round(POOL, 50, 3, 0) == tuple(sorted(POOL))
+
+
+def test_empty_pool_gives_an_empty_round() -> None:
+    assert plan_round([], None, 0, 0) == ()
+    assert plan_round([], 3, 0, 0) == ()
+
+
+@pytest.mark.parametrize("per_round", [1, 3, 9])
+def test_seeded_subset_has_the_size_and_is_deterministic(per_round: int) -> None:
+    for r in range(20):
+        chosen = plan_round(POOL, per_round, r, seed=42)
+        assert len(chosen) == per_round == len(set(chosen))
+        assert set(chosen) <= set(POOL)
+        assert list(chosen) == sorted(chosen)
+        assert plan_round(POOL, per_round, r, seed=42) == chosen
+        assert plan_round(list(reversed(POOL)), per_round, r, seed=42) == chosen
+
+
+def test_subset_changes_with_round_and_seed_and_covers_everyone() -> None:
+    by_round = {plan_round(POOL, 3, r, seed=7) for r in range(30)}
+    assert len(by_round) > 10
+    assert set().union(*by_round) == set(POOL)
+    by_seed = {plan_round(POOL, 3, 0, seed=s) for s in range(30)}
+    assert len(by_seed) > 10
+
+
+@pytest.mark.parametrize("per_round", [0, -1])
+def test_non_positive_round_size_is_refused(per_round: int) -> None:
+    with pytest.raises(ValueError, match=">= 1"):
+        plan_round(POOL, per_round, 0, 0)
