@@ -11,7 +11,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Update,
+    new_msg_id,
 )
 from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict, Profile, check_bundle_memory
 from edge_runtime.runtime import LocalModel, TrainConfig, peak_rss_mb, train_round
@@ -97,9 +98,11 @@ class Device:
                       cfg: TrainConfig | None) -> MemoryVerdict:
         """Real dry-run steps at growing batches up to `batch`, against the budget."""
         assert self.model is not None
+        before = len(self.memory)
         verdict = check_bundle_memory(self.model, theta, self.x, self.y, batch,
                                       self.opts.profile, known=self.memory, cfg=cfg)
-        log.info("%s: memory check: %s", self.opts.device_id, verdict.message())
+        log.log(logging.INFO if len(self.memory) > before or not verdict.fits else logging.DEBUG,
+                "%s: memory check: %s", self.opts.device_id, verdict.message())
         return verdict
 
     def _refuse(self, why: str) -> None:
@@ -183,8 +186,11 @@ class Device:
                 return
             last = self.last_update
             if last is not None and (last.run_id, last.round) == (msg.run_id, msg.round):
+                # A new publication, so a new message id: the receiver dedupes redeliveries
+                # by id and may have dropped the first copy (e.g. a restarted server).
                 log.info("%s: round %d asked again; resending its update", dev, msg.round)
-                self.transport.publish(topics.up(dev, "update", self.opts.prefix), last)
+                self.transport.publish(topics.up(dev, "update", self.opts.prefix),
+                                       replace(last, msg_id=new_msg_id()))
                 return
             self._on_round(msg)
         elif isinstance(msg, Stop) and msg.run_id == self.run_id:

@@ -388,6 +388,9 @@ class Server:
         if not o.resume:
             metrics_path.unlink(missing_ok=True)
         try:
+            if self.first_round > o.rounds:
+                print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
+                return self._finish(t_start)
             self._wait_for_devices()
             print(f"run {self.run_id}: {o.algorithm} {o.model}/{self.manifest.cut} on "
                   f"{o.dataset}, {len(self.ready)} devices, rounds {self.first_round}..{o.rounds}"
@@ -408,6 +411,10 @@ class Server:
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)
             self.transport.stop()
+        return self._finish(t_start)
+
+    def _finish(self, t_start: float) -> dict[str, Any]:
+        o = self.opts
         accs = [r["test_accuracy"] for r in self.records]
         summary = {
             "run_id": self.run_id,
