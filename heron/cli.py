@@ -60,11 +60,12 @@ def _credentials(args: argparse.Namespace) -> Any:
 
 
 # -- options shared by several subcommands --------------------------------------------------
-def _add_broker(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_broker(p: argparse.ArgumentParser, required: bool,
+                default: str = " (default: start an embedded broker)") -> None:
     g = p.add_argument_group("MQTT")
     g.add_argument("--broker", required=required, default=None,
                    help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT"
-                   + ("" if required else " (default: start an embedded broker)"))
+                   + ("" if required else default))
     g.add_argument("--prefix", default=topics.DEFAULT_PREFIX, help="topic prefix (default heron)")
     g.add_argument("--username", help="MQTT username")
     g.add_argument("--password", help="MQTT password")
@@ -150,17 +151,81 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
 
 # -- subcommands ----------------------------------------------------------------------------
 def cmd_device(args: argparse.Namespace) -> int:
-    from edge_runtime.device import DeviceOptions, run_device
+    from edge_runtime.profiles import ProfileError, load_device_config, load_profile
 
     _logging(args.verbose)
+    try:
+        for key, value in (load_device_config(args.config) if args.config else {}).items():
+            if getattr(args, key) is None:  # a flag on the command line wins over the file
+                setattr(args, key, value)
+        profile = load_profile(args.profile) if args.profile else None
+    except ProfileError as exc:
+        raise SystemExit(f"heron device: {exc}") from exc
+    args.prefix = args.prefix or topics.DEFAULT_PREFIX
+    threads = args.threads or (profile.threads if profile else None)
+    if args.dry_run:
+        return _device_dry_run(args, profile, threads)
+    missing = [f"--{k}" for k in ("broker", "id", "data") if not getattr(args, k)]
+    if missing:
+        raise SystemExit(f"heron device: missing {', '.join(missing)}; help: pass them, or "
+                         "put them in a --config file (broker = ..., id = ..., data = ...)")
     try:
         topics.validate_id(args.id)
     except ValueError as exc:
         raise SystemExit(f"heron device: {exc}") from exc
+    from edge_runtime.device import DeviceOptions, run_device
+
     return run_device(DeviceOptions(
         broker=args.broker, device_id=args.id, data=Path(args.data), prefix=args.prefix,
-        bundle=Path(args.bundle) if args.bundle else None, threads=args.threads,
-        credentials=_credentials(args)))
+        bundle=Path(args.bundle) if args.bundle else None, threads=threads,
+        credentials=_credentials(args), profile=profile))
+
+
+def _device_dry_run(args: argparse.Namespace, profile: Any, threads: int | None) -> int:
+    """`heron device --dry-run`: the memory check on a local bundle and shard, no broker."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.data import load_shard
+    from edge_runtime.profiles import MEMORY_EXIT_CODE, check_bundle_memory
+    from edge_runtime.runtime import LocalModel
+
+    if not args.bundle or not args.data:
+        raise SystemExit("heron device --dry-run: needs --bundle DIR and --data SHARD; help: "
+                         "`heron export --out DIR` writes a bundle, `heron devices partition` "
+                         "shards")
+    try:
+        x, y = load_shard(args.data)
+        bundle = load_bundle(args.bundle)
+        model = LocalModel(bundle, threads)
+        model.check_data(x, y)
+    except ValueError as exc:  # BundleError and ShardError are ValueErrors
+        raise SystemExit(f"heron device --dry-run: {exc}") from exc
+    verdict = check_bundle_memory(model, bundle.weights, x, y, args.batch_size, profile)
+    print(f"profile {verdict.profile}, {model.threads} ONNX Runtime threads, bundle "
+          f"{bundle.manifest.model}/{bundle.manifest.cut}, {len(y)} samples")
+    for batch, mb in verdict.measured.items():
+        print(f"  batch {batch:>5}: peak RSS {mb:8.1f} MB after a real training step")
+    print(("fits: " if verdict.fits else "does not fit: ") + verdict.message(), flush=True)
+    return 0 if verdict.fits else MEMORY_EXIT_CODE
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from devices.pack import PackError, PackOptions, build_pack
+    from edge_runtime.profiles import ProfileError
+
+    try:
+        res = build_pack(PackOptions(
+            out=Path(args.out), target=args.target, python=args.python, glibc=args.glibc,
+            broker=args.broker, profile=args.profile,
+            source=Path(args.source) if args.source else None))
+    except (PackError, ProfileError) as exc:
+        print(f"heron devices pack: {exc}", file=sys.stderr)
+        return 2
+    for name in res.wheels:
+        print(f"  {(res.out / 'wheels' / name).stat().st_size / 1e6:6.1f} MB  {name}")
+    print(f"pack {res.out}: {len(res.wheels)} wheels for {args.target} / CPython "
+          f"{args.python}, {res.size_bytes / 1e6:.1f} MB; on the board: sh install.sh "
+          "--broker mqtt://SERVER:1883 --id ID --profile NAME", flush=True)
+    return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -401,13 +466,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_server)
 
     dev = sub.add_parser("device", help="one device (needs only the device install)")
-    _add_broker(dev, required=True)
-    dev.add_argument("--id", required=True, help="device id, e.g. dev-0")
-    dev.add_argument("--data", required=True, help="this device's shard (.npz with x, y)")
+    _add_broker(dev, required=False, default=" (required, here or in --config)")
+    dev.add_argument("--config", help="device config file (flat TOML, keys as these options; "
+                     "`heron devices pack` writes one); flags override it")
+    dev.add_argument("--id", help="device id, e.g. dev-0 (required, here or in --config)")
+    dev.add_argument("--data", help="this device's shard (.npz with x, y) (required)")
     dev.add_argument("--bundle", help="a local bundle directory instead of the server's")
     dev.add_argument("--threads", type=int, default=None,
-                     help="ONNX Runtime threads (default: all cores)")
-    dev.set_defaults(func=cmd_device)
+                     help="ONNX Runtime threads (default: the profile's, else all cores)")
+    dev.add_argument("--profile", help="board profile: rpi4, rpi-zero-2w, jetson-nano, "
+                     "generic, or a .toml file; sets the memory budget the device checks "
+                     "before training (default: the memory available)")
+    dev.add_argument("--dry-run", action="store_true",
+                     help="only measure memory: real training steps on --bundle and --data "
+                     "at batch sizes up to --batch-size, checked against the profile")
+    dev.add_argument("--batch-size", type=int, default=32, help="for --dry-run (32)")
+    dev.set_defaults(func=cmd_device, prefix=None)  # prefix: None = from --config or heron
 
     devs = sub.add_parser("devices", help="fleet tools")
     dsub = devs.add_subparsers(dest="devices_command", required=True)
@@ -418,6 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
     part.add_argument("--out", required=True, help="directory for dev-N.npz shards")
     part.set_defaults(func=cmd_partition)
+    pack = dsub.add_parser("pack", help="an offline install pack for boards: wheels, "
+                           "install.sh, device.toml, systemd unit (never torch)")
+    pack.add_argument("--target", default="linux-aarch64",
+                      help="the board: linux-aarch64, linux-x86_64 or linux-armv7l "
+                      "(linux-aarch64)")
+    pack.add_argument("--python", default="3.11", help="the board's Python, X.Y (3.11)")
+    pack.add_argument("--glibc", default="2.28", help="the board's glibc, X.Y (`ldd "
+                      "--version`): newest manylinux wheels accepted (2.28)")
+    pack.add_argument("--out", required=True, help="directory for the pack")
+    pack.add_argument("--broker", help="broker URL to write into device.toml")
+    pack.add_argument("--profile", default="generic",
+                      help="board profile to write into device.toml (generic)")
+    pack.add_argument("--source", help="heron checkout to build the wheel from (default: the "
+                      "one this heron runs from)")
+    pack.set_defaults(func=cmd_pack)
     prov = dsub.add_parser(
         "provision", help="Mosquitto password file, ACL, config (and TLS) plus one login per "
         "device and one for the server")

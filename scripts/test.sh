@@ -13,6 +13,21 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
     echo "setup: mosquitto is missing; install it (apt-get install mosquitto) for the broker tests" >&2
   fi
 fi
+# the TLS tests make a CA with the openssl command (usually present already)
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing openssl with apt-get"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
+# the emulated-arm64 test (tests/test_aarch64.py): debootstrap an arm64 root, run it via qemu
+if { ! command -v debootstrap >/dev/null || ! command -v update-binfmts >/dev/null ||
+     [ ! -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ]; } &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing debootstrap qemu-user-static binfmt-support with apt-get"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap qemu-user-static \
+    binfmt-support >/dev/null
+fi
 scripts/setup.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,432 @@
+"""Provision a Mosquitto 2 broker for one heron fleet: credentials, password file, ACL, config.
+
+`heron devices provision --out DIR dev-0 dev-1` writes everything a locked-down broker needs::
+
+    DIR/credentials/<id>.json   {"username", "password", "broker", "prefix"[, "ca_file", ...]}
+    DIR/credentials/server.json the server's login (it may read and write the whole prefix)
+    DIR/passwd                  Mosquitto 2 password file (PBKDF2-SHA512, made here, no tool)
+    DIR/acl                     each device writes only its own uplink and presence and reads
+                                only its own downlink, the broadcasts and the server's presence
+    DIR/mosquitto.conf          `mosquitto -c DIR/mosquitto.conf` runs it as is
+    DIR/tls/                    with --tls: a fresh CA and the broker's certificate (openssl)
+
+The broker reads passwd, acl and the TLS key after it has dropped root, so the config names the
+account it runs as (`user`, default: whoever provisioned) and those files belong to it; secrets
+are never world-readable. Only the standard library and `openssl` (for --tls) are needed, so a
+device-only install can provision too.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime import topics
+
+SERVER_USER = "heron-server"
+SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json
+# Mosquitto 2's own defaults for `$7$` (PBKDF2-HMAC-SHA512) hashes: see mosquitto_passwd.
+PBKDF2_ITERATIONS = 101
+SALT_BYTES = 12
+PASSWORD_BYTES = 24
+CERT_DAYS = 825
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class ProvisionError(Exception):
+    """Provisioning cannot go ahead; the message says why and what to do."""
+
+
+# -- Mosquitto password hashes ----------------------------------------------------------------
+def mosquitto_hash(password: str, *, salt: bytes | None = None,
+                   iterations: int = PBKDF2_ITERATIONS) -> str:
+    """`$7$ITER$SALT$HASH`, what `mosquitto_passwd` 2.x writes after `user:`."""
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
+
+
+def check_mosquitto_hash(password: str, hashed: str) -> bool:
+    """True if `hashed` (a `$7$` entry, as mosquitto_passwd writes it) is `password`'s."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != "7":
+        raise ValueError(f"not a Mosquitto $7$ hash: {hashed[:20]!r}…")
+    salt, want = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+    got = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
+    return secrets.compare_digest(got, want)
+
+
+# -- ACL --------------------------------------------------------------------------------------
+def device_acl(device_id: str, prefix: str = topics.DEFAULT_PREFIX) -> tuple[list[str], list[str]]:
+    """(topics the device may publish, topic filters it may read), built from `topics`.
+
+    Writes are the exact uplink topics and its presence (its last will); reads are exactly
+    the filters the device subscribes to, so the ACL and the device cannot drift apart.
+    """
+    write = [topics.up(device_id, kind, prefix) for kind in topics.UP_KINDS]
+    write.append(topics.device_status(device_id, prefix))
+    return write, topics.device_subscriptions(device_id, prefix)
+
+
+def acl_text(device_ids: list[str], prefix: str = topics.DEFAULT_PREFIX) -> str:
+    """Mosquitto ACL: the server owns the prefix; a device only its own topics. No anonymous."""
+    lines = ["# heron broker ACL, written by `heron devices provision`.",
+             "# Anything not listed is denied: publishes are dropped, subscriptions refused.",
+             "", f"user {SERVER_USER}", f"topic readwrite {prefix}/#"]
+    for dev in device_ids:
+        write, read = device_acl(dev, prefix)
+        lines += ["", f"user {dev}"]
+        lines += [f"topic write {t}" for t in write]
+        lines += [f"topic read {t}" for t in read]
+    return "\n".join(lines) + "\n"
+
+
+# -- options and result -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProvisionOptions:
+    out: Path
+    device_ids: tuple[str, ...]
+    port: int | None = None  # default 1883, or 8883 with TLS
+    prefix: str = topics.DEFAULT_PREFIX
+    host: str = "127.0.0.1"  # the listener binds here
+    advertise: str | None = None  # the host in the broker URL (default: host)
+    tls: bool = False
+    client_certs: bool = False  # with tls: every client also needs a certificate from the CA
+    broker_user: str | None = None  # account the broker runs as (default: the current one)
+    days: int = CERT_DAYS
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    out: Path
+    broker_url: str
+    prefix: str
+    conf: Path
+    credentials: dict[str, Path]  # device id (or "server") -> its credentials file
+    ca_file: Path | None
+    broker_user: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _check(opts: ProvisionOptions) -> None:
+    if not opts.device_ids:
+        raise ProvisionError("no device ids given; help: heron devices provision --out DIR "
+                             "dev-0 dev-1 ...")
+    try:
+        topics.validate_prefix(opts.prefix)
+        for dev in opts.device_ids:
+            topics.validate_id(dev)
+    except ValueError as exc:
+        raise ProvisionError(str(exc)) from exc
+    if any(c.isspace() or c == "%" for c in opts.prefix):
+        raise ProvisionError(f"topic prefix {opts.prefix!r} may not hold whitespace or '%' in "
+                             "a Mosquitto ACL; help: pick another --prefix")
+    dupes = sorted({d for d in opts.device_ids if opts.device_ids.count(d) > 1})
+    if dupes:
+        raise ProvisionError(f"device ids given twice: {', '.join(dupes)}")
+    if SERVER_USER in opts.device_ids or SERVER_CREDENTIALS in opts.device_ids:
+        raise ProvisionError(f"device ids {SERVER_USER!r} and {SERVER_CREDENTIALS!r} are "
+                             "reserved for the server's login; help: rename that device")
+    if opts.port is not None and not 0 < opts.port < 65536:
+        raise ProvisionError(f"--port {opts.port} is not a TCP port (1-65535)")
+    if opts.client_certs and not opts.tls:
+        raise ProvisionError("--client-certs needs --tls")
+    if opts.days < 1:
+        raise ProvisionError("--days must be at least 1")
+
+
+# -- files ------------------------------------------------------------------------------------
+def _write(path: Path, text: str, mode: int) -> None:
+    """Create with `mode` from the start, so a secret is never readable by others, even briefly."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), mode)  # O_CREAT's mode is ignored when the file already exists
+        fh.write(text)
+
+
+def _current_user() -> str | None:
+    try:
+        import pwd
+    except ImportError:  # not POSIX: Mosquitto has no `user` setting there
+        return None
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _can_traverse(path: Path, uid: int, gids: set[int]) -> Path | None:
+    """The first folder on the way to `path` that account (uid, gids) cannot enter, if any.
+
+    Folders that do not exist yet are skipped (checked again once made)."""
+    for folder in [*reversed(path.parents), path]:
+        if not folder.exists():
+            break
+        st = folder.stat()
+        mode = st.st_mode
+        ok = (st.st_uid == uid and mode & stat.S_IXUSR) or \
+            (st.st_gid in gids and mode & stat.S_IXGRP) or mode & stat.S_IXOTH
+        if not ok:
+            return folder
+    return None
+
+
+def _broker_account(opts: ProvisionOptions,
+                    out: Path) -> tuple[str | None, tuple[int, int, set[int]] | None]:
+    """(name for the config's `user` line, (uid, gid, groups) of that account if it is not
+    the current one: the broker's files are then chowned to it)."""
+    current = _current_user()
+    user = opts.broker_user or current
+    if current is None or user == current:
+        return user, None
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        raise ProvisionError(f"--broker-user {user} needs root, to give that account the files "
+                             f"the broker reads; help: run as root, or provision as {user} "
+                             "without --broker-user")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError as exc:
+        raise ProvisionError(f"--broker-user {user}: no such account; help: create it or "
+                             "leave the option out") from exc
+    gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    account = (pw.pw_uid, pw.pw_gid, gids)
+    _check_reachable(out, user, account)
+    return user, account
+
+
+def _check_reachable(out: Path, user: str, account: tuple[int, int, set[int]]) -> None:
+    blocked = _can_traverse(out, account[0], account[2])
+    if blocked is not None:
+        raise ProvisionError(f"the broker account {user} cannot enter {blocked}, so it could "
+                             f"not read {out}/passwd; help: pick an --out that {user} can reach "
+                             f"(e.g. /etc/heron) or `chmod o+x {blocked}`")
+
+
+def _url(host: str, port: int, tls: bool) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'mqtts' if tls else 'mqtt'}://{shown}:{port}"
+
+
+def _subject_alt_names(hosts: list[str]) -> str:
+    names = []
+    for h in dict.fromkeys(hosts):  # ordered, unique
+        try:
+            names.append(f"IP:{ipaddress.ip_address(h)}")
+        except ValueError:
+            names.append(f"DNS:{h}")
+    return ",".join(names)
+
+
+# -- TLS (openssl CLI) ------------------------------------------------------------------------
+_OPENSSL_CONF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = heron
+[ca_ext]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[server_ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+subjectAltName = {sans}
+[client_ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _openssl(binary: str, args: list[str], cwd: Path) -> None:
+    try:
+        proc = subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(f"openssl {args[0]} failed: {exc}") from exc
+    if proc.returncode != 0:
+        raise ProvisionError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}"
+                             "; help: heron needs OpenSSL 1.1.1 or newer")
+
+
+def _make_tls(work: Path, sans: str, clients: list[tuple[str, str]], days: int) -> None:
+    """ca.{crt,key}, server.{crt,key} and client-<name>.{crt,key} per client, in `work`."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise ProvisionError("--tls needs the `openssl` command to make the CA and certificates; "
+                             "help: install it (apt-get install openssl), or provision without "
+                             "--tls")
+    (work / "openssl.cnf").write_text(_OPENSSL_CONF.format(sans=sans))
+    cnf = ["-config", "openssl.cnf"]
+    _openssl(binary, ["req", "-x509", *cnf, "-extensions", "ca_ext", *_EC_KEY,
+                      "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
+                      "-subj", "/CN=heron fleet CA"], work)
+    leaves = [("server", "server_ext", sans.split(",")[0].split(":", 1)[1]),
+              *((f"client-{name}", "client_ext", cn) for name, cn in clients)]
+    for name, ext, cn in leaves:
+        _openssl(binary, ["req", "-new", *cnf, *_EC_KEY, "-keyout", f"{name}.key",
+                          "-out", f"{name}.csr", "-subj", f"/CN={cn}"], work)
+        _openssl(binary, ["x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt",
+                          "-CAkey", "ca.key", "-set_serial", str(secrets.randbits(120)),
+                          "-days", str(days), "-extfile", "openssl.cnf", "-extensions", ext,
+                          "-out", f"{name}.crt"], work)
+
+
+# -- the whole job ------------------------------------------------------------------------
+def provision(opts: ProvisionOptions) -> Provisioned:
+    _check(opts)
+    out = opts.out.resolve()
+    creds_dir, tls_dir = out / "credentials", out / "tls"
+    if creds_dir.is_dir() and any(creds_dir.glob("*.json")) and not opts.force:
+        raise ProvisionError(f"{creds_dir} already exists; help: pass --force to replace every "
+                             "credential there (old passwords stop working), or another --out")
+    user, owner = _broker_account(opts, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if owner is not None and user is not None:
+        _check_reachable(out, user, owner)  # the folders just made, under this umask
+    port = opts.port or (8883 if opts.tls else 1883)
+    advertise = opts.advertise or (socket.gethostname() if opts.host in _WILDCARD_HOSTS
+                                   else opts.host)
+    url = _url(advertise, port, opts.tls)
+    notes = []
+    if user == "root":
+        notes.append("the broker will run as root, the owner of these files; help: "
+                     "--broker-user mosquitto (as root) lets it drop privileges")
+
+    for old in (creds_dir, tls_dir):
+        if old.exists():
+            shutil.rmtree(old)
+    creds_dir.mkdir(mode=0o700)
+    ca_file: Path | None = None
+    certs: dict[str, tuple[Path, Path]] = {}
+    if opts.tls:
+        hosts = [advertise] + ([opts.host] if opts.host not in _WILDCARD_HOSTS else [])
+        clients = ([(SERVER_CREDENTIALS, SERVER_USER)] + [(d, d) for d in opts.device_ids]
+                   if opts.client_certs else [])
+        work = Path(tempfile.mkdtemp(prefix=".tls-", dir=out))  # 0700, same filesystem
+        try:
+            _make_tls(work, _subject_alt_names([*hosts, "127.0.0.1", "localhost"]), clients,
+                      opts.days)
+            tls_dir.mkdir(mode=0o755)
+            for name in ("ca.crt", "server.crt"):
+                os.chmod(work / name, 0o644)
+                os.replace(work / name, tls_dir / name)
+            for name in ("ca.key", "server.key"):
+                os.chmod(work / name, 0o600)
+                os.replace(work / name, tls_dir / name)
+            for name, _ in clients:
+                for ext in ("crt", "key"):
+                    os.chmod(work / f"client-{name}.{ext}", 0o600)
+                    os.replace(work / f"client-{name}.{ext}", creds_dir / f"{name}.{ext}")
+                certs[name] = (creds_dir / f"{name}.crt", creds_dir / f"{name}.key")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ca_file = tls_dir / "ca.crt"
+
+    logins = {SERVER_CREDENTIALS: SERVER_USER, **{d: d for d in opts.device_ids}}
+    entries, paths = [], {}
+    for name, username in logins.items():
+        password = secrets.token_urlsafe(PASSWORD_BYTES)
+        entries.append(f"{username}:{mosquitto_hash(password)}")
+        obj: dict[str, str] = {"username": username, "password": password, "broker": url,
+                               "prefix": opts.prefix}
+        if ca_file is not None:
+            obj["ca_file"] = str(ca_file)
+        if name in certs:
+            obj["cert_file"], obj["key_file"] = (str(p) for p in certs[name])
+        paths[name] = creds_dir / f"{name}.json"
+        _write(paths[name], json.dumps(obj, indent=2) + "\n", 0o600)
+
+    passwd, acl, conf = out / "passwd", out / "acl", out / "mosquitto.conf"
+    _write(passwd, "\n".join(entries) + "\n", 0o600)
+    _write(acl, acl_text(list(opts.device_ids), opts.prefix), 0o600)
+    _write(conf, mosquitto_conf(out, port, opts.host, user, tls=opts.tls,
+                                client_certs=opts.client_certs), 0o644)
+    if owner is not None:  # the broker reads these after dropping root
+        broker_files = [passwd, acl] + ([tls_dir / "server.key"] if opts.tls else [])
+        for path in broker_files:
+            os.chown(path, owner[0], owner[1])
+    return Provisioned(out, url, opts.prefix, conf, paths, ca_file, user, notes)
+
+
+def mosquitto_conf(out: Path, port: int, host: str, user: str | None, *, tls: bool = False,
+                   client_certs: bool = False) -> str:
+    lines = [
+        "# heron broker, written by `heron devices provision`. Start: mosquitto -c "
+        f"{out / 'mosquitto.conf'}",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {out / 'passwd'}",
+        f"acl_file {out / 'acl'}",
+        "persistence false",
+    ]
+    if user is not None:
+        lines += ["# the account the broker runs as when started as root; it reads passwd, acl "
+                  "and the TLS key", f"user {user}"]
+    # Listener options must follow their `listener` line: before it, Mosquitto would open
+    # an extra default listener on port 1883 for them.
+    lines += [f"listener {port} {host}" if host not in _WILDCARD_HOSTS else f"listener {port}",
+              "# the client id is the username: nobody can take over (or kick off) another's "
+              "session", "use_username_as_clientid true"]
+    if tls:
+        tls_dir = out / "tls"
+        lines += [f"cafile {tls_dir / 'ca.crt'}", f"certfile {tls_dir / 'server.crt'}",
+                  f"keyfile {tls_dir / 'server.key'}", "tls_version tlsv1.2",
+                  f"require_certificate {'true' if client_certs else 'false'}"]
+    return "\n".join(lines) + "\n"
+
+
+def summary(p: Provisioned, shards: str = "shards") -> str:
+    """What was written and the commands that use it."""
+    import shlex
+
+    def args(name: str) -> str:
+        obj = json.loads(p.credentials[name].read_text())
+        flags = [f"--credentials {shlex.quote(str(p.credentials[name]))}"]
+        flags += [f"--{key.replace('_', '-')} {shlex.quote(obj[key])}"
+                  for key in ("ca_file", "cert_file", "key_file") if key in obj]
+        if p.prefix != topics.DEFAULT_PREFIX:
+            flags.append(f"--prefix {shlex.quote(p.prefix)}")
+        return " ".join(flags)
+
+    devices = [name for name in p.credentials if name != SERVER_CREDENTIALS]
+    plural = "s" if len(devices) != 1 else ""
+    lines = [f"provisioned {len(devices)} device{plural} and the server for {p.broker_url} "
+             f"(prefix {p.prefix!r}) in {p.out}:",
+             f"  {p.out / 'credentials'}/  one login per device, and server.json (mode 600)",
+             f"  {p.out / 'passwd'}, {p.out / 'acl'}, {p.conf}"]
+    if p.ca_file is not None:
+        lines.append(f"  {p.ca_file.parent}/  the fleet CA and the broker's certificate")
+    lines += [f"note: {n}" for n in p.notes]
+    lines += ["start the broker, the server and each device with:",
+              f"  mosquitto -c {shlex.quote(str(p.conf))}",
+              f"  heron server --broker {p.broker_url} {args(SERVER_CREDENTIALS)} "
+              f"--devices {len(devices)} --out run/"]
+    for dev in devices[:3]:
+        lines.append(f"  heron device --broker {p.broker_url} {args(dev)} --id {dev} "
+                     f"--data {shards}/{dev}.npz")
+    if len(devices) > 3:
+        lines.append(f"  … and likewise for the other {len(devices) - 3} devices")
+    lines.append("copy to each device only its own credentials file (and the CA certificate)")
+    return "\n".join(lines)
