@@ -31,6 +31,7 @@ class FleetOptions:
     broker: str | None = None  # None: start the embedded broker
     prefix: str = "heron"
     device_env: dict[str, str] | None = None  # extra environment for device processes
+    credentials_dir: Path | None = None  # from `heron devices provision`: dev-N.json each
 
 
 def make_shards(opts: FleetOptions, shard_dir: Path) -> list[Path]:
@@ -54,7 +55,9 @@ def start_devices(opts: FleetOptions, broker: str, shards: list[Path]) -> list[s
         log = (logs / f"{dev}.log").open("w")
         procs.append(subprocess.Popen(
             _heron("device", "--broker", broker, "--id", dev, "--data", str(shard),
-                   "--threads", str(opts.device_threads), "--prefix", opts.prefix),
+                   "--threads", str(opts.device_threads), "--prefix", opts.prefix,
+                   *(["--credentials", str(opts.credentials_dir / f"{dev}.json")]
+                     if opts.credentials_dir else [])),
             stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL))
     return procs
 

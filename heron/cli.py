@@ -275,7 +275,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     (out / "run.json").write_text(json.dumps(saved, indent=2) + "\n")
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
-                         seed=args.seed, device_threads=args.device_threads, prefix=args.prefix)
+                         seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
+                         credentials_dir=Path(args.credentials_dir) if args.credentials_dir
+                         else None)
+    if args.credentials_dir:
+        missing = [n for n in ["server", *(f"dev-{i}" for i in range(args.devices))]
+                   if not (Path(args.credentials_dir) / f"{n}.json").is_file()]
+        if missing:
+            raise SystemExit(f"heron run: {args.credentials_dir} has no credentials for "
+                             f"{missing}; help: `heron devices provision --out DIR server "
+                             f"dev-0 ... dev-{args.devices - 1}` writes DIR/credentials/")
+        args.credentials = str(Path(args.credentials_dir) / "server.json")
     t0 = time.monotonic()
     try:
         existing = sorted((out / "shards").glob("dev-*.npz"), key=lambda p: int(p.stem[4:]))
@@ -446,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(run)
     run.add_argument("--out", help="run directory (default runs/TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    run.add_argument("--credentials-dir", default=None,
+                     help="DIR/credentials from `heron devices provision`: the server uses "
+                     "server.json, device N uses dev-N.json")
     run.add_argument("--resume", metavar="DIR", default=None,
                      help="continue an interrupted run in DIR with its saved options")
     run.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))

@@ -177,3 +177,31 @@ def test_heron_run_on_mnist_format_files(tmp_path: Path) -> None:
     summary = _summary(out, 6)
     assert summary["dataset"] == "mnist"
     assert summary["final_test_accuracy"] > 0.5
+
+
+def test_heron_run_resume_after_the_whole_fleet_was_killed(tmp_path: Path) -> None:
+    """SIGKILL to every process of a `heron run`, then `heron run --resume DIR`."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(heron("run", "--out", str(out), "--rounds", "8", "--local-steps",
+                                   "600", "--upload-every", "20"),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    assert first.stdout is not None
+    for line in first.stdout:
+        if line.startswith("round   3/8"):
+            break
+    time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+    completed = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 3 <= completed < 8
+    second = subprocess.run(heron("run", "--resume", str(out)), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
+    assert "resuming run" in second.stdout
+    summary = _summary(out, 8)  # every round exactly once
+    assert summary["final_test_accuracy"] > 0.8

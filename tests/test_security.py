@@ -430,3 +430,16 @@ def test_device_with_wrong_password_stops_with_a_clear_error(broker: Broker, sha
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "refused" in proc.stderr and "Not authorized" in proc.stderr
+
+
+def test_heron_run_with_provisioned_credentials(broker: Broker, tmp_path: Path) -> None:
+    """`heron run --credentials-dir`: the server and every device log in as themselves."""
+    out = tmp_path / "run"
+    proc = subprocess.run(heron("run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                                "--credentials-dir", str(broker.dir / "credentials"),
+                                "--devices", "2", "--rounds", "2", "--out", str(out)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["devices"]) == ["dev-0", "dev-1"]
+    assert "password" not in (out / "run.json").read_text()
