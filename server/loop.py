@@ -100,6 +100,9 @@ class Server:
         self.run_id = uuid.uuid4().hex[:12]
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        if opts.rounds < 1 or opts.devices < 1:
+            raise ValueError(f"--rounds and --devices must be >= 1, got {opts.rounds} and "
+                             f"{opts.devices}")
         if opts.min_devices is not None and opts.min_devices < 1:
             raise ValueError(f"--min-devices must be >= 1, got {opts.min_devices}")
         self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
