@@ -1,0 +1,301 @@
+"""Board profiles, the device config file, and the memory check a device runs before training:
+the check's logic on a known memory curve, then real dry runs and real refusals over a broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, heron
+
+from devices.pack import DEVICE_TOML, device_toml
+from edge_runtime.profiles import (
+    DEVICE_CONFIG_KEYS,
+    MemoryVerdict,
+    ProfileError,
+    check_memory,
+    load_device_config,
+    load_profile,
+    parse_flat_toml,
+    probe_batches,
+    profile_names,
+)
+
+SHIPPED = ["generic", "jetson-nano", "rpi-zero-2w", "rpi4"]
+PROFILE_DIR = ROOT / "devices" / "profiles"
+
+
+def _profile_file(tmp_path: Path, budget_mb: int, name: str = "board") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'description = "test board"\nmemory_mb = {max(budget_mb, 1024)}\n'
+                    f"budget_mb = {budget_mb}\ncores = 2\nthreads = 1\n")
+    return path
+
+
+# -- profiles and TOML ------------------------------------------------------------------------
+def test_shipped_profiles_are_found_by_file_name() -> None:
+    assert profile_names() == SHIPPED
+    for name in SHIPPED:
+        p = load_profile(name)
+        assert p.name == name and p.description
+        assert 1 <= p.budget_mb <= p.memory_mb and 1 <= p.threads <= p.cores
+    assert load_profile("rpi-zero-2w").memory_mb == 512
+    assert load_profile("rpi4").memory_mb == load_profile("jetson-nano").memory_mb == 4096
+
+
+def test_a_profile_file_by_path(tmp_path: Path) -> None:
+    p = load_profile(str(_profile_file(tmp_path, 300, "my-board")))
+    assert (p.name, p.budget_mb, p.threads) == ("my-board", 300, 1)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('description = "x"\nmemory_mb = 512\nbudget_mb = 256\ncores = 4\n', "missing key"),
+    ('description = "x"\nmemory_mb = 512\nbudget_mb = 600\ncores = 4\nthreads = 4\n',
+     "more than the board's memory_mb"),
+    ('description = "x"\nmemory_mb = 512\nbudget_mb = 256\ncores = 4\nthreads = true\n',
+     "should be a int"),
+    ('description = "x"\nmemory_mb = 512\nbudget_mb = 256\ncores = 4\nthreads = 4\nram = 1\n',
+     "unknown profile key"),
+    ('description = "x"\nmemory_mb = 512\nbudget_mb = 256\ncores = 2\nthreads = 4\n',
+     "threads 4 > cores 2"),
+])
+def test_bad_profiles_are_refused(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match=error):
+        load_profile(str(path))
+
+
+def test_unknown_profile_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(ProfileError) as exc:
+        load_profile("rpi5")
+    assert "help:" in str(exc.value) and all(n in str(exc.value) for n in SHIPPED)
+    with pytest.raises(ProfileError, match="no board profile"):
+        load_profile("../pyproject")
+
+
+def test_flat_parser_agrees_with_tomllib_on_every_shipped_file() -> None:
+    """Python 3.10 boards have no tomllib: the fallback must read what heron ships the same."""
+    tomllib = pytest.importorskip("tomllib")
+    texts = [p.read_text() for p in sorted(PROFILE_DIR.glob("*.toml"))]
+    texts.append(device_toml("mqtts://broker.example:8883", "rpi4"))
+    texts.append('a = "q\\"uote\\\\ \\t"  # c\nb = -1_000\nc = 2.5e-3\nd = false\n'
+                 "e = 'lit # not a comment'\nf = 0\ng = 1.0 # x\n")
+    assert len(texts) == len(SHIPPED) + 2
+    for text in texts:
+        assert parse_flat_toml(text) == tomllib.loads(text)
+
+
+def test_flat_parser_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(ProfileError, match="flat"):
+        parse_flat_toml("[board]\nx = 1\n")
+    with pytest.raises(ProfileError, match="unsupported value"):
+        parse_flat_toml("x = [1, 2]\n")
+    with pytest.raises(ProfileError, match="set twice"):
+        parse_flat_toml("x = 1\nx = 2\n")
+    with pytest.raises(ProfileError, match="after the value"):
+        parse_flat_toml('x = "a" b\n')
+
+
+def test_device_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text(DEVICE_TOML.replace("@BROKER@", "mqtt://h:1883").replace("@PROFILE@", "rpi4"))
+    cfg = load_device_config(path)
+    assert cfg == {"broker": "mqtt://h:1883", "id": "board-0", "data": "/var/lib/heron/shard.npz",
+                   "profile": "rpi4", "prefix": "heron"}
+    assert set(cfg) <= set(DEVICE_CONFIG_KEYS)
+    path.write_text('broker = "mqtt://h"\nbatch_size = 8\n')
+    with pytest.raises(ProfileError, match=r"unknown device config key\(s\) \['batch_size'\]"):
+        load_device_config(path)
+    with pytest.raises(ProfileError, match="help:"):
+        load_device_config(tmp_path / "missing.toml")
+
+
+# -- the check's logic on a known curve ------------------------------------------------------
+def _curve(base: float, per_sample: float, log: list[int]) -> Callable[[int], float]:
+    def measure(batch: int) -> float:
+        log.append(batch)
+        return base + per_sample * batch
+    return measure
+
+
+def test_probe_batches() -> None:
+    assert probe_batches(1) == [1]
+    assert probe_batches(32) == [1, 2, 4, 8, 16, 32]
+    assert probe_batches(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_fits_measures_every_rung_once() -> None:
+    log: list[int] = []
+    known: dict[int, float] = {}
+    v = check_memory(_curve(100, 2, log), 32, 1000, "the test budget", known=known)
+    assert v.fits and not v.extrapolated and v.needed_mb == 164 and v.largest_fitting == 32
+    assert log == [1, 2, 4, 8, 16, 32]
+    again = check_memory(_curve(100, 2, log), 16, 1000, "the test budget", known=known)
+    assert again.fits and log == [1, 2, 4, 8, 16, 32]  # nothing measured twice
+    assert "within the test budget" in again.message()
+
+
+def test_stops_before_a_step_that_would_not_fit_and_names_what_fits() -> None:
+    log: list[int] = []
+    v = check_memory(_curve(100, 2, log), 64, 150, "the rpi-zero-2w profile's budget",
+                     profile="rpi-zero-2w")
+    assert log == [1, 2, 4, 8, 16]  # 32 (predicted 164 MB) was never run
+    assert not v.fits and v.extrapolated and v.largest_fitting == 16
+    assert v.needed_mb == pytest.approx(100 + 2 * 64)
+    msg = v.message()
+    assert "batch size 16 fits" in msg and "--batch-size 16" in msg and "help:" in msg
+    assert "would need about 228 MB" in msg and "rpi-zero-2w" in msg
+    fields = v.join_fields()
+    assert fields["profile"] == "rpi-zero-2w" and fields["max_batch_measured_fit"] == 16
+
+
+def test_nothing_fits() -> None:
+    log: list[int] = []
+    v = check_memory(_curve(100, 2, log), 32, 50, "budget")
+    assert log == [1] and not v.fits and v.largest_fitting is None
+    assert "even batch size 1 does not fit" in v.message() and "help:" in v.message()
+    before = check_memory(_curve(100, 2, log), 32, 50, "budget", current_mb=80)
+    assert log == [1] and not before.fits and "before any training step" in before.message()
+
+
+def test_a_measured_step_over_the_budget_is_refused_even_if_predicted_to_fit() -> None:
+    """A jump the straight line did not see (e.g. an allocator doubling) is still caught."""
+    table = {1: 100.0, 2: 101.0, 4: 102.0, 8: 400.0}
+    v = check_memory(lambda b: table[b], 8, 300, "budget")
+    assert not v.fits and not v.extrapolated and v.needed_mb == 400 and v.largest_fitting == 4
+    assert isinstance(v, MemoryVerdict)
+
+
+# -- real dry runs ---------------------------------------------------------------------------
+def _dry_run(bundle: Path, shard: Path, profile: Path, batch: int,
+             env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[int, float]]:
+    proc = subprocess.run(heron("device", "--dry-run", "--bundle", str(bundle), "--data",
+                                str(shard), "--profile", str(profile), "--threads", "1",
+                                "--batch-size", str(batch)),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    measured = {int(b): float(mb) for b, mb in
+                re.findall(r"batch\s+(\d+): peak RSS\s+([\d.]+) MB", proc.stdout)}
+    return proc, measured
+
+
+@pytest.fixture(scope="module")
+def resnet_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A resnet18 stem+layer1 bundle (memory grows with the batch) and a 3x32x32 dataset."""
+    tmp = tmp_path_factory.mktemp("resnet")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((160, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 160)
+    np.savez(tmp / "data.npz", x_train=x[:128], y_train=y[:128], x_test=x[128:], y_test=y[128:])
+    np.savez(tmp / "shard.npz", x=x[:128], y=y[:128])
+    subprocess.run(heron("export", "--model", "resnet18", "--cut", "layer1", "--input-shape",
+                         "3,32,32", "--out", str(tmp / "bundle")),
+                   cwd=ROOT, check=True, capture_output=True, timeout=180)
+    return tmp, tmp / "bundle"
+
+
+@pytest.mark.slow
+def test_dry_run_measures_real_steps_without_torch(resnet_case: tuple[Path, Path],
+                                                   tmp_path: Path, no_torch_env: dict) -> None:
+    tmp, bundle = resnet_case
+    roomy = _profile_file(tmp_path, 20000, "roomy")
+    proc, measured = _dry_run(bundle, tmp / "shard.npz", roomy, 64, no_torch_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(measured) == [1, 2, 4, 8, 16, 32, 64] and "fits: batch size 64" in proc.stdout
+    assert measured[64] > measured[1]  # activations grow with the batch
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_round_with_a_batch_over_budget_is_refused_and_the_server_records_the_profile(
+        resnet_case: tuple[Path, Path], tmp_path: Path, mosquitto: str) -> None:
+    """Join: measured at batch 32 (fits). Round 1 asks for batch 64, over the budget: the
+    device refuses before training, names the batch that fits, tells the server, exits 5."""
+    tmp, bundle = resnet_case
+    _, measured = _dry_run(bundle, tmp / "shard.npz", _profile_file(tmp_path, 20000, "roomy"),
+                           64, dict(os.environ))
+    assert measured[64] - measured[32] > 20, measured  # room for a budget in between
+    budget = int((measured[32] + measured[64]) / 2)
+    small = _profile_file(tmp_path, budget, "small-board")
+    out = tmp_path / "run"
+    server = subprocess.Popen(heron("server", "--broker", mosquitto, "--out", str(out),
+                                    "--dataset", "npz", "--data-dir", str(tmp / "data.npz"),
+                                    "--model", "resnet18", "--cut", "layer1", "--devices", "1",
+                                    "--rounds", "1", "--batch-size", "64", "--local-steps", "2"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dev = subprocess.run(heron("device", "--broker", mosquitto, "--id", "small-0", "--data",
+                               str(tmp / "shard.npz"), "--profile", str(small), "--threads", "1"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    _, stderr = server.communicate(timeout=120)
+    assert server.returncode == 0, stderr[-3000:]
+    assert dev.returncode == 5, dev.stderr[-3000:]
+    assert "round 1 refused: batch size 64" in dev.stderr and "batch size 32 fits" in dev.stderr
+    assert "device small-0 reports: round 1 refused" in stderr and "--batch-size 32" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    prof = summary["device_profiles"]["small-0"]
+    assert prof["profile"] == "small-board" and prof["budget_mb"] == budget
+    assert prof["memory_batch"] == 32 and 0 < prof["memory_mb"] <= budget
+    assert prof["machine"] and prof["samples"] == 128
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["updates"] == [] and record["device_memory_mb"] == {"small-0": prof["memory_mb"]}
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_bundle_that_fits_no_batch_is_refused_at_join(tmp_path: Path, mosquitto: str) -> None:
+    shards = tmp_path / "shards"
+    subprocess.run(heron("devices", "partition", "--devices", "2", "--out", str(shards)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    out = tmp_path / "run"
+    server = subprocess.Popen(heron("server", "--broker", mosquitto, "--out", str(out),
+                                    "--devices", "1", "--rounds", "1", "--local-steps", "5"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tiny = _profile_file(tmp_path, 8, "tiny")  # less than any Python process holds
+    refused = subprocess.run(heron("device", "--broker", mosquitto, "--id", "tiny-0", "--data",
+                                   str(shards / "dev-0.npz"), "--profile", str(tiny)),
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 5, refused.stderr[-2000:]
+    assert "bundle refused: the device process already holds" in refused.stderr
+    ok = subprocess.run(heron("device", "--broker", mosquitto, "--id", "dev-1", "--data",
+                              str(shards / "dev-1.npz"), "--profile", "generic"),
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr[-2000:]
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "device tiny-0 reports: bundle refused" in stderr and "help:" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["device_profiles"]) == ["dev-1"]  # the refused one never got ready
+    assert summary["device_profiles"]["dev-1"]["profile"] == "generic"
+    assert summary["device_profiles"]["dev-1"]["memory_batch"] == 32
+
+
+def test_cli_config_file_and_flags(tmp_path: Path) -> None:
+    """`heron device --config`: the file fills what the flags leave out; flags win."""
+    cfg = tmp_path / "device.toml"
+    cfg.write_text('broker = "mqtt://127.0.0.1:1"\nid = "from-file"\nprofile = "nope"\n')
+    proc = subprocess.run(heron("device", "--config", str(cfg), "--data", "x.npz"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no board profile named 'nope'" in proc.stderr
+    proc = subprocess.run(heron("device", "--config", str(cfg), "--profile", "rpi4"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "missing --data" in proc.stderr and "help:" in proc.stderr
+
+
+def test_profiles_load_with_the_device_install_only(no_torch_env: dict) -> None:
+    """The loader lives in the torch-free core and reads package data, pulling in nothing
+    from the server side (no torch, no scikit-learn, not even ONNX Runtime)."""
+    code = ("import sys; from edge_runtime.profiles import load_profile, profile_names; "
+            "print([load_profile(n).budget_mb for n in profile_names()]); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'onnxruntime', 'devices.datasets') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=no_torch_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[1024, 2560, 256, 3072]", "[]"]
