@@ -222,7 +222,8 @@ def test_broker_restart_mid_round(tmp_path: Path, broker: Mosquitto, shards: Pat
         stop(devs)
     recs = metrics(out)
     assert [r["round"] for r in recs] == [1, 2, 3, 4, 5]
-    assert len(recs[-1]["updates"]) == 3  # everyone reconnected by themselves
+    assert len(recs[-1]["updates"]) == 3, (  # everyone reconnected by themselves
+        server.text()[-3000:] + "".join(d.text()[-1500:] for d in devs))
     assert recs[-1]["test_accuracy"] > 0.7  # chance: 0.1
 
 
