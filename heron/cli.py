@@ -444,6 +444,69 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_arg(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    _need_server_extra()  # the parent exports the bundle and counts FLOPs with torch and onnx
+    from baselines.profile import ProfileError, profile
+
+    try:
+        result = profile(args.algorithm, model=args.model, cut=args.cut, batch=args.batch,
+                         threads=args.threads, steps=args.steps, warmup=args.warmup,
+                         input_shape=args.input_shape, num_classes=args.num_classes)
+    except (ValueError, ProfileError) as exc:
+        raise SystemExit(f"heron profile: {exc}") from exc
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _need_server_extra()
+    from baselines.bench import run_cost
+    from baselines.profile import ProfileError
+
+    print(f"heron bench: {args.workload} workload, {args.model} batch {args.batch}, "
+          f"{args.steps} steps per algorithm; files in {Path(args.out).resolve()}", flush=True)
+    try:
+        report = run_cost(args.out, model=args.model, cut=args.cut, batch=args.batch,
+                          steps=args.steps, warmup=args.warmup, threads=args.threads,
+                          input_shape=args.input_shape, num_classes=args.num_classes,
+                          repeats=args.repeats, command=" ".join(["heron", *sys.argv[1:]]),
+                          progress=lambda line: print(line, flush=True))
+    except (ValueError, ProfileError) as exc:
+        raise SystemExit(f"heron bench: {exc}") from exc
+    print((Path(args.out) / "cost.md").read_text(), end="", flush=True)
+    if report["plot"] is None:
+        print("no cost.png: matplotlib is missing; help: pip install matplotlib", flush=True)
+    return 0
+
+
+def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--model", default="resnet18", help="cnn or resnet18 (resnet18)")
+    p.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
+    p.add_argument("--batch", type=int, default=64, help="device batch size (64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op / torch threads, the same for every algorithm "
+                   "(default: all cores)")
+    p.add_argument("--steps", type=int, default=steps, help=f"timed steps ({steps})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default: as many as --steps)")
+    p.add_argument("--input-shape", type=_shape_arg, default=(3, 32, 32),
+                   help="C,H,W of the random input (3,32,32: CIFAR-shaped)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes (10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heron", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -560,6 +623,27 @@ def build_parser() -> argparse.ArgumentParser:
     brk.add_argument("--host", default="127.0.0.1")
     brk.add_argument("--port", type=int, default=1883)
     brk.set_defaults(func=cmd_broker)
+
+    prof = sub.add_parser("profile", help="measure one device training step of an algorithm "
+                          "in a fresh process; prints JSON")
+    prof.add_argument("--algorithm", default="heron",
+                      choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+                      help="the device step to measure (heron)")
+    _add_profile_options(prof, steps=20)
+    prof.add_argument("--out", help="also write the JSON to this file")
+    prof.set_defaults(func=cmd_profile)
+
+    bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
+                           "JSON and plots into --out")
+    bench.add_argument("--workload", default="cost", choices=("cost",),
+                       help="cost: every algorithm's device step time, peak RSS, FLOPs and "
+                       "bytes (cost)")
+    bench.add_argument("--out", required=True, help="directory for cost.json, cost.md, cost.png")
+    _add_profile_options(bench, steps=20)
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="run the sweep this many times, alternating the order; each "
+                       "algorithm keeps its fastest run (1)")
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,424 @@
+"""`heron profile`: one algorithm's device training step, measured in a fresh process.
+
+The parent (which has torch and onnx) builds the bundle, counts FLOPs and payload bytes;
+a child process started for this one measurement builds the step, runs warm-up and timed
+steps and reports its own peak RSS. So each algorithm's memory is that of a process doing
+only its job: the ONNX Runtime algorithms' child imports edge_runtime and numpy, never
+torch (the result says so in ``torch_imported``); the torch algorithms' child imports torch
+and the model zoo, never ONNX Runtime.
+
+Timed steps and plain forwards alternate in blocks of k steps (k = upload_every), so that
+load from other processes on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from baselines.steps import ALGORITHMS, ORT_ALGORITHMS, StepSpec, make_runner
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LOCAL_STEPS = 40  # h, as edge_runtime.runtime.TrainConfig
+DEFAULT_UPLOAD_EVERY = 2  # k, as edge_runtime.runtime.TrainConfig
+ROUND_DEVICES = 5  # participants named in the RoundStart used for the byte count
+ONNX_FLOPS_METHOD = (
+    "ONNX graph: 2 x multiply-accumulates of every Conv/Gemm/MatMul node, shapes from onnx "
+    "shape inference at the profiled batch, x forward passes per step (the training graph: "
+    "client + aux head + loss); norms, activations, the loss and the ZO vector arithmetic "
+    "(direction, perturbation, Adam: O(d) each) are not counted")
+TORCH_FLOPS_METHOD = (
+    "torch.utils.flop_counter.FlopCounterMode over one step (forward and backward: "
+    "convolution, mm/addmm/bmm; 2 FLOPs per multiply-accumulate); norms, activations, the "
+    "loss and the optimizer are not counted")
+BYTES_METHOD = (
+    "MQTT payload bytes as heron's codec sends them (edge_runtime.messages.encode + chunk "
+    "headers). Per step: the smashed-data uploads (and, for SplitFed, cut-layer gradients "
+    "down) averaged over the round's steps. Per round: those plus the weights broadcast "
+    "(RoundStart) and the Update back (weights, and for heron the round's ZO seed log). "
+    "SplitFed's gradient is sized as a Smashed message carrying the gradient array (the "
+    "codec has no gradient kind). frozen: one smashed batch per step, ceil(h/k) per round, "
+    "no weights either way")
+
+
+class ProfileError(RuntimeError):
+    """The measured child process failed or returned something unusable."""
+
+
+# -- what the child process reports ----------------------------------------------------------
+def _proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status in MB (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Whole-process peak RSS as the kernel keeps it (VmHWM, reset at exec).
+
+    Not getrusage's ru_maxrss, which Linux carries across fork+exec (the child would report
+    the parent's peak). Read here rather than via edge_runtime.runtime.peak_rss_mb so a
+    torch child does not load ONNX Runtime just to read one line.
+    """
+    peak = _proc_status_mb("VmHWM")
+    if peak is None:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        peak = getattr(info, "peak_wset", info.rss) / 2**20
+    return peak
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("onnxruntime", "torch"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = str(mod.__version__)
+    return out
+
+
+def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
+    """Run in the child: build the step, warm up, then alternate timed steps and forwards."""
+    if spec.algorithm in ORT_ALGORITHMS:
+        import onnxruntime  # noqa: F401  (its import cost belongs to the baseline RSS)
+    else:
+        import torch  # noqa: F401
+    rss_import = _proc_status_mb("VmRSS")
+    runner = make_runner(spec)
+    block = spec.upload_every
+    if warmup:
+        runner.steps(warmup)
+        runner.forwards(min(warmup, block))
+    step_ms: list[float] = []
+    fwd_ms: list[float] = []
+    while len(step_ms) < steps:
+        n = min(block, steps - len(step_ms))
+        step_ms += runner.steps(n)
+        fwd_ms += runner.forwards(n)
+    threads = (runner.model.threads if spec.algorithm in ORT_ALGORITHMS  # type: ignore[attr-defined]
+               else sys.modules["torch"].get_num_threads())
+    return {
+        "step_ms": step_ms,
+        "forward_ms": fwd_ms,
+        "forwards_per_step": runner.forwards_per_step,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_import_mb": rss_import,
+        "threads_used": int(threads),
+        "torch_imported": "torch" in sys.modules,
+        "onnxruntime_imported": "onnxruntime" in sys.modules,
+        "versions": _versions(),
+    }
+
+
+def child_main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "--child":
+        print("usage: python -m baselines.profile --child SPEC_JSON STEPS,WARMUP (internal; "
+              "help: use `heron profile`)", file=sys.stderr)
+        return 2
+    spec = StepSpec.from_json(json.loads(argv[1]))
+    steps, warmup = (int(v) for v in argv[2].split(","))
+    print(json.dumps(measure(spec, steps, warmup)), flush=True)
+    return 0
+
+
+# -- what the parent counts --------------------------------------------------------------------
+def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
+    """2 x MACs of the Conv/Gemm/MatMul nodes of one forward pass at `batch` samples."""
+    import onnx
+    from onnx import shape_inference
+
+    proto = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(str(graph))
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_value = batch  # replaces the symbolic batch axis
+    proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    for init in proto.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+
+    def shape(name: str, node: Any) -> tuple[int, ...]:
+        if name not in shapes:
+            raise ValueError(f"no static shape for {name!r} ({node.op_type} {node.name!r}); "
+                             "cannot count its FLOPs")
+        return shapes[name]
+
+    macs = 0
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            out, w = shape(node.output[0], node), shape(node.input[1], node)
+            macs += math.prod(out) * math.prod(w[1:])  # w[1] is C_in / groups
+        elif node.op_type == "Gemm":
+            a = shape(node.input[0], node)
+            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+            macs += math.prod(shape(node.output[0], node)) * (a[0] if trans_a else a[1])
+        elif node.op_type == "MatMul":
+            a = shape(node.input[0], node)
+            macs += math.prod(shape(node.output[0], node)) * a[-1]
+        elif node.op_type in ("ConvTranspose", "Einsum", "Attention"):
+            raise ValueError(f"FLOP counting does not handle {node.op_type} yet")
+    return 2 * macs
+
+
+def _wire_bytes(msg: Any) -> int:
+    from edge_runtime.messages import chunk, encode
+
+    return sum(len(c) for c in chunk(encode(msg), msg.msg_id))
+
+
+def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
+                  device_params: int, local_steps: int, upload_every: int) -> dict[str, Any]:
+    """A device's payload bytes per step and per round for `algorithm` (see BYTES_METHOD).
+
+    `device_params` is what the device holds and exchanges: client + aux (heron, cse-fsl),
+    client (SplitFed), the whole model (fedavg); frozen exchanges no weights.
+    """
+    from edge_runtime.messages import RoundStart, Smashed, Update
+    from edge_runtime.runtime import TrainConfig
+
+    run, h, k = "0" * 32, local_steps, upload_every
+    uploads = -(-h // k)
+    smashed = _wire_bytes(Smashed(run, 1, "dev-0", step=0, activations=np.zeros(
+        (batch, *smashed_shape), np.float32), labels=np.zeros(batch, np.int64)))
+
+    def round_start(d: int) -> int:
+        return _wire_bytes(RoundStart(
+            run, 1, "server", weights=np.zeros(d, np.float32),
+            participants=tuple(f"dev-{i}" for i in range(ROUND_DEVICES)),
+            config=TrainConfig(local_steps=h, upload_every=k, batch_size=batch).to_json(),
+            bundle_sha256="0" * 64))
+
+    def update(d: int, zo_log: bool) -> int:
+        n = h if zo_log else 0
+        telemetry = {"peak_rss_mb": 123.45, "step_ms_median": 123.456, "step_ms_mean": 123.456,
+                     "round_s": 12.345, "loss_first": 2.302585, "loss_last": 2.302585,
+                     "loss_mean": 2.302585, "steps": h, "smashed_sent": uploads, "threads": 2,
+                     "bytes_in": 10**7, "bytes_out": 10**7}
+        return _wire_bytes(Update(run, 1, "dev-0", weights=np.zeros(d, np.float32),
+                                  num_samples=10_000, telemetry=telemetry,
+                                  zo_seeds=np.zeros(n, np.uint64),
+                                  zo_grads=np.zeros(n, np.float32)))
+
+    steps_per_round = h
+    if algorithm in ("heron", "cse-fsl"):
+        step_up, step_down = uploads * smashed / h, 0.0
+        up = uploads * smashed + update(device_params, zo_log=algorithm == "heron")
+        down = round_start(device_params)
+    elif algorithm in ("sflv1", "sflv2"):
+        grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
+            (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64)))
+        step_up, step_down = float(smashed), float(grad)
+        up = h * smashed + update(device_params, zo_log=False)
+        down = h * grad + round_start(device_params)
+    elif algorithm == "fedavg":
+        step_up = step_down = 0.0
+        up, down = update(device_params, zo_log=False), round_start(device_params)
+    elif algorithm == "frozen":
+        steps_per_round = uploads
+        step_up, step_down = float(smashed), 0.0
+        up, down = uploads * smashed, round_start(0)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    return {"bytes_per_step": round(step_up + step_down), "bytes_per_round": up + down,
+            "bytes_up_per_round": up, "bytes_down_per_round": down,
+            "steps_per_round": steps_per_round, "local_steps": h, "upload_every": k,
+            "bytes_method": BYTES_METHOD}
+
+
+def export_bundle(model: str, input_shape: tuple[int, int, int], num_classes: int,
+                  cut: str | None, out_dir: str | Path, seed: int = 0) -> Any:
+    """The device bundle every ONNX Runtime measurement runs (exported with torch, here)."""
+    from exporter.export import export_split
+
+    return export_split(model, input_shape, num_classes, out_dir, cut=cut, seed=seed)
+
+
+def _run_child(spec: StepSpec, steps: int, warmup: int, timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(spec.threads)  # the same for every algorithm
+    cmd = [sys.executable, "-m", "baselines.profile", "--child", json.dumps(spec.to_json()),
+           f"{steps},{warmup}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                              stdin=subprocess.DEVNULL, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as exc:
+        raise ProfileError(f"profiling {spec.algorithm} took more than {timeout:.0f} s; help: "
+                           "fewer --steps or a smaller --batch") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise ProfileError(f"profiling {spec.algorithm} failed (exit {proc.returncode}):\n{tail}")
+    try:
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError) as exc:
+        raise ProfileError(f"profiling {spec.algorithm} printed no result: "
+                           f"{proc.stdout[-500:]!r}") from exc
+
+
+def profile(
+    algorithm: str,
+    *,
+    model: str = "resnet18",
+    cut: str | None = None,
+    batch: int = 64,
+    threads: int | None = None,
+    steps: int = 20,
+    warmup: int | None = None,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    local_steps: int = DEFAULT_LOCAL_STEPS,
+    upload_every: int = DEFAULT_UPLOAD_EVERY,
+    seed: int = 0,
+    bundle_dir: str | Path | None = None,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
+
+    `warmup` defaults to `steps`. `bundle_dir` reuses an exported bundle (it must match
+    model, cut, input shape and classes); otherwise one is exported to a temporary directory.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; help: choose one of "
+                         f"{', '.join(ALGORITHMS)}")
+    warmup = steps if warmup is None else warmup
+    threads = threads or os.cpu_count() or 1
+    for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0),
+                               ("local_steps", local_steps, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    from edge_runtime.bundle import load_bundle
+    from exporter.zoo import build_split
+
+    split = build_split(model, input_shape, num_classes, cut=cut, seed=seed)  # validates all
+    with tempfile.TemporaryDirectory(prefix="heron-profile-") as tmp:
+        if bundle_dir is None:
+            bundle_dir = Path(tmp) / "bundle"
+            export_bundle(model, input_shape, num_classes, split.cut, bundle_dir, seed)
+        bundle = load_bundle(bundle_dir)
+        spec = StepSpec(algorithm=algorithm, model=model, cut=split.cut, batch=batch,
+                        threads=threads, input_shape=split.input_shape,
+                        num_classes=num_classes, upload_every=upload_every, seed=seed,
+                        bundle_dir=str(bundle_dir))
+        t0, load0 = time.monotonic(), _load_1min()
+        got = _run_child(spec, steps, warmup, timeout)
+        wall, load1 = time.monotonic() - t0, _load_1min()
+        if algorithm in ORT_ALGORITHMS:
+            if got["torch_imported"]:
+                raise ProfileError(f"the {algorithm} child imported torch; its memory would "
+                                   "not be a device's")
+            flops = onnx_graph_flops(bundle.graph, batch) * int(got["forwards_per_step"])
+            flops_method = ONNX_FLOPS_METHOD
+        else:
+            import torch
+
+            from baselines.steps import TorchRunner
+
+            torch_threads = torch.get_num_threads()
+            try:
+                flops = TorchRunner(spec).count_flops()
+            finally:
+                torch.set_num_threads(torch_threads)
+            flops_method = TORCH_FLOPS_METHOD
+    m = bundle.manifest
+    client = sum(p.size for p in m.params if p.role == "client")
+    server = sum(p.numel() for p in split.server.parameters())
+    device_params = {"heron": m.num_params, "cse-fsl": m.num_params, "sflv1": client,
+                     "sflv2": client, "fedavg": client + server, "frozen": 0}[algorithm]
+    step_ms, fwd_ms = got["step_ms"], got["forward_ms"]
+    step_med, fwd_med = statistics.median(step_ms), statistics.median(fwd_ms)
+    return {
+        "algorithm": algorithm, "model": model, "cut": split.cut, "batch": batch,
+        "input_shape": list(split.input_shape), "num_classes": num_classes,
+        "threads": threads, "threads_used": got["threads_used"],
+        "runtime": "onnxruntime" if algorithm in ORT_ALGORITHMS else "torch",
+        "steps": steps, "warmup": warmup,
+        "step_ms_median": round(step_med, 3), "step_ms_min": round(min(step_ms), 3),
+        "step_ms_max": round(max(step_ms), 3),
+        "forward_ms_median": round(fwd_med, 3), "forwards_per_step": got["forwards_per_step"],
+        "step_over_forwards": round(step_med / fwd_med, 4),
+        "forward_method": ("the same ONNX Runtime session run on fixed weights with the same "
+                           "outputs as the step's passes, in the same process"
+                           if algorithm in ORT_ALGORITHMS else
+                           "torch forward of the trained modules under no_grad, same process"),
+        "peak_rss_mb": round(got["peak_rss_mb"], 1),
+        "rss_after_import_mb": (None if got["rss_after_import_mb"] is None
+                                else round(got["rss_after_import_mb"], 1)),
+        "rss_method": "VmHWM of the fresh child process (/proc/self/status), whole process",
+        "torch_imported": got["torch_imported"],
+        "onnxruntime_imported": got["onnxruntime_imported"],
+        "trained_params": device_params if algorithm != "frozen" else 0,
+        "flops_per_step": flops, "flops_method": flops_method,
+        **payload_bytes(algorithm, batch=batch, smashed_shape=tuple(m.smashed_shape),
+                        device_params=device_params, local_steps=local_steps,
+                        upload_every=upload_every),
+        "versions": {**got["versions"], "heron": _heron_version()},
+        "machine": machine(),
+        "step_ms_samples": [round(t, 3) for t in step_ms],
+        "forward_ms_samples": [round(t, 3) for t in fwd_ms],
+        "wall_s": round(wall, 2),
+        # other processes on the machine skew timings (not memory, FLOPs or bytes): record it
+        "load_avg_1min": [load0, load1],
+    }
+
+
+def _load_1min() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _heron_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("heron-sfl")
+    except Exception:  # not installed: running from the checkout
+        return "checkout"
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model and memory of this machine, for the record."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        import psutil
+
+        mem = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": mem,
+            "platform": platform.platform()}
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

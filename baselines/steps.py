@@ -1,0 +1,291 @@
+"""One device training step per algorithm, for profiling (never used by a federation).
+
+Every runner holds one fixed random batch of the profiled size and times the device's
+compute between two steps, the network left out: a step that would publish or wait for a
+message hands the array to a no-op instead. Each step draws a fresh permutation of the batch,
+as a device's sampler does.
+
+- ``heron``: ONNX Runtime from the exported bundle, through edge_runtime's own
+  ``train_round`` (so ``LocalModel.run``, ``zo.estimate`` and ``zo.apply`` exactly as a
+  device runs them, smashed data requested every k-th step).
+- ``frozen``: the same bundle and session, one forward per step for the smashed data, no
+  update. Like ``heron`` it needs no torch.
+- ``cse-fsl``: torch forward, backward and Adam step of client + aux head on the local loss.
+- ``sflv1``, ``sflv2``: torch client forward, backward of a (server-provided) cut-layer
+  gradient, Adam step. V1 and V2 differ only on the server, so the device step is the same.
+- ``fedavg``: the whole model forward, backward and Adam step on the device.
+
+Only the ONNX Runtime runners may be built in a process that must stay torch-free; torch is
+imported inside the torch runner.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
+ORT_ALGORITHMS = ("heron", "frozen")  # ONNX Runtime on a bundle; the process never imports torch
+TORCH_ALGORITHMS = ("cse-fsl", "sflv1", "sflv2", "fedavg")
+TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything a (child) process needs to rebuild the same step."""
+
+    algorithm: str
+    model: str
+    cut: str
+    batch: int
+    threads: int
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    upload_every: int = 2  # k: the smashed data leave every k-th step
+    seed: int = 0
+    bundle_dir: str | None = None  # required by the ONNX Runtime algorithms
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
+                             f"{', '.join(ALGORITHMS)}")
+        for name in ("batch", "threads", "upload_every", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.algorithm in ORT_ALGORITHMS and not self.bundle_dir:
+            raise ValueError(f"{self.algorithm} runs from an exported bundle; pass bundle_dir")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> StepSpec:
+        fields = dict(obj)
+        fields["input_shape"] = tuple(int(s) for s in fields["input_shape"])
+        return StepSpec(**fields)
+
+
+class Runner(Protocol):
+    forwards_per_step: int  # forward passes of the network inside one step
+
+    def steps(self, n: int) -> list[float]:
+        """Run n consecutive steps (step indices 0..n-1); milliseconds per step."""
+        ...
+
+    def forwards(self, n: int) -> list[float]:
+        """The plain forward passes of n such steps, fixed weights; milliseconds per step."""
+        ...
+
+
+def random_batch(spec: StepSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The profiled batch: values do not matter for cost, only shapes and dtypes."""
+    rng = np.random.default_rng(spec.seed)
+    x = rng.standard_normal((spec.batch, *spec.input_shape), dtype=np.float32)
+    y = rng.integers(0, spec.num_classes, spec.batch).astype(np.int64)
+    return x, y
+
+
+def make_runner(spec: StepSpec) -> Runner:
+    if spec.algorithm == "heron":
+        return HeronRunner(spec)
+    if spec.algorithm == "frozen":
+        return FrozenRunner(spec)
+    return TorchRunner(spec)
+
+
+# -- ONNX Runtime (torch-free) -----------------------------------------------------------------
+class _OrtBase:
+    def __init__(self, spec: StepSpec) -> None:
+        from edge_runtime.bundle import load_bundle
+        from edge_runtime.runtime import LocalModel
+
+        assert spec.bundle_dir is not None  # checked by StepSpec
+        self.spec = spec
+        self.bundle = load_bundle(spec.bundle_dir)
+        m = self.bundle.manifest
+        if (m.model, m.cut, tuple(m.input_shape), m.num_classes) != (
+                spec.model, spec.cut, spec.input_shape, spec.num_classes):
+            raise ValueError(f"bundle {spec.bundle_dir} is {m.model}/{m.cut} on "
+                             f"{tuple(m.input_shape)} with {m.num_classes} classes, not "
+                             f"{spec.model}/{spec.cut} on {spec.input_shape} with "
+                             f"{spec.num_classes}; help: export the bundle for this profile")
+        self.model = LocalModel(self.bundle, spec.threads)
+        self.x, self.y = random_batch(spec)
+        self.model.check_data(self.x, self.y)
+        self.theta = self.bundle.weights.copy()
+        self.smashed: np.ndarray | None = None
+
+    def _feeds(self) -> dict[str, np.ndarray]:
+        from edge_runtime.bundle import INPUT_NAME, LABEL_NAME
+
+        return {INPUT_NAME: self.x, LABEL_NAME: self.y, **self.bundle.unflatten(self.theta)}
+
+    def _timed_passes(self, n: int, passes: list[list[tuple[str, ...]]]) -> list[float]:
+        """Run the given output lists per step on fixed feeds, timing each step's set."""
+        feeds = self._feeds()
+        run = self.model.session.run
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            for outputs in passes[i]:
+                run(list(outputs), feeds)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
+
+
+class HeronRunner(_OrtBase):
+    """The device's ZO step, through `edge_runtime.runtime.train_round` itself."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        super().__init__(spec)
+        from edge_runtime.runtime import TrainConfig
+
+        # The device's defaults: forward differences, q = 1, Gaussian directions, Adam.
+        self.cfg = TrainConfig(local_steps=1, upload_every=spec.upload_every,
+                               batch_size=spec.batch, seed=spec.seed)
+        self.round = 0
+        self.forwards_per_step = len(self._passes(1))
+
+    def _passes(self, step: int) -> list[tuple[str, ...]]:
+        """The outputs of each forward pass train_round makes at `step` (with uploads on)."""
+        from edge_runtime.bundle import LOSS_OUTPUT, SMASHED_OUTPUT
+
+        upload = step % self.cfg.upload_every == 0
+        zc = self.cfg.zo
+        passes: list[tuple[str, ...]] = []
+        if zc.scheme == "forward" or upload:
+            passes.append((LOSS_OUTPUT, SMASHED_OUTPUT) if upload else (LOSS_OUTPUT,))
+        per_direction = 1 if zc.scheme == "forward" else 2
+        passes += [(LOSS_OUTPUT,)] * (zc.q * per_direction)
+        return passes
+
+    def _on_smashed(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
+        self.smashed = activations  # a device would encode and publish it here
+
+    def steps(self, n: int) -> list[float]:
+        from edge_runtime.runtime import train_round
+
+        res = train_round(self.model, self.theta, self.x, self.y,
+                          replace(self.cfg, local_steps=n), round_idx=self.round,
+                          device_id="profile", on_smashed=self._on_smashed)
+        self.theta = res.theta
+        self.round += 1
+        return list(res.step_ms)
+
+    def forwards(self, n: int) -> list[float]:
+        return self._timed_passes(n, [self._passes(i) for i in range(n)])
+
+
+class FrozenRunner(_OrtBase):
+    """A device that never trains: one forward for the smashed data per step."""
+
+    forwards_per_step = 1
+
+    def steps(self, n: int) -> list[float]:
+        from edge_runtime.bundle import SMASHED_OUTPUT
+
+        rng = np.random.default_rng([self.spec.seed, 1])
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            idx = rng.permutation(self.spec.batch)
+            self.smashed = self.model.run(self.theta, self.x[idx], self.y[idx],
+                                          (SMASHED_OUTPUT,))[0]
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
+
+    def forwards(self, n: int) -> list[float]:
+        from edge_runtime.bundle import SMASHED_OUTPUT
+
+        return self._timed_passes(n, [[(SMASHED_OUTPUT,)]] * n)
+
+
+# -- PyTorch --------------------------------------------------------------------------------
+class TorchRunner:
+    """First-order device steps in eager PyTorch (CPU), Adam on the trained modules."""
+
+    forwards_per_step = 1
+
+    def __init__(self, spec: StepSpec) -> None:
+        import torch
+
+        from exporter.zoo import build_split
+
+        torch.set_num_threads(spec.threads)
+        self.torch = torch
+        self.spec = spec
+        split = build_split(spec.model, spec.input_shape, spec.num_classes, cut=spec.cut,
+                            seed=spec.seed)
+        self.split = split
+        trained = {"cse-fsl": [split.client, split.aux], "sflv1": [split.client],
+                   "sflv2": [split.client], "fedavg": [split.client, split.server]}
+        self.modules = trained[spec.algorithm]
+        params = [p for m in self.modules for p in m.parameters()]
+        self.num_params = sum(p.numel() for p in params)
+        self.opt = torch.optim.Adam(params, lr=TORCH_LR)
+        x, y = random_batch(spec)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        rng = np.random.default_rng([spec.seed, 2])
+        # SplitFed: the server sends dL/d(smashed) back each step; any values cost the same.
+        self.cut_grad = torch.from_numpy(1e-3 * rng.standard_normal(
+            (spec.batch, *split.smashed_shape), dtype=np.float32))
+        self.rng = np.random.default_rng([spec.seed, 1])
+        self.smashed: Any = None
+
+    def _step(self, step: int) -> None:
+        torch = self.torch
+        F = torch.nn.functional
+        s = self.split
+        idx = torch.from_numpy(self.rng.permutation(self.spec.batch))
+        xb, yb = self.x[idx], self.y[idx]
+        self.opt.zero_grad(set_to_none=True)
+        if self.spec.algorithm == "cse-fsl":
+            smashed = s.client(xb)
+            F.cross_entropy(s.aux(smashed), yb).backward()
+            if step % self.spec.upload_every == 0:
+                self.smashed = smashed.detach()  # a device would publish it here
+        elif self.spec.algorithm in ("sflv1", "sflv2"):
+            smashed = s.client(xb)
+            self.smashed = smashed.detach()  # published every step, before the gradient returns
+            smashed.backward(self.cut_grad)
+        else:  # fedavg
+            F.cross_entropy(s.server(s.client(xb)), yb).backward()
+        self.opt.step()
+
+    def _forward(self) -> None:
+        s = self.split
+        if self.spec.algorithm == "cse-fsl":
+            s.aux(s.client(self.x))
+        elif self.spec.algorithm == "fedavg":
+            s.server(s.client(self.x))
+        else:
+            s.client(self.x)
+
+    def steps(self, n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            self._step(i)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
+
+    def forwards(self, n: int) -> list[float]:
+        times = []
+        with self.torch.no_grad():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                self._forward()
+                times.append((time.perf_counter() - t0) * 1000.0)
+        return times
+
+    def count_flops(self) -> int:
+        """FLOPs of one step as torch's FlopCounterMode counts them (forward and backward)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self._step(1)
+        return int(counter.get_total_flops())

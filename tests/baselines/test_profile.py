@@ -1,0 +1,157 @@
+"""`heron profile` and `heron bench --workload cost` on a tiny configuration (cnn on 1x8x8,
+batch 8, 2 steps): every algorithm reports every field, the ONNX Runtime algorithms run in
+a process without torch, FLOPs and bytes agree with references, the files get written.
+
+No timing is compared here: these are measurements, checked for shape and sanity only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, heron
+from torch.utils.flop_counter import FlopCounterMode
+
+from baselines.bench import run_cost
+from baselines.profile import onnx_graph_flops, payload_bytes
+from baselines.steps import ALGORITHMS, ORT_ALGORITHMS
+from edge_runtime.messages import Smashed, encode
+from exporter.export import export_split, train_graph
+from exporter.zoo import build_split
+
+TINY = {"model": "cnn", "batch": 8, "input_shape": (1, 8, 8), "num_classes": 10}
+FIELDS = {
+    "algorithm": str, "model": str, "cut": str, "batch": int, "threads": int,
+    "step_ms_median": float, "step_ms_min": float, "step_ms_max": float,
+    "forward_ms_median": float, "forwards_per_step": int, "step_over_forwards": float,
+    "peak_rss_mb": float, "flops_per_step": int, "flops_method": str,
+    "bytes_per_step": int, "bytes_per_round": int, "bytes_up_per_round": int,
+    "bytes_down_per_round": int, "versions": dict, "torch_imported": bool,
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    report = run_cost(out, steps=2, warmup=1, threads=1, progress=lambda _: None, **TINY)
+    return out, report
+
+
+def test_bench_profiles_every_algorithm_with_all_fields(
+        bench: tuple[Path, dict[str, Any]]) -> None:
+    _, report = bench
+    assert [r["algorithm"] for r in report["results"]] == list(ALGORITHMS)
+    for r in report["results"]:
+        for name, kind in FIELDS.items():
+            assert isinstance(r[name], kind), (r["algorithm"], name, r.get(name))
+        assert (r["model"], r["cut"], r["batch"], r["threads"]) == ("cnn", "conv1", 8, 1)
+        assert r["threads_used"] == 1
+        assert 0 < r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+        assert len(r["step_ms_samples"]) == 2 and r["forward_ms_median"] > 0
+        assert r["peak_rss_mb"] > 10 and r["flops_per_step"] > 0
+        assert r["bytes_per_round"] == r["bytes_up_per_round"] + r["bytes_down_per_round"] > 0
+        assert r["versions"]["python"] and r["versions"]["numpy"]
+
+
+def test_onnx_runtime_algorithms_never_import_torch(bench: tuple[Path, dict[str, Any]]) -> None:
+    for r in bench[1]["results"]:
+        ort_side = r["algorithm"] in ORT_ALGORITHMS
+        assert r["torch_imported"] is not ort_side, r["algorithm"]
+        assert r["onnxruntime_imported"] is ort_side, r["algorithm"]
+        assert ("onnxruntime" in r["versions"]) is ort_side
+        assert ("torch" in r["versions"]) is not ort_side
+
+
+def test_heron_makes_two_forwards_per_step_and_counts_their_flops(
+        bench: tuple[Path, dict[str, Any]]) -> None:
+    by = {r["algorithm"]: r for r in bench[1]["results"]}
+    assert by["heron"]["forwards_per_step"] == 2 and by["frozen"]["forwards_per_step"] == 1
+    assert by["heron"]["flops_per_step"] == 2 * by["frozen"]["flops_per_step"]
+    assert by["fedavg"]["flops_per_step"] > by["cse-fsl"]["flops_per_step"]
+    assert by["heron"]["trained_params"] == by["cse-fsl"]["trained_params"]
+    assert by["sflv1"]["trained_params"] < by["cse-fsl"]["trained_params"]  # no aux head
+
+
+def test_bench_writes_json_markdown_and_plot(bench: tuple[Path, dict[str, Any]]) -> None:
+    out, report = bench
+    saved = json.loads((out / "cost.json").read_text())
+    assert saved["results"] == report["results"]
+    assert saved["ratios_vs_cse_fsl"]["cse-fsl"]["peak_rss"] == 1.0
+    assert {t["target"] for t in saved["targets"]} == {"memory", "speed vs forwards",
+                                                       "speed vs cse-fsl"}
+    table = (out / "cost.md").read_text()
+    for alg in ALGORITHMS:
+        assert f"| {alg} |" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnx_flops_equal_torch_flop_counter_on_the_same_forward(tmp_path: Path) -> None:
+    for model, shape in (("cnn", (1, 8, 8)), ("resnet18", (3, 8, 8))):
+        manifest = export_split(model, shape, 10, tmp_path / model)
+        graph = train_graph(build_split(model, shape, 10))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            graph(torch.zeros(4, *shape), torch.zeros(4, dtype=torch.long))
+        assert onnx_graph_flops(tmp_path / model / "train.onnx", 4) == \
+            counter.get_total_flops(), manifest.model
+
+
+def test_payload_bytes_follow_each_protocol() -> None:
+    kw: dict[str, Any] = {"batch": 8, "smashed_shape": (16, 8, 8), "device_params": 330,
+                          "local_steps": 10, "upload_every": 2}
+    b = {alg: payload_bytes(alg, **kw) for alg in ALGORITHMS}
+    smashed = len(encode(Smashed("0" * 32, 1, "dev-0", activations=np.zeros(
+        (8, 16, 8, 8), np.float32), labels=np.zeros(8, np.int64))))
+    assert smashed > 8 * 16 * 8 * 8 * 4
+    assert b["heron"]["bytes_per_step"] >= math.floor(smashed / 2)  # every 2nd step
+    assert b["sflv1"]["bytes_per_step"] > 2 * smashed - 1  # smashed up and gradient down
+    assert b["sflv1"] == b["sflv2"]
+    assert b["fedavg"]["bytes_per_step"] == 0
+    assert b["heron"]["bytes_per_round"] > b["cse-fsl"]["bytes_per_round"]  # the ZO seed log
+    assert b["frozen"]["bytes_up_per_round"] == 5 * b["frozen"]["bytes_per_step"]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        payload_bytes("nope", **kw)
+
+
+def test_heron_profile_command_prints_one_json_object(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    proc = subprocess.run(
+        heron("profile", "--model", "cnn", "--input-shape", "1,8,8", "--batch", "8",
+              "--algorithm", "heron", "--threads", "1", "--steps", "2", "--out", str(out)),
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["algorithm"] == "heron" and printed["torch_imported"] is False
+    assert printed["steps"] == printed["warmup"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithm", "sfl"], "invalid choice"),
+    (["--input-shape", "8,8"], "expected C,H,W"),
+    (["--model", "vgg"], "unknown model"),
+    (["--model", "cnn", "--cut", "layer9"], "unknown cut"),
+])
+def test_bad_profile_options_fail_with_a_hint(argv: list[str], message: str) -> None:
+    proc = subprocess.run(heron("profile", *argv), capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_bench_repeats_keep_each_algorithms_fastest_run(tmp_path: Path) -> None:
+    report = run_cost(tmp_path, steps=1, warmup=0, threads=1, repeats=2,
+                      algorithms=("heron", "frozen"), progress=lambda _: None, **TINY)
+    assert report["config"]["repeats"] == 2 and report["ratios_vs_cse_fsl"] is None
+    for r in report["results"]:
+        assert len(r["repeats_step_ms_median"]) == 2
+        assert r["step_ms_median"] == min(r["repeats_step_ms_median"])
+    with pytest.raises(ValueError, match="unknown algorithms"):
+        run_cost(tmp_path, algorithms=("sfl",), **TINY)
