@@ -171,7 +171,14 @@ def test_federation_with_an_emulated_aarch64_board(tmp_path: Path, mosquitto: st
                       str(shards / "dev-0.npz"), "--threads", "1"),
                 cwd=ROOT, stdout=(logs / "dev-0.log").open("w"), stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL))
-            stdout, _ = server.communicate(timeout=900)
+            deadline = time.monotonic() + 900
+            while server.poll() is None and time.monotonic() < deadline:
+                # a board that dies early (bad install, missing file) fails the test now,
+                # not after the server's join timeout
+                early = [p for p in procs[1:] if p.poll() not in (None, 0)]
+                assert not early, (logs / "arm-0.log").read_text()[-3000:]
+                time.sleep(0.5)
+            stdout, _ = server.communicate(timeout=30)
             codes = [p.wait(timeout=120) for p in procs[1:]]
             t_run = time.monotonic() - t2
         finally:
