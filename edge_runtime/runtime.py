@@ -28,11 +28,14 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.data import BatchSampler
 
+DEVICE_ALGORITHMS = ("heron", "frozen")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What the server tells every device to do in a round (strict: unknown keys fail)."""
 
+    algorithm: str = "heron"  # heron: ZO-train client+aux; frozen: never update (baseline)
     local_steps: int = 40  # h: ZO steps per round
     upload_every: int = 2  # k: smashed data every k steps
     batch_size: int = 32
@@ -45,6 +48,9 @@ class TrainConfig:
         for name in ("local_steps", "upload_every", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.algorithm not in DEVICE_ALGORITHMS:
+            raise ValueError(f"the ONNX Runtime device runs {DEVICE_ALGORITHMS}, not "
+                             f"{self.algorithm!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +186,15 @@ def train_round(
         idx = sampler.next_indices()
         xb, yb = x[idx], y[idx]
         upload = on_smashed is not None and step % cfg.upload_every == 0
+        if cfg.algorithm == "frozen":  # the reviewers' baseline: smashed data, no update
+            if upload:
+                outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT))
+                assert on_smashed is not None
+                on_smashed(step, outs[1], yb)
+                sent += 1
+                losses.append(float(outs[0]))
+            times.append((time.perf_counter() - t0) * 1000.0)
+            continue
         if cfg.zo.scheme == "forward" or upload:
             outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
                              else (LOSS_OUTPUT,))

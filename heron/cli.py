@@ -91,6 +91,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-round", type=int, default=None,
                    help="devices picked per round (default: all)")
     g.add_argument("--model", default="cnn", help="cnn or resnet18 (cnn)")
+    g.add_argument("--algorithm", default="heron", choices=("heron", "frozen"),
+                   help="heron: devices train client+aux by ZO; frozen: devices never update "
+                   "(only the server trains), the baseline HERON must beat (heron)")
     g.add_argument("--cut", default=None,
                    help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2)")
     g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
@@ -129,7 +132,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     from edge_runtime.zo import OptimizerConfig, ZOConfig
 
     return TrainConfig(
-        local_steps=args.local_steps, upload_every=args.upload_every,
+        algorithm=args.algorithm, local_steps=args.local_steps, upload_every=args.upload_every,
         batch_size=args.batch_size, seed=args.seed,
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution),
         optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr))
@@ -138,7 +141,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _server_argv(args: argparse.Namespace) -> list[str]:
     """Forward the federation options of `heron run` to the server process."""
     argv = []
-    for name in ("dataset", "data_dir", "seed", "devices", "rounds", "per_round", "model", "cut",
+    for name in ("algorithm", "dataset", "data_dir", "seed", "devices", "rounds", "per_round",
+                 "model", "cut",
                  "weighting", "round_timeout", "join_timeout", "min_devices", "max_update_norm",
                  "local_steps", "upload_every",
                  "batch_size", "mu", "q", "scheme", "distribution", "device_optimizer",

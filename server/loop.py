@@ -74,7 +74,6 @@ class ServerOptions:
     max_update_norm: float | None = None  # bound on |device weights - global weights|
     max_weight_abs: float = 1e4  # larger weights are treated as a broken or hostile update
     credentials: Credentials | None = None
-    algorithm: str = "heron"
 
 
 @dataclass
@@ -395,7 +394,7 @@ class Server:
                 print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
                 return self._finish(t_start)
             self._wait_for_devices()
-            print(f"run {self.run_id}: {o.algorithm} {o.model}/{self.manifest.cut} on "
+            print(f"run {self.run_id}: {o.train.algorithm} {o.model}/{self.manifest.cut} on "
                   f"{o.dataset}, {len(self.ready)} devices, rounds {self.first_round}..{o.rounds}"
                   f", {self.manifest.num_params} device params", flush=True)
             for r in range(self.first_round, o.rounds + 1):
@@ -421,7 +420,7 @@ class Server:
         accs = [r["test_accuracy"] for r in self.records]
         summary = {
             "run_id": self.run_id,
-            "algorithm": o.algorithm,
+            "algorithm": o.train.algorithm,
             "model": o.model,
             "cut": self.manifest.cut,
             "dataset": o.dataset,

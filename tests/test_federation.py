@@ -205,3 +205,21 @@ def test_heron_run_resume_after_the_whole_fleet_was_killed(tmp_path: Path) -> No
     assert "resuming run" in second.stdout
     summary = _summary(out, 8)  # every round exactly once
     assert summary["final_test_accuracy"] > 0.8
+
+
+def test_frozen_baseline_never_changes_the_device_weights(tmp_path: Path) -> None:
+    """`--algorithm frozen`: only the server trains; the device part stays as exported."""
+    import torch
+
+    from edge_runtime.bundle import load_bundle
+
+    out = tmp_path / "run"
+    proc = subprocess.run(heron("run", "--algorithm", "frozen", "--out", str(out), *FAST),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(out, 10)
+    assert summary["algorithm"] == "frozen"
+    start = load_bundle(out / "bundle").weights
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["device_weights"].numpy()
+    assert np.array_equal(start, final)
+    assert summary["final_test_accuracy"] > 0.5  # the server alone still learns

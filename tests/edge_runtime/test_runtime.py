@@ -285,3 +285,20 @@ def test_step_seeds_differ_by_run_round_device_and_step() -> None:
     assert len({base, *others}) == 5
     assert step_seed(0, 0, "dev-0", 0) == base
     assert 0 <= base < 2**64
+
+
+def test_frozen_round_uploads_smashed_data_and_never_updates(
+        model: LocalModel, bundle: Bundle, shard: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = shard
+    sent: list[int] = []
+    cfg = TrainConfig(algorithm="frozen", local_steps=10, upload_every=3)
+    result = train_round(model, bundle.weights.copy(), x, y, cfg, round_idx=1,
+                         device_id="d", on_smashed=lambda step, a, lab: sent.append(step))
+    assert np.array_equal(result.theta, bundle.weights)
+    assert sent == [0, 3, 6, 9] and result.smashed_sent == 4
+    assert result.seeds.size == 0 and len(result.losses) == 4
+
+
+def test_unknown_algorithm_is_refused() -> None:
+    with pytest.raises(ValueError, match="cse-fsl"):
+        TrainConfig(algorithm="cse-fsl")
