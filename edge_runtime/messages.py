@@ -1,4 +1,4 @@
-"""Message kinds and their binary wire format (no pickle, no JSON-encoded arrays).
+"""Message kinds and their binary wire format (no object serialization, no JSON-encoded arrays).
 
 A message is ``MAGIC | u32 header length | header JSON | raw array bytes``. The header
 carries the envelope (kind, run id, round, message id, sender), small JSON metadata and an
