@@ -32,6 +32,7 @@ class FleetOptions:
     prefix: str = "heron"
     device_env: dict[str, str] | None = None  # extra environment for device processes
     credentials_dir: Path | None = None  # from `heron devices provision`: dev-N.json each
+    torch_devices: bool = False  # first-order baselines: `heron device --torch`
 
 
 def make_shards(opts: FleetOptions, shard_dir: Path) -> list[Path]:
@@ -56,6 +57,7 @@ def start_devices(opts: FleetOptions, broker: str, shards: list[Path]) -> list[s
         procs.append(subprocess.Popen(
             _heron("device", "--broker", broker, "--id", dev, "--data", str(shard),
                    "--threads", str(opts.device_threads), "--prefix", opts.prefix,
+                   *(["--torch"] if opts.torch_devices else []),
                    *(["--credentials", str(opts.credentials_dir / f"{dev}.json")]
                      if opts.credentials_dir else [])),
             stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL))

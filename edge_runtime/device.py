@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from edge_runtime.data import load_shard
 from edge_runtime.messages import (
     BundleFiles,
     DeviceError,
+    Gradient,
     Join,
     Presence,
     RoundStart,
@@ -32,7 +34,14 @@ from edge_runtime.messages import (
     new_msg_id,
 )
 from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict, Profile, check_bundle_memory
-from edge_runtime.runtime import LocalModel, TrainConfig, peak_rss_mb, train_round
+from edge_runtime.runtime import (
+    DEVICE_ALGORITHMS,
+    LocalModel,
+    RoundResult,
+    TrainConfig,
+    peak_rss_mb,
+    train_round,
+)
 from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
 
 log = logging.getLogger("heron.device")
@@ -51,6 +60,10 @@ class DeviceOptions:
     profile: Profile | None = None  # board profile: memory budget (and default threads)
 
 
+class RoundAborted(Exception):
+    """The round cannot go on (no gradient from the server, server gone); no update is sent."""
+
+
 class DeviceExit(Exception):
     """Raised to end the device loop with a message and an exit code."""
 
@@ -66,12 +79,19 @@ def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, obje
 
 
 class Device:
+    """The ONNX Runtime device (heron, frozen). `baselines.torch_device.TorchDevice` reuses
+    this loop and overrides only the model hooks (`_make_model`, `_train`, ...)."""
+
+    algorithms: tuple[str, ...] = DEVICE_ALGORITHMS
+    checks_memory = True  # dry-run memory check against the board profile (ORT device)
+
     def __init__(self, opts: DeviceOptions) -> None:
         topics.validate_id(opts.device_id)
         self.opts = opts
         self.x, self.y = load_shard(opts.data)
         self.bundle: Bundle | None = load_bundle(opts.bundle) if opts.bundle else None
-        self.model: LocalModel | None = None
+        self.threads: int | None = None
+        self.model: object | None = None  # LocalModel here; a torch split on TorchDevice
         self.memory: dict[int, float] = {}  # batch -> measured peak RSS MB (this bundle)
         self.memory_verdict: MemoryVerdict | None = None  # the check made at join
         if self.bundle is not None:
@@ -79,25 +99,43 @@ class Device:
         self.run_id: str | None = None
         self.rounds_done = 0
         self.last_update: Update | None = None  # resent if the server asks for its round again
+        self.pending: list[object] = []  # messages that arrived while a round was busy
         p, dev = opts.prefix, opts.device_id
         self.transport = MqttTransport(
             opts.broker, f"heron-{dev}", topics.device_subscriptions(dev, p),
             will=(topics.device_status(dev, p), Presence("", -1, dev, state="offline")),
             credentials=opts.credentials)
 
-    def _load_model(self, bundle: Bundle) -> None:
+    # -- model hooks (overridden by the torch device) ------------------------------------
+    def _make_model(self, bundle: Bundle) -> tuple[object, int | None]:
+        """The local model for a verified bundle, checked against the shard; and threads."""
         model = LocalModel(bundle, self.opts.threads)
         model.check_data(self.x, self.y)
-        self.model = model
+        return model, model.threads
+
+    def _expected_weights(self, cfg: TrainConfig) -> int:
+        """Length of the global weight vector a round carries for this algorithm."""
+        assert self.bundle is not None
+        return self.bundle.manifest.num_params
+
+    def _train(self, msg: RoundStart, cfg: TrainConfig,
+               send_smashed: Callable[[int, np.ndarray, np.ndarray], None]) -> RoundResult:
+        assert isinstance(self.model, LocalModel)
+        return train_round(self.model, msg.weights.astype(np.float32), self.x, self.y, cfg,
+                           round_idx=msg.round, device_id=self.opts.device_id,
+                           on_smashed=send_smashed)
+
+    def _load_model(self, bundle: Bundle) -> None:
+        self.model, self.threads = self._make_model(bundle)
         self.memory, self.memory_verdict = {}, None
         log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
                  self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
-                 bundle.manifest.num_params, model.threads)
+                 bundle.manifest.num_params, self.threads)
 
     def _check_memory(self, batch: int, theta: np.ndarray,
                       cfg: TrainConfig | None) -> MemoryVerdict:
         """Real dry-run steps at growing batches up to `batch`, against the budget."""
-        assert self.model is not None
+        assert isinstance(self.model, LocalModel)
         before = len(self.memory)
         verdict = check_bundle_memory(self.model, theta, self.x, self.y, batch,
                                       self.opts.profile, known=self.memory, cfg=cfg)
@@ -111,7 +149,8 @@ class Device:
         raise DeviceExit(why, MEMORY_EXIT_CODE)
 
     def _join(self) -> None:
-        if self.model is not None and self.bundle is not None and self.memory_verdict is None:
+        if self.checks_memory and self.model is not None and self.bundle is not None and \
+                self.memory_verdict is None:
             # before saying ready: measure at the server's default batch size; refuse only if
             # nothing fits, a round with a larger batch is checked again when it starts
             self.memory_verdict = self._check_memory(TrainConfig().batch_size,
@@ -119,7 +158,8 @@ class Device:
             if self.memory_verdict.largest_fitting is None:
                 self._refuse(f"bundle refused: {self.memory_verdict.message()}")
         sha = self.bundle.manifest.files.get("train.onnx") if self.bundle else None
-        profile = _profile(self.opts, len(self.y), self.model.threads if self.model else None)
+        profile = _profile(self.opts, len(self.y), self.threads if self.model else None)
+        profile["algorithms"] = list(self.algorithms)
         profile["profile"] = self.opts.profile.name if self.opts.profile else "none"
         if self.memory_verdict is not None:
             profile.update(self.memory_verdict.join_fields())
@@ -138,6 +178,9 @@ class Device:
         last_seen = time.monotonic()
         try:
             while True:
+                if self.pending:
+                    self._handle(self.pending.pop(0))
+                    continue
                 inc = t.get(timeout=1.0)
                 if inc is None:
                     if self.run_id is None and \
@@ -221,15 +264,23 @@ class Device:
             return
         try:
             cfg = TrainConfig.from_json(msg.config)
-            if msg.weights.shape != (self.bundle.manifest.num_params,):
-                raise ValueError(f"global weights have shape {msg.weights.shape}, the bundle "
-                                 f"has {self.bundle.manifest.num_params} params")
+            if cfg.algorithm not in self.algorithms:
+                hint = ("start the device with `heron device --torch` (needs torch)"
+                        if cfg.algorithm not in DEVICE_ALGORITHMS else
+                        "start the device without --torch")
+                raise ValueError(f"the server runs {cfg.algorithm!r} but this device runs "
+                                 f"{', '.join(self.algorithms)}; help: {hint}")
+            expected = self._expected_weights(cfg)
+            if msg.weights.shape != (expected,):
+                raise ValueError(f"global weights have shape {msg.weights.shape}, expected "
+                                 f"({expected},) for {cfg.algorithm} on this bundle")
         except (TypeError, ValueError) as exc:
             self._report(f"round {msg.round} rejected: {exc}")
             return
-        verdict = self._check_memory(cfg.batch_size, msg.weights.astype(np.float32), cfg)
-        if not verdict.fits:
-            self._refuse(f"round {msg.round} refused: {verdict.message()}")
+        if self.checks_memory:
+            verdict = self._check_memory(cfg.batch_size, msg.weights.astype(np.float32), cfg)
+            if not verdict.fits:
+                self._refuse(f"round {msg.round} refused: {verdict.message()}")
         smashed_topic = topics.up(dev, "smashed", p)
 
         def send_smashed(step: int, act: np.ndarray, labels: np.ndarray) -> None:
@@ -239,10 +290,8 @@ class Device:
         bytes_in0, bytes_out0 = t.bytes_in, t.bytes_out
         t0 = time.perf_counter()
         try:
-            result = train_round(self.model, msg.weights.astype(np.float32), self.x, self.y,
-                                 cfg, round_idx=msg.round, device_id=dev,
-                                 on_smashed=send_smashed)
-        except (ValueError, FloatingPointError) as exc:
+            result = self._train(msg, cfg, send_smashed)
+        except (ValueError, FloatingPointError, RoundAborted) as exc:
             self._report(f"round {msg.round} failed: {exc}")
             return
         telemetry = {
@@ -253,7 +302,7 @@ class Device:
             "loss_first": result.losses[0], "loss_last": result.losses[-1],
             "loss_mean": float(np.mean(result.losses)),
             "steps": cfg.local_steps, "smashed_sent": result.smashed_sent,
-            "threads": self.model.threads,
+            "threads": self.threads, "algorithm": cfg.algorithm,
             "bytes_in": t.bytes_in - bytes_in0, "bytes_out": t.bytes_out - bytes_out0,
         }
         self.last_update = Update(msg.run_id, msg.round, dev, weights=result.theta,
@@ -266,10 +315,47 @@ class Device:
                  telemetry["step_ms_median"], telemetry["peak_rss_mb"])
 
 
-def run_device(opts: DeviceOptions) -> int:
-    """Entry point used by `heron device`."""
+    def await_gradient(self, round_idx: int, step: int, timeout: float) -> Gradient:
+        """SplitFed: block until the server's cut-layer gradient for (round, step) arrives.
+
+        Runs inside training, so it keeps the loop's duties: a Stop ends the device, a lost
+        server or broker aborts the round (the server re-runs or skips it), other messages
+        wait for the next round.
+        """
+        t, dev = self.transport, self.opts.device_id
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RoundAborted(f"no gradient from the server for step {step} within "
+                                   f"{timeout:.0f} s")
+            inc = t.get(timeout=min(left, 1.0))
+            if inc is None:
+                continue
+            if inc.topic == RECONNECTED:
+                self._reannounce()
+                continue
+            msg = inc.message
+            if isinstance(msg, Gradient) and msg.sender == "server" and \
+                    (msg.run_id, msg.round, msg.step) == (self.run_id, round_idx, step):
+                return msg
+            if isinstance(msg, Stop) and msg.run_id == self.run_id:
+                raise DeviceExit(f"server ended the run ({msg.reason}) after "
+                                 f"{self.rounds_done} rounds here", 0)
+            if isinstance(msg, Presence) and msg.sender == "server" and msg.state == "offline":
+                self.run_id = None
+                raise RoundAborted("the server went offline mid-round")
+            if isinstance(msg, RoundStart) and msg.round != round_idx:
+                self.pending.append(msg)  # handled by the main loop once this round ends
+                raise RoundAborted(f"the server moved on to round {msg.round}")
+            log.debug("%s: ignoring %s while waiting for a gradient", dev,
+                      type(msg).__name__ if msg else inc.error)
+
+
+def run_device(opts: DeviceOptions, device_cls: type[Device] = Device) -> int:
+    """Entry point used by `heron device` (`device_cls`: TorchDevice for `--torch`)."""
     try:
-        device = Device(opts)
+        device = device_cls(opts)
         return device.run()
     except (BundleError, ValueError, OSError) as exc:  # BrokerError is an OSError
         print(f"heron device: {exc}", file=sys.stderr)

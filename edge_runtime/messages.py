@@ -117,6 +117,17 @@ class Smashed(Message):
 
 
 @dataclass(frozen=True)
+class Gradient(Message):
+    """SplitFed only: the server's dL/d(smashed) for one uploaded step, and its loss."""
+
+    step: int = 0
+    grad: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    loss: float = 0.0
+    kind: ClassVar[str] = "grad"
+    _arrays: ClassVar[tuple[str, ...]] = ("grad",)
+
+
+@dataclass(frozen=True)
 class Update(Message):
     """Round-end device weights, sample count, telemetry and the round's ZO log."""
 
@@ -144,8 +155,8 @@ class Stop(Message):
 
 
 KINDS: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Presence, Join, BundleFiles, RoundStart, Smashed, Update,
-                              DeviceError, Stop)
+    cls.kind: cls for cls in (Presence, Join, BundleFiles, RoundStart, Smashed, Gradient,
+                              Update, DeviceError, Stop)
 }
 
 

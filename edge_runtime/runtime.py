@@ -28,14 +28,18 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.data import BatchSampler
 
+# Every algorithm a federation can run. The ONNX Runtime device runs DEVICE_ALGORITHMS; the
+# first-order baselines run on the torch device in `baselines/torch_device.py` (same protocol).
+ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
 DEVICE_ALGORITHMS = ("heron", "frozen")
+SPLITFED = ("sflv1", "sflv2")  # the device waits for the server's cut-layer gradient each step
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What the server tells every device to do in a round (strict: unknown keys fail)."""
 
-    algorithm: str = "heron"  # heron: ZO-train client+aux; frozen: never update (baseline)
+    algorithm: str = "heron"  # heron: ZO-train client+aux; others: baselines (ALGORITHMS)
     local_steps: int = 40  # h: ZO steps per round
     upload_every: int = 2  # k: smashed data every k steps
     batch_size: int = 32
@@ -48,9 +52,9 @@ class TrainConfig:
         for name in ("local_steps", "upload_every", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.algorithm not in DEVICE_ALGORITHMS:
-            raise ValueError(f"the ONNX Runtime device runs {DEVICE_ALGORITHMS}, not "
-                             f"{self.algorithm!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
+                             f"{', '.join(ALGORITHMS)}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +177,10 @@ def train_round(
 ) -> RoundResult:
     """h ZO steps from θ on the local shard; every k steps the unperturbed pass's
     activations go to `on_smashed(step, activations, labels)`."""
+    if cfg.algorithm not in DEVICE_ALGORITHMS:
+        raise ValueError(f"algorithm {cfg.algorithm!r} needs a first-order device; this ONNX "
+                         f"Runtime device runs {', '.join(DEVICE_ALGORITHMS)}. help: start "
+                         "the device with `heron device --torch` (needs torch installed)")
     if not np.all(np.isfinite(theta)):
         raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
     sampler = BatchSampler(len(y), cfg.batch_size,

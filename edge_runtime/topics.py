@@ -9,6 +9,7 @@ Layout under a prefix (default ``heron``)::
     {p}/up/{device}/update         device → server  round-end weights, sample count, telemetry
     {p}/up/{device}/error          device → server  an error the device could not recover from
     {p}/down/{device}/bundle       server → device  the device bundle (manifest, graph, weights)
+    {p}/down/{device}/grad         server → device  SplitFed: cut-layer gradient for one step
     {p}/down/all/round             server → all     round start: global weights, config, roster
     {p}/down/all/stop              server → all     run finished, devices may exit
 
@@ -23,7 +24,7 @@ import re
 DEFAULT_PREFIX = "heron"
 ALL = "all"
 UP_KINDS = ("join", "smashed", "update", "error")
-DOWN_DEVICE_KINDS = ("bundle",)
+DOWN_DEVICE_KINDS = ("bundle", "grad")
 DOWN_ALL_KINDS = ("round", "stop")
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -91,9 +91,14 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-round", type=int, default=None,
                    help="devices picked per round (default: all)")
     g.add_argument("--model", default="cnn", help="cnn or resnet18 (cnn)")
-    g.add_argument("--algorithm", default="heron", choices=("heron", "frozen"),
-                   help="heron: devices train client+aux by ZO; frozen: devices never update "
-                   "(only the server trains), the baseline HERON must beat (heron)")
+    g.add_argument("--algorithm", default="heron",
+                   choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+                   help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
+                   "cse-fsl (client+aux by backprop), sflv1/sflv2 (SplitFed: per-step "
+                   "server gradient; V1 one server copy per device, averaged; V2 one server "
+                   "model), fedavg (whole model on the device), frozen (devices never "
+                   "update). The first four run on torch devices (`heron device --torch`); "
+                   "`heron run` starts the right kind (heron)")
     g.add_argument("--cut", default=None,
                    help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2)")
     g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
@@ -177,12 +182,20 @@ def cmd_device(args: argparse.Namespace) -> int:
         topics.validate_id(args.id)
     except ValueError as exc:
         raise SystemExit(f"heron device: {exc}") from exc
-    from edge_runtime.device import DeviceOptions, run_device
+    from edge_runtime.device import Device, DeviceOptions, run_device
 
+    device_cls: type[Device] = Device
+    if args.torch:
+        try:
+            from baselines.torch_device import TorchDevice
+        except ImportError as exc:
+            raise SystemExit(f"heron device --torch: {exc}; help: the baseline devices need "
+                             "torch: pip install 'heron[server]' (torch==2.13.0)") from exc
+        device_cls = TorchDevice
     return run_device(DeviceOptions(
         broker=args.broker, device_id=args.id, data=Path(args.data), prefix=args.prefix,
         bundle=Path(args.bundle) if args.bundle else None, threads=threads,
-        credentials=_credentials(args), profile=profile))
+        credentials=_credentials(args), profile=profile), device_cls)
 
 
 def _device_dry_run(args: argparse.Namespace, profile: Any, threads: int | None) -> int:
@@ -280,6 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
+                         torch_devices=args.algorithm not in ("heron", "frozen"),
                          credentials_dir=Path(args.credentials_dir) if args.credentials_dir
                          else None)
     if args.credentials_dir:
@@ -557,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--profile", help="board profile: rpi4, rpi-zero-2w, jetson-nano, "
                      "generic, or a .toml file; sets the memory budget the device checks "
                      "before training (default: the memory available)")
+    dev.add_argument("--torch", action="store_true",
+                     help="run the first-order baselines (cse-fsl, sflv1, sflv2, fedavg) with "
+                     "PyTorch instead of the ONNX Runtime device (needs torch installed)")
     dev.add_argument("--dry-run", action="store_true",
                      help="only measure memory: real training steps on --bundle and --data "
                      "at batch sizes up to --batch-size, checked against the profile")

@@ -6,6 +6,7 @@ functions in `server.aggregate`, training in `server.trainer`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -25,6 +26,7 @@ from edge_runtime.bundle import bundle_from_files as verify_files
 from edge_runtime.messages import (
     BundleFiles,
     DeviceError,
+    Gradient,
     Join,
     Presence,
     RoundStart,
@@ -32,7 +34,7 @@ from edge_runtime.messages import (
     Stop,
     Update,
 )
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.runtime import SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
 from exporter.export import export_bundle, load_flat_into
 from exporter.zoo import build_split
@@ -44,7 +46,13 @@ from server.records import (
     save_checkpoint,
     write_json,
 )
-from server.trainer import ServerTrainer, evaluate
+from server.trainer import (
+    ServerTrainer,
+    average_modules,
+    evaluate,
+    load_server_flat,
+    server_flat,
+)
 
 log = logging.getLogger("heron.server")
 
@@ -85,6 +93,8 @@ class _RoundState:
     telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_losses: list[float] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
+    copies: dict[str, ServerTrainer] = field(default_factory=dict)  # SplitFed V1: per device
+    grads: dict[tuple[str, int], Gradient] = field(default_factory=dict)  # SplitFed replies
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -115,7 +125,10 @@ class Server:
         self.trainer = ServerTrainer(self.split.server, optimizer=opts.server_optimizer,
                                      lr=opts.server_lr, smashed_shape=self.manifest.smashed_shape,
                                      num_classes=self.manifest.num_classes)
+        self.algorithm = opts.train.algorithm
         self.theta = self.bundle.weights.copy()
+        if self.algorithm == "fedavg":  # the device trains the whole model: ship it all
+            self.theta = np.concatenate([self.theta, server_flat(self.split.server)])
         self.online: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
         self.profiles: dict[str, dict[str, Any]] = {}  # every device that was ever ready
@@ -155,6 +168,10 @@ class Server:
                     f"{path} is for {key}={theirs[key]!r} but this server has {mine[key]!r}; "
                     "help: resume with the options of the original run")
         weights = ckpt["device_weights"].numpy().astype(np.float32)
+        if weights.shape != self.theta.shape:
+            raise ValueError(f"{path} holds {weights.size} device weights, this {self.algorithm} "
+                             f"server needs {self.theta.size}; help: resume with the "
+                             "--algorithm of the original run")
         self.theta = weights
         self.split.server.load_state_dict(ckpt["server_state"])
         self.trainer.optimizer.load_state_dict(ckpt["server_optimizer"])
@@ -257,17 +274,42 @@ class Server:
         elif device_id not in state.participants:
             self._reject(device_id, f"not a participant: {msg.kind} in round {round_idx}")
         elif isinstance(msg, Smashed):
-            why = self.trainer.check_batch(msg.activations, msg.labels)
-            if why:
-                self._reject(device_id, f"bad smashed data: {why}")
-            else:
-                state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
+            self._smashed(device_id, msg, state)
         elif isinstance(msg, Update):
             self._update(device_id, msg, state)
 
+    def _smashed(self, device_id: str, msg: Smashed, state: _RoundState) -> None:
+        """Train the server part on an upload; SplitFed also answers with the gradient."""
+        if self.algorithm == "fedavg":
+            self._reject(device_id, "unexpected smashed data: fedavg devices upload weights only")
+            return
+        why = self.trainer.check_batch(msg.activations, msg.labels)
+        if why:
+            self._reject(device_id, f"bad smashed data: {why}")
+            return
+        if self.algorithm not in SPLITFED:
+            state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
+            return
+        key = (device_id, msg.step)
+        reply = state.grads.get(key)
+        if reply is None:  # a redelivered step gets the same answer, not a second step
+            trainer = self.trainer
+            if self.algorithm == "sflv1":  # one server copy per device, averaged at round end
+                if device_id not in state.copies:
+                    state.copies[device_id] = copy.deepcopy(self.trainer)
+                trainer = state.copies[device_id]
+            loss, grad = trainer.train_step_grad(msg.activations, msg.labels)
+            assert grad is not None
+            state.server_losses.append(loss)
+            reply = Gradient(self.run_id, state.start.round, "server", step=msg.step,
+                             grad=grad, loss=loss)
+            state.grads[key] = reply
+        self.bytes_down += self.transport.publish(
+            topics.down_device(device_id, "grad", self.opts.prefix), reply)
+
     def _update(self, device_id: str, msg: Update, state: _RoundState) -> None:
         o = self.opts
-        why = check_update(msg.weights, self.manifest.num_params)
+        why = check_update(msg.weights, self.theta.size)
         if why is None and msg.num_samples < 1:
             why = f"sample count {msg.num_samples} < 1"
         if why is None and float(np.abs(msg.weights).max(initial=0.0)) > o.max_weight_abs:
@@ -298,6 +340,12 @@ class Server:
 
     def _join(self, device_id: str, msg: Join) -> None:
         self.online.add(device_id)
+        runs = msg.profile.get("algorithms")
+        if isinstance(runs, list) and self.algorithm not in runs:
+            hint = "--torch" if self.algorithm not in ("heron", "frozen") else "no --torch"
+            self._reject(device_id, f"wrong device kind: it runs {runs}, this server runs "
+                                    f"{self.algorithm!r}; help: restart it with {hint}")
+            return
         if msg.bundle_sha256 == self.bundle_sha:
             if device_id not in self.ready:
                 log.info("device %s ready (%s samples, %s, RSS %s MB, profile %s, measured "
@@ -349,7 +397,11 @@ class Server:
             self.theta = aggregate(list(state.updates.values()), o.weighting)
         else:
             log.warning("round %d: no device update arrived; keeping the global weights", r)
-        load_flat_into(self.split, self.manifest, self.theta)
+        self._merge_server_copies(state)
+        n = self.manifest.num_params
+        load_flat_into(self.split, self.manifest, self.theta[:n])
+        if self.algorithm == "fedavg":
+            load_server_flat(self.split.server, self.theta[n:])
         ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), float(tel.get("peak_rss_mb", 0)))
@@ -380,6 +432,15 @@ class Server:
             "rejected": dict(self.rejected),
             "round_seconds": round(time.monotonic() - t0, 3),
         }
+
+    def _merge_server_copies(self, state: _RoundState) -> None:
+        """SplitFed V1: average the server copies of the devices whose update arrived."""
+        kept = [d for d in sorted(state.copies) if d in state.updates]
+        if not kept:
+            return
+        w = [float(state.updates[d].num_samples) if self.opts.weighting == "samples" else 1.0
+             for d in kept]
+        average_modules(self.trainer.model, [state.copies[d].model for d in kept], w)
 
     def run(self) -> dict[str, Any]:
         o = self.opts

@@ -57,15 +57,59 @@ class ServerTrainer:
         return None
 
     def train_step(self, activations: np.ndarray, labels: np.ndarray) -> float:
+        return self.train_step_grad(activations, labels, want_grad=False)[0]
+
+    def train_step_grad(self, activations: np.ndarray, labels: np.ndarray,
+                        want_grad: bool = True) -> tuple[float, np.ndarray | None]:
+        """One FO step on an upload; with `want_grad`, also dL/d(activations) (SplitFed)."""
         self.model.train()
-        x = torch.from_numpy(np.ascontiguousarray(activations))
+        x = torch.from_numpy(np.ascontiguousarray(activations)).requires_grad_(want_grad)
         y = torch.from_numpy(labels.astype(np.int64))
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self.optimizer.step()
         self.steps += 1
-        return float(loss.detach())
+        grad = x.grad.numpy().astype(np.float32) if want_grad and x.grad is not None else None
+        return float(loss.detach()), grad
+
+
+def server_params(server: nn.Module) -> list[nn.Parameter]:
+    """The server part's trainable tensors, in module order (fedavg ships them as a vector)."""
+    return [p for p in server.parameters() if p.requires_grad]
+
+
+def server_flat(server: nn.Module) -> np.ndarray:
+    params = server_params(server)
+    if not params:
+        return np.zeros(0, np.float32)
+    return np.concatenate([p.detach().cpu().numpy().astype(np.float32).ravel()
+                           for p in params])
+
+
+def load_server_flat(server: nn.Module, flat: np.ndarray) -> None:
+    """Copy a flat vector (as `server_flat` makes it) into the server part."""
+    params = server_params(server)
+    size = sum(p.numel() for p in params)
+    if flat.shape != (size,):
+        raise ValueError(f"server weights have shape {flat.shape}, expected ({size},)")
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(flat.astype(np.float32).copy()),
+                                            params)
+
+
+def average_modules(target: nn.Module, copies: list[nn.Module], weights: list[float]) -> None:
+    """SplitFed V1: the global server part becomes the weighted mean of the per-device copies."""
+    if not copies or len(copies) != len(weights):
+        raise ValueError("need one weight per server copy, and at least one copy")
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    with torch.no_grad():
+        for name, param in target.named_parameters():
+            stacked = torch.stack([dict(c.named_parameters())[name].detach().double()
+                                   for c in copies])
+            mean = (stacked * w.view(-1, *([1] * param.dim()))).sum(0)
+            param.copy_(mean.to(param.dtype))
 
 
 @torch.no_grad()

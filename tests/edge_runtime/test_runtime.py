@@ -299,6 +299,12 @@ def test_frozen_round_uploads_smashed_data_and_never_updates(
     assert result.seeds.size == 0 and len(result.losses) == 4
 
 
-def test_unknown_algorithm_is_refused() -> None:
-    with pytest.raises(ValueError, match="cse-fsl"):
-        TrainConfig(algorithm="cse-fsl")
+def test_unknown_algorithm_is_refused(
+        model: LocalModel, bundle: Bundle, shard: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        TrainConfig(algorithm="sgd-magic")
+    # a first-order baseline is a valid config, but not for the ONNX Runtime device
+    x, y = shard
+    with pytest.raises(ValueError, match="--torch"):
+        train_round(model, bundle.weights.copy(), x, y, TrainConfig(algorithm="cse-fsl"),
+                    round_idx=1, device_id="d")
