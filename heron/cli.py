@@ -477,7 +477,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from baselines.profile import ProfileError, profile
 
     try:
-        result = profile(args.algorithm, model=args.model, cut=args.cut, batch=args.batch,
+        result = profile(args.algorithm, model=args.model or "resnet18", cut=args.cut,
+                         batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
                          input_shape=args.input_shape, num_classes=args.num_classes)
     except (ValueError, ProfileError) as exc:
@@ -489,11 +490,46 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from baselines.accuracy import AccuracyConfig, run_accuracy
+
+    try:
+        cfg = AccuracyConfig(
+            datasets=_csv(args.datasets), mnist_dir=args.mnist_dir,
+            partitions=_csv(args.partitions), alpha=args.alpha,
+            algorithms=_csv(args.algorithms), seeds=tuple(int(s) for s in _csv(args.seeds)),
+            devices=args.devices, rounds=args.rounds, local_steps=args.local_steps,
+            model=args.model or "cnn", cut=args.cut, device_threads=args.device_threads,
+            run_args=tuple(args.run_arg or ()))
+    except ValueError as exc:
+        raise SystemExit(f"heron bench: {exc}") from exc
+    runs = len(cfg.datasets) * len(cfg.partitions) * len(cfg.algorithms) * len(cfg.seeds)
+    print(f"heron bench: accuracy workload, {runs} federations ({cfg.model}, {cfg.devices} "
+          f"devices, {cfg.rounds} rounds); files in {Path(args.out).resolve()}", flush=True)
+    try:
+        report = run_accuracy(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
+                              reuse=not args.no_reuse,
+                              progress=lambda line: print(line, flush=True))
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"heron bench: {exc}") from exc
+    print((Path(args.out) / "accuracy.md").read_text(), end="", flush=True)
+    if not report["plots"]:
+        print("no plots: matplotlib is missing; help: pip install matplotlib", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _need_server_extra()
     from baselines.bench import run_cost
     from baselines.profile import ProfileError
 
+    if args.workload == "accuracy":
+        return cmd_bench_accuracy(args)
+    args.model = args.model or "resnet18"
     print(f"heron bench: {args.workload} workload, {args.model} batch {args.batch}, "
           f"{args.steps} steps per algorithm; files in {Path(args.out).resolve()}", flush=True)
     try:
@@ -511,7 +547,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--model", default="resnet18", help="cnn or resnet18 (resnet18)")
+    p.add_argument("--model", default=None,
+                   help="cnn or resnet18 (profile, cost bench: resnet18; accuracy bench: cnn)")
     p.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
     p.add_argument("--batch", type=int, default=64, help="device batch size (64)")
     p.add_argument("--threads", type=int, default=None,
@@ -656,14 +693,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
                            "JSON and plots into --out")
-    bench.add_argument("--workload", default="cost", choices=("cost",),
+    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy"),
                        help="cost: every algorithm's device step time, peak RSS, FLOPs and "
-                       "bytes (cost)")
-    bench.add_argument("--out", required=True, help="directory for cost.json, cost.md, cost.png")
+                       "bytes on one model (resnet18 by default); accuracy: every algorithm "
+                       "federated over data sets, partitions and seeds (cnn by default) (cost)")
+    bench.add_argument("--out", required=True,
+                       help="directory for the report: cost.{json,md,png} or "
+                       "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
     _add_profile_options(bench, steps=20)
     bench.add_argument("--repeats", type=int, default=1,
-                       help="run the sweep this many times, alternating the order; each "
+                       help="cost: run the sweep this many times, alternating the order; each "
                        "algorithm keeps its fastest run (1)")
+    acc = bench.add_argument_group("accuracy workload")
+    acc.add_argument("--datasets", default="digits,mnist-format",
+                     help="comma-separated: digits, mnist-format (digits,mnist-format)")
+    acc.add_argument("--mnist-dir", default=None,
+                     help="MNIST idx files for mnist-format (default: generate digits-28, "
+                     "sklearn digits drawn 28x28, as idx files; no download)")
+    acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
+    acc.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
+    acc.add_argument("--algorithms", default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen",
+                     help="comma-separated (all six)")
+    acc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
+    acc.add_argument("--devices", type=int, default=5, help="devices per federation (5)")
+    acc.add_argument("--rounds", type=int, default=20, help="rounds, equal for all (20)")
+    acc.add_argument("--local-steps", type=int, default=40, help="local steps per round (40)")
+    acc.add_argument("--device-threads", type=int, default=1, help="threads per device (1)")
+    acc.add_argument("--run-arg", action="append", metavar="OPT",
+                     help="one more option for every `heron run`, e.g. --run-arg=--device-lr=0.005"
+                     " (repeatable)")
+    acc.add_argument("--no-reuse", action="store_true",
+                     help="re-run federations already finished in --out/runs")
     bench.set_defaults(func=cmd_bench)
     return p
 
