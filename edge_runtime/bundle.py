@@ -31,6 +31,7 @@ LOSS_OUTPUT = "loss"
 SMASHED_OUTPUT = "smashed"
 LOGITS_OUTPUT = "logits"
 ROLES = ("client", "aux")
+INPUT_DTYPES = ("float32", "int64")  # images / token ids + attention mask
 
 
 class BundleError(ValueError):
@@ -62,6 +63,7 @@ class Manifest:
     params: tuple[ParamSpec, ...]
     files: dict[str, str]  # file name -> sha256 hex
     extra: dict[str, Any]
+    input_dtype: str = "float32"  # of x; manifests written before it existed are float32
 
     @property
     def num_params(self) -> int:
@@ -72,7 +74,8 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "model": self.model,
             "cut": self.cut,
-            "input": {"name": INPUT_NAME, "shape": [None, *self.input_shape], "dtype": "float32"},
+            "input": {"name": INPUT_NAME, "shape": [None, *self.input_shape],
+                      "dtype": self.input_dtype},
             "label": {"name": LABEL_NAME, "shape": [None], "dtype": "int64"},
             "outputs": {
                 LOSS_OUTPUT: {"shape": [], "dtype": "float32"},
@@ -110,6 +113,10 @@ class Manifest:
                     raise BundleError(f"param {spec.name!r} has a bad offset or shape")
                 offset += spec.size
                 params.append(spec)
+            input_dtype = str(obj["input"].get("dtype", "float32"))
+            if input_dtype not in INPUT_DTYPES:
+                raise BundleError(f"manifest input dtype {input_dtype!r} is not one of "
+                                  f"{INPUT_DTYPES}; help: re-export the bundle")
             return Manifest(
                 model=str(obj["model"]),
                 cut=str(obj["cut"]),
@@ -121,6 +128,7 @@ class Manifest:
                 params=tuple(params),
                 files={str(k): str(v) for k, v in obj["files"].items()},
                 extra=dict(obj.get("extra", {})),
+                input_dtype=input_dtype,
             )
         except BundleError:
             raise
@@ -154,8 +162,11 @@ def write_bundle(
     smashed_shape: tuple[int, ...],
     opset: int,
     extra: dict[str, Any] | None = None,
+    input_dtype: str = "float32",
 ) -> Manifest:
     """Write a bundle directory; `params` are (graph input name, value, role) in feed order."""
+    if input_dtype not in INPUT_DTYPES:
+        raise BundleError(f"input dtype {input_dtype!r} is not one of {INPUT_DTYPES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = param_specs([(n, tuple(v.shape), r) for n, v, r in params])
@@ -167,7 +178,7 @@ def write_bundle(
         model=model, cut=cut, input_shape=tuple(input_shape), num_classes=num_classes,
         smashed_shape=tuple(smashed_shape), opset=opset, params=specs,
         files={GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)},
-        extra=dict(extra or {}),
+        extra=dict(extra or {}), input_dtype=input_dtype,
     )
     (out / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

@@ -3,8 +3,11 @@
 Numpy only, because this runs on the board. A shard is an ``.npz`` written by
 ``heron devices partition`` with two arrays::
 
-    x   (N, ...) numeric, e.g. (N, C, H, W) already normalised by the server's loader
+    x   (N, ...) numeric, e.g. (N, C, H, W) already normalised by the server's loader,
+                 or int64 (N, 2, L) token ids and attention mask for text models
     y   (N,)     integer labels >= 0
+
+int64 x is kept as int64 (the graph's input is int64 then); any other dtype becomes float32.
 
 It is loaded with ``allow_pickle=False``: a shard is data, never code.
 """
@@ -65,9 +68,12 @@ def _check_arrays(
                          f"{y_raw.shape[0]} labels")
     if y_raw.shape[0] == 0:
         raise ShardError(f"shard {path} holds no samples; {_HELP} with fewer devices")
-    with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-        x = np.ascontiguousarray(x_raw, dtype=np.float32)
-    if not np.isfinite(x).all():
+    if x_raw.dtype == np.int64:  # token ids: exact integers, nothing to normalise or check
+        x = np.ascontiguousarray(x_raw)
+    else:
+        with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+            x = np.ascontiguousarray(x_raw, dtype=np.float32)
+    if x.dtype == np.float32 and not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise ShardError(f"shard {path}: x contains {bad} NaN/Inf value(s) (after float32 cast)")
     y = np.ascontiguousarray(y_raw, dtype=np.int64)

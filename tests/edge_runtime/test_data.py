@@ -33,6 +33,16 @@ def test_load_shard_accepts_str_path_and_flat_features(tmp_path: Path) -> None:
     assert x.shape == (3, 5) and y.shape == (3,)
 
 
+def test_int64_token_shards_stay_int64_other_integers_become_float32(tmp_path: Path) -> None:
+    tokens = np.array([[[101, 2023, 102, 0], [1, 1, 1, 0]]] * 3, dtype=np.int64)
+    x, _ = load_shard(_write(tmp_path / "t.npz", x=tokens, y=np.zeros(3, np.int64)))
+    assert x.dtype == np.int64 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, tokens)
+    pixels = np.full((2, 1, 2, 2), 7, dtype=np.uint8)
+    x, _ = load_shard(_write(tmp_path / "p.npz", x=pixels, y=np.zeros(2, np.int64)))
+    assert x.dtype == np.float32
+
+
 def test_missing_file_names_path_and_how_to_make_shards(tmp_path: Path) -> None:
     path = tmp_path / "nope.npz"
     with pytest.raises(ShardError, match="heron devices partition") as err:

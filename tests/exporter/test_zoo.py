@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.zoo import DEFAULT_CUTS, MODELS, SplitModel, build_split, full_forward
+from exporter.zoo import (
+    DEFAULT_CUTS,
+    IMAGE_MODELS,
+    MODELS,
+    SplitModel,
+    build_split,
+    full_forward,
+)
 
 CASES: list[tuple[str, tuple[int, int, int], str, tuple[int, ...]]] = [
     ("cnn", (1, 8, 8), "conv1", (16, 8, 8)),
@@ -40,7 +47,7 @@ def test_smashed_and_logits_shapes(
     assert (split.model, split.cut, split.input_shape) == (model, cut, shape)
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", IMAGE_MODELS)  # minilm: tests/exporter/test_minilm.py
 def test_split_forward_equals_unsplit_forward_for_every_cut(model: str) -> None:
     shape = (3, 32, 32) if model == "resnet18" else (1, 28, 28)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
@@ -53,7 +60,7 @@ def test_split_forward_equals_unsplit_forward_for_every_cut(model: str) -> None:
             torch.testing.assert_close(full_forward(split, x), reference)
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", IMAGE_MODELS)  # minilm: tests/exporter/test_minilm.py
 def test_same_seed_same_weights_other_seed_other_weights(model: str) -> None:
     shape = (3, 32, 32) if model == "resnet18" else (1, 8, 8)
     a = _state(build_split(model, shape, NUM_CLASSES, seed=3))
