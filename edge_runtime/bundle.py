@@ -9,12 +9,24 @@ the device (which reads it) cannot drift apart. Layout of a bundle directory::
 
 Trainable parameters are graph *inputs*, so a ZO step feeds perturbed weights to the same
 ONNX Runtime session instead of rebuilding it.
+
+Optionally (manifest key ``segments``, absent in older bundles) the same computation is also
+shipped as a chain of graphs, one per block of the client plus one for aux head and loss::
+
+    segment0.onnx … segmentN.onnx
+        inputs: input (x for the first), [y for the last], the segment's trainable params
+        output: output (the next segment's input; the last client segment's is the smashed
+                data), loss for the last
+
+Each segment owns one contiguous slice of the flat weight vector. Block-wise ZO
+(`edge_runtime.blockzo`) perturbs one segment and re-runs the chain from its cached input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +43,9 @@ LOSS_OUTPUT = "loss"
 SMASHED_OUTPUT = "smashed"
 LOGITS_OUTPUT = "logits"
 ROLES = ("client", "aux")
+SEGMENT_INPUT = "input"
+SEGMENT_OUTPUT = "output"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name: no directories
 INPUT_DTYPES = ("float32", "int64")  # images / token ids + attention mask
 
 
@@ -53,6 +68,50 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class SegmentSpec:
+    """One graph of the segment chain and the slice of the flat weight vector it owns."""
+
+    name: str  # the block, e.g. "layer1.0"; "aux" for the head + loss
+    file: str
+    offset: int  # in elements, into the flat float32 vector
+    size: int  # elements; its params are exactly the manifest params in [offset, offset+size)
+    params: tuple[str, ...]  # graph input names, in manifest order
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "offset": self.offset,
+                "size": self.size, "params": list(self.params)}
+
+
+def _segments_from_json(objs: Any, params: tuple[ParamSpec, ...],
+                        files: dict[str, str]) -> tuple[SegmentSpec, ...]:
+    """Check that the segments tile the flat vector in manifest order, one file each."""
+    if not isinstance(objs, list) or len(objs) < 2:
+        raise BundleError("manifest segments must be a list of at least two (client blocks, "
+                          "then the aux head); help: re-export the bundle")
+    segments, offset, index = [], 0, 0
+    for obj in objs:
+        seg = SegmentSpec(str(obj["name"]), str(obj["file"]), int(obj["offset"]),
+                          int(obj["size"]), tuple(str(n) for n in obj["params"]))
+        owned = params[index:index + len(seg.params)]
+        if (seg.offset != offset or seg.size < 0
+                or tuple(p.name for p in owned) != seg.params
+                or sum(p.size for p in owned) != seg.size):
+            raise BundleError(f"segment {seg.name!r} does not own the next "
+                              f"{len(seg.params)} manifest params at offset {offset}")
+        if not _FILE_NAME.match(seg.file) or seg.file not in files:
+            raise BundleError(f"segment {seg.name!r} file {seg.file!r} is not a plain file "
+                              "name listed with a sha256 in the manifest's files")
+        segments.append(seg)
+        offset += seg.size
+        index += len(seg.params)
+    if index != len(params):
+        raise BundleError(f"segments own {index} of the {len(params)} manifest params")
+    if len({s.file for s in segments}) != len(segments):
+        raise BundleError("two segments share one file")
+    return tuple(segments)
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     cut: str
@@ -64,13 +123,14 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256 hex
     extra: dict[str, Any]
     input_dtype: str = "float32"  # of x; manifests written before it existed are float32
+    segments: tuple[SegmentSpec, ...] = ()  # the optional segment chain (see module doc)
 
     @property
     def num_params(self) -> int:
         return sum(p.size for p in self.params)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "format_version": FORMAT_VERSION,
             "model": self.model,
             "cut": self.cut,
@@ -93,6 +153,9 @@ class Manifest:
             "files": dict(self.files),
             "extra": self.extra,
         }
+        if self.segments:  # only then: a bundle without segments reads as before
+            obj["segments"] = [s.to_json() for s in self.segments]
+        return obj
 
     @staticmethod
     def from_json(obj: Any) -> Manifest:
@@ -129,6 +192,8 @@ class Manifest:
                 files={str(k): str(v) for k, v in obj["files"].items()},
                 extra=dict(obj.get("extra", {})),
                 input_dtype=input_dtype,
+                segments=(() if obj.get("segments") is None else _segments_from_json(
+                    obj["segments"], tuple(params), dict(obj["files"]))),
             )
         except BundleError:
             raise
@@ -163,8 +228,13 @@ def write_bundle(
     opset: int,
     extra: dict[str, Any] | None = None,
     input_dtype: str = "float32",
+    segments: list[tuple[str, bytes, int]] | None = None,
 ) -> Manifest:
-    """Write a bundle directory; `params` are (graph input name, value, role) in feed order."""
+    """Write a bundle directory; `params` are (graph input name, value, role) in feed order.
+
+    `segments`, optional: (block name, ONNX bytes, number of params it owns) in chain order,
+    the last being aux head + loss; they must own `params` back to back.
+    """
     if input_dtype not in INPUT_DTYPES:
         raise BundleError(f"input dtype {input_dtype!r} is not one of {INPUT_DTYPES}")
     out = Path(out_dir)
@@ -174,11 +244,25 @@ def write_bundle(
     weights_bytes = flat.astype("<f4").tobytes()
     (out / GRAPH).write_bytes(onnx_bytes)
     (out / WEIGHTS).write_bytes(weights_bytes)
+    files = {GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)}
+    seg_specs, index, offset = [], 0, 0
+    for i, (name, seg_bytes, count) in enumerate(segments or []):
+        owned = specs[index:index + count]
+        if len(owned) != count:
+            raise BundleError(f"segments claim more than the {len(specs)} params")
+        file = f"segment{i}.onnx"
+        (out / file).write_bytes(seg_bytes)
+        files[file] = sha256_bytes(seg_bytes)
+        size = sum(p.size for p in owned)
+        seg_specs.append(SegmentSpec(name, file, offset, size, tuple(p.name for p in owned)))
+        index, offset = index + count, offset + size
+    if segments and index != len(specs):
+        raise BundleError(f"segments own {index} of the {len(specs)} params")
     manifest = Manifest(
         model=model, cut=cut, input_shape=tuple(input_shape), num_classes=num_classes,
         smashed_shape=tuple(smashed_shape), opset=opset, params=specs,
-        files={GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)},
-        extra=dict(extra or {}), input_dtype=input_dtype,
+        files=files, extra=dict(extra or {}), input_dtype=input_dtype,
+        segments=tuple(seg_specs),
     )
     (out / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
@@ -191,6 +275,7 @@ class Bundle:
     manifest: Manifest
     graph: bytes
     weights: np.ndarray  # flat float32
+    segments: tuple[bytes, ...] = ()  # ONNX bytes per manifest segment, if it has them
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views into `flat`, one per graph input, without copying."""
@@ -217,7 +302,7 @@ def bundle_from_files(files: dict[str, bytes]) -> Bundle:
         manifest = Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
-    for name in (GRAPH, WEIGHTS):
+    for name in (GRAPH, WEIGHTS, *(s.file for s in manifest.segments)):
         if name not in manifest.files:
             raise BundleError(f"manifest lists no sha256 for {name}")
         if name not in files:
@@ -228,15 +313,22 @@ def bundle_from_files(files: dict[str, bytes]) -> Bundle:
                 f"{name} sha256 {got[:12]}… does not match the manifest's "
                 f"{manifest.files[name][:12]}…; help: the bundle was corrupted or tampered "
                 "with, re-export it or let the device fetch it from the server")
-    return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest))
+    return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),
+                  tuple(files[s.file] for s in manifest.segments))
 
 
 def read_bundle_files(path: str | Path) -> dict[str, bytes]:
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist; help: run `heron export`")
-    return {name: (root / name).read_bytes() for name in (MANIFEST, GRAPH, WEIGHTS)
-            if (root / name).is_file()}
+    names = [MANIFEST, GRAPH, WEIGHTS]
+    try:  # segment files are named in the manifest; bundle_from_files checks the rest
+        listed = json.loads((root / MANIFEST).read_text()).get("files", {})
+        names += [n for n in listed if isinstance(n, str) and _FILE_NAME.match(n)
+                  and n not in names]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from edge_runtime import zo
+from edge_runtime import blockzo, zo
 from edge_runtime.bundle import (
     INPUT_NAME,
     LABEL_NAME,
@@ -57,7 +57,10 @@ class TrainConfig:
                              f"{', '.join(ALGORITHMS)}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        obj = asdict(self)
+        if self.zo.perturb == "full":  # the default stays off the wire: devices from before
+            del obj["zo"]["perturb"]  # the option existed still accept the default config
+        return obj
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> TrainConfig:
@@ -73,19 +76,27 @@ class TrainConfig:
         return TrainConfig(**fields)
 
 
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """The device's ONNX Runtime settings, for the training graph and the segments alike."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    # No memory pattern: with it ORT keeps one block sized for every intermediate of the
+    # planned run; without, tensors come from the arena and are reused as they die. On
+    # resnet18/layer1 at batch 64 that is ~50 MB less peak RSS (-25%) for ~2% step time.
+    opts.enable_mem_pattern = False
+    opts.log_severity_level = 3
+    return opts
+
+
 class LocalModel:
-    """An ONNX Runtime session over the bundle's training graph with weights as inputs."""
+    """An ONNX Runtime session over the bundle's training graph with weights as inputs;
+    the segment chain for block-wise ZO is built the first time a round asks for it."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        # No memory pattern: with it ORT keeps one block sized for every intermediate of the
-        # planned run; without, tensors come from the arena and are reused as they die. On
-        # resnet18/layer1 at batch 64 that is ~50 MB less peak RSS (-25%) for ~2% step time.
-        opts.enable_mem_pattern = False
-        opts.log_severity_level = 3
+        opts = session_options(threads)
+        self._chain: blockzo.SegmentChain | None = None
         try:
             self.session = ort.InferenceSession(bundle.graph, sess_options=opts,
                                                 providers=["CPUExecutionProvider"])
@@ -116,6 +127,12 @@ class LocalModel:
 
     def loss(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
         return float(self.run(theta, x, y)[0])
+
+    def chain(self) -> blockzo.SegmentChain:
+        """The bundle's segments, one session each (BundleError if it has none)."""
+        if self._chain is None:
+            self._chain = blockzo.SegmentChain(self.bundle, session_options(self.threads))
+        return self._chain
 
 
 def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
@@ -162,6 +179,9 @@ class RoundResult:
     losses: list[float]  # l(θ) at each step
     step_ms: list[float]
     smashed_sent: int
+    # perturb="block": the segment each direction perturbed, matching seeds (a function of
+    # the seed and the manifest's segments, zo.block_of, so it needs no place on the wire)
+    blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def train_round(
@@ -188,6 +208,7 @@ def train_round(
                                                   zlib.crc32(device_id.encode())]))
     state = zo.init_state(theta, cfg.optimizer)
     seeds, projected, losses, times = [], [], [], []
+    blocks: list[int] = []
     sent = 0
     for step in range(cfg.local_steps):
         t0 = time.perf_counter()
@@ -203,28 +224,49 @@ def train_round(
                 losses.append(float(outs[0]))
             times.append((time.perf_counter() - t0) * 1000.0)
             continue
-        if cfg.zo.scheme == "forward" or upload:
-            outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
-                             else (LOSS_OUTPUT,))
-            loss0: float | None = float(outs[0])
-            if upload:
-                assert on_smashed is not None
-                on_smashed(step, outs[1], yb)
-                sent += 1
+        seed = step_seed(cfg.seed, round_idx, device_id, step)
+        if cfg.zo.perturb == "block":  # re-run from one segment on (edge_runtime.blockzo)
+            est, smashed = blockzo.estimate_step(model.chain(), theta, xb, yb, seed, cfg.zo,
+                                                 want_smashed=upload)
+            loss = est.loss
         else:
-            loss0 = None
-        est = zo.estimate(lambda t, xb=xb, yb=yb: model.loss(t, xb, yb), theta,
-                          step_seed(cfg.seed, round_idx, device_id, step), cfg.zo,
-                          loss0 if cfg.zo.scheme == "forward" else None)
+            est, smashed, loss = _full_estimate(model, theta, xb, yb, seed, cfg.zo, upload)
+        if upload:
+            assert on_smashed is not None and smashed is not None
+            on_smashed(step, smashed, yb)
+            sent += 1
         if not np.all(np.isfinite(est.grad)):
             raise FloatingPointError(
                 f"ZO estimate at step {step} is not finite (loss {est.loss}); help: lower "
                 "the device learning rate or mu")
+        # Block-wise: the gradient is zero outside the perturbed block and Adam runs over all
+        # of θ as usual. Its m and v are time averages of the (unbiased, 1/p_j-weighted)
+        # estimate, which has the full estimate's moments (zo module doc); a lazy update of
+        # the block alone would instead slow each block down to its draw rate p_j.
         theta, state = zo.apply(theta, est.grad, state, cfg.optimizer)
         seeds.extend(est.seeds.tolist())
         projected.extend(est.projected.tolist())
-        losses.append(est.loss if loss0 is None else loss0)
+        blocks.extend(est.blocks.tolist())
+        losses.append(loss)
         times.append((time.perf_counter() - t0) * 1000.0)
         rss_mb()
     return RoundResult(theta, np.asarray(seeds, dtype=np.uint64),
-                       np.asarray(projected, dtype=np.float32), losses, times, sent)
+                       np.asarray(projected, dtype=np.float32), losses, times, sent,
+                       np.asarray(blocks, dtype=np.int64))
+
+
+def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.ndarray,
+                   seed: int, cfg: zo.ZOConfig, upload: bool
+                   ) -> tuple[zo.ZOEstimate, np.ndarray | None, float]:
+    """The paper's step: whole-graph evaluations at θ and θ + μu; (estimate, smashed data
+    if `upload`, the step's recorded loss)."""
+    smashed = None
+    loss0: float | None = None
+    if cfg.scheme == "forward" or upload:
+        outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
+                         else (LOSS_OUTPUT,))
+        loss0 = float(outs[0])
+        smashed = outs[1] if upload else None
+    est = zo.estimate(lambda t: model.loss(t, xb, yb), theta, seed, cfg,
+                      loss0 if cfg.scheme == "forward" else None)
+    return est, smashed, (est.loss if loss0 is None else loss0)

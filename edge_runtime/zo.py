@@ -3,18 +3,31 @@
 Everything works on one flat float32 parameter vector. A direction is never stored: it is
 regenerated from an integer seed with numpy's PCG64, which is portable across platforms,
 so the round's (seed, projected gradient) log describes every update exactly.
+
+Block-wise perturbation (``perturb="block"``): each direction lives in one block (a
+contiguous slice of θ, one bundle segment) instead of all of θ. The device then re-runs the
+network only from that block on (`edge_runtime.blockzo`). The block is a hash of the
+direction's seed, so the (seed, projected) log plus the blocks' (offset, size) still
+describe every update. Block j is drawn with probability p_j = d_j / d (the block holding a
+uniformly drawn coordinate) and its estimate is weighted by 1/p_j. That keeps the estimate
+unbiased, and with Gaussian directions its second moment is Σ_j (d/d_j)(d_j+2)‖∇_j‖², i.e.
+the full estimate's (d+2)‖∇‖² when the gradient is spread evenly over coordinates: the same
+μ, learning rate and optimizer settings apply in both modes. (Uniform p_j = 1/J would
+re-run less on average but inflate the variance of the big blocks J·d_j/d-fold.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
 OPTIMIZERS = ("sgd", "adam")
+PERTURBS = ("full", "block")
+_BLOCK_KEY = 0x626C6F636B  # "block": separates the block draw from the direction's stream
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,7 @@ class ZOConfig:
     q: int = 1  # directions per step
     scheme: str = "forward"  # forward: [l(θ+μu) - l(θ)]/μ; central: [l(θ+μu) - l(θ-μu)]/2μ
     distribution: str = "gaussian"  # gaussian z ~ N(0, I); sphere u = z/|z| (scaled by d)
+    perturb: str = "full"  # full: directions over all of θ; block: over one block each
 
     def __post_init__(self) -> None:
         if not (self.mu > 0 and np.isfinite(self.mu)):
@@ -34,6 +48,8 @@ class ZOConfig:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, "
                              f"got {self.distribution!r}")
+        if self.perturb not in PERTURBS:
+            raise ValueError(f"perturb must be one of {PERTURBS}, got {self.perturb!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class ZOEstimate:
     projected: np.ndarray  # one scalar per direction: the finite difference along it
     seeds: np.ndarray  # uint64 seed of each direction
     loss: float  # l(θ) for forward differences, else the mean of the two evaluations
+    blocks: np.ndarray = field(  # block of each direction (perturb="block"), else empty
+        default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def direction_seeds(step_seed: int, q: int) -> np.ndarray:
@@ -74,6 +92,9 @@ def estimate(
     `loss0` is l(θ) when the caller already has it (the device's unperturbed pass also
     yields the smashed data), saving one forward pass per step.
     """
+    if cfg.perturb != "full":
+        raise ValueError("zo.estimate perturbs all of θ; block-wise estimates come from "
+                         "zo.estimate_blocks")
     d = theta.size
     seeds = direction_seeds(step_seed, cfg.q)
     projected = np.empty(cfg.q, dtype=np.float64)
@@ -94,9 +115,86 @@ def estimate(
     return ZOEstimate(grad, projected.astype(np.float32), seeds, float(np.mean(losses)))
 
 
-def reconstruct(seeds: np.ndarray, projected: np.ndarray, d: int, cfg: ZOConfig) -> np.ndarray:
-    """g = scale/q · Σ p_i u_i, rebuilt from the log alone (what a server could replay)."""
+def block_of(seed: int, sizes: Sequence[int]) -> int:
+    """The block a direction seed perturbs: the one holding a uniformly drawn coordinate
+    (probability d_j / d). A hash of the seed, identical on every platform."""
+    total = int(sum(sizes))
+    if total <= 0:
+        raise ValueError("block-wise ZO needs at least one block with parameters")
+    word = np.random.SeedSequence([int(seed), _BLOCK_KEY]).generate_state(1, np.uint64)[0]
+    coordinate = int(word) % total  # modulo bias < total / 2**64: nil
+    return int(np.searchsorted(np.cumsum(sizes), coordinate, side="right"))
+
+
+def step_blocks(step_seed: int, q: int, sizes: Sequence[int]) -> np.ndarray:
+    """The block of each of a step's q directions (known before any evaluation)."""
+    return np.asarray([block_of(int(s), sizes) for s in direction_seeds(step_seed, q)],
+                      dtype=np.int64)
+
+
+def estimate_blocks(
+    loss_from: Callable[[int, np.ndarray], float],
+    theta: np.ndarray,
+    blocks: Sequence[tuple[int, int]],
+    step_seed: int,
+    cfg: ZOConfig,
+    loss0: float | None = None,
+) -> ZOEstimate:
+    """Block-wise two-point estimate: each direction perturbs one block of θ only.
+
+    `blocks` are (offset, size) slices tiling θ; `loss_from(j, values)` is l(θ) with block
+    j's slice replaced by `values` (the caller re-runs the network from block j on).
+    `loss0` = l(θ), required for forward differences.
+    """
+    if cfg.perturb != "block":
+        raise ValueError("zo.estimate_blocks needs a ZOConfig with perturb='block'")
+    sizes = [size for _, size in blocks]
+    if sum(sizes) != theta.size:
+        raise ValueError(f"blocks cover {sum(sizes)} of the {theta.size} parameters")
+    seeds = direction_seeds(step_seed, cfg.q)
+    chosen = np.asarray([block_of(int(s), sizes) for s in seeds], dtype=np.int64)
+    if cfg.scheme == "forward" and loss0 is None:
+        raise ValueError("forward differences need loss0 = l(θ) from the unperturbed pass")
+    mu = np.float32(cfg.mu)
+    projected = np.empty(cfg.q, dtype=np.float64)
+    losses = []
+    for i, (seed, j) in enumerate(zip(seeds, chosen, strict=True)):
+        offset, size = blocks[j]
+        base = theta[offset:offset + size]
+        u = direction(int(seed), size, cfg.distribution)
+        plus = float(loss_from(int(j), base + mu * u))
+        if cfg.scheme == "forward":
+            assert loss0 is not None
+            projected[i] = (plus - loss0) / cfg.mu
+            losses.append(loss0)
+        else:
+            minus = float(loss_from(int(j), base - mu * u))
+            projected[i] = (plus - minus) / (2 * cfg.mu)
+            losses.append(0.5 * (plus + minus))
+    grad = reconstruct(seeds, projected.astype(np.float32), theta.size, cfg, blocks)
+    return ZOEstimate(grad, projected.astype(np.float32), seeds, float(np.mean(losses)),
+                      chosen)
+
+
+def reconstruct(seeds: np.ndarray, projected: np.ndarray, d: int, cfg: ZOConfig,
+                blocks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """g = scale/q · Σ p_i u_i, rebuilt from the log alone (what a server could replay).
+
+    Block-wise: u_i lives in block j = block_of(seed_i) only and carries the block's own
+    scale times the importance weight d / d_j; `blocks` are the (offset, size) slices.
+    """
     grad = np.zeros(d, dtype=np.float32)
+    if cfg.perturb == "block":
+        if blocks is None:
+            raise ValueError("block-wise estimates are rebuilt with the blocks' (offset, size); "
+                             "help: pass the bundle manifest's segments")
+        sizes = [size for _, size in blocks]
+        for seed, p in zip(seeds, projected, strict=True):
+            offset, size = blocks[block_of(int(seed), sizes)]
+            weight = np.float32(p) * np.float32(_scale(size, cfg) * d / size)
+            grad[offset:offset + size] += weight * direction(int(seed), size, cfg.distribution)
+        grad *= np.float32(1.0 / len(seeds))
+        return grad
     for seed, p in zip(seeds, projected, strict=True):
         grad += np.float32(p) * direction(int(seed), d, cfg.distribution)
     grad *= np.float32(_scale(d, cfg) / len(seeds))

@@ -28,6 +28,7 @@ from edge_runtime.bundle import (
     Manifest,
     write_bundle,
 )
+from exporter.segments import export_segments
 from exporter.zoo import SplitModel, build_split
 
 ROLE_PREFIXES = {"client": "client.", "aux": "aux."}
@@ -155,6 +156,7 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
         extra={"aux": split.aux_kind, "torch": str(torch.__version__), "exported_by": "heron",
                **({"options": split.options} if split.options else {})},
         input_dtype=split.input_dtype,
+        segments=export_segments(split, names, opset),  # for block-wise ZO
     )
 
 

@@ -1,0 +1,113 @@
+"""Block-wise ZO on the device: the bundle's segment chain with cached activations.
+
+A full-mode step runs the whole client + aux graph twice (θ and θ + μu). A block-wise step
+runs the chain once at θ, keeping every segment's input, then perturbs one segment j
+(`zo.block_of`) and re-runs only segments j..end from the cached input of j: the segments
+before j see the same weights and the same batch, so their outputs would be identical.
+The block-wise estimator itself (its block rule, weights and replay) is in `edge_runtime.zo`.
+
+Torch-free like the rest of the device: ONNX Runtime, one session per segment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_runtime import zo
+from edge_runtime.bundle import (
+    LABEL_NAME,
+    LOSS_OUTPUT,
+    SEGMENT_INPUT,
+    SEGMENT_OUTPUT,
+    Bundle,
+    BundleError,
+)
+
+
+class SegmentChain:
+    """One ONNX Runtime session per bundle segment, run from any segment onwards."""
+
+    def __init__(self, bundle: Bundle, opts: ort.SessionOptions) -> None:
+        m = bundle.manifest
+        if not m.segments:
+            raise BundleError(
+                f"block-wise ZO needs a bundle with segments, and this {m.model}/{m.cut} "
+                "bundle has none; help: re-export it with this heron version (`heron "
+                "export`; the server does so at start), or train with perturb='full'")
+        params = {p.name: p for p in m.params}
+        self.sessions: list[ort.InferenceSession] = []
+        # per segment: (graph input name, offset inside the segment's slice, shape)
+        self.feeds: list[list[tuple[str, int, tuple[int, ...]]]] = []
+        for i, (spec, graph) in enumerate(zip(m.segments, bundle.segments, strict=True)):
+            try:
+                sess = ort.InferenceSession(graph, sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise BundleError(f"ONNX Runtime cannot load segment {spec.name!r}: "
+                                  f"{exc}") from exc
+            last = i == len(m.segments) - 1
+            expected = [SEGMENT_INPUT, *([LABEL_NAME] if last else []), *spec.params]
+            if [x.name for x in sess.get_inputs()] != expected:
+                raise BundleError(f"segment {spec.name!r} has inputs "
+                                  f"{[x.name for x in sess.get_inputs()]}, expected {expected}")
+            self.sessions.append(sess)
+            self.feeds.append([(n, params[n].offset - spec.offset, params[n].shape)
+                               for n in spec.params])
+        self.blocks: tuple[tuple[int, int], ...] = tuple((s.offset, s.size) for s in m.segments)
+        self.names = tuple(s.name for s in m.segments)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def _feed(self, i: int, h: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs of segment i: activation h and its params as views into its slice."""
+        feed = {SEGMENT_INPUT: h}
+        for name, start, shape in self.feeds[i]:
+            feed[name] = values[start:start + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        return feed
+
+    def _slice(self, theta: np.ndarray, i: int) -> np.ndarray:
+        offset, size = self.blocks[i]
+        return theta[offset:offset + size]
+
+    def prefix(self, theta: np.ndarray, x: np.ndarray, stop: int) -> list[np.ndarray]:
+        """Inputs of segments 0..stop at θ: [x, out_0, …]; index n-1 is the smashed data."""
+        acts = [x]
+        for i in range(stop):
+            acts.append(self.sessions[i].run([SEGMENT_OUTPUT], self._feed(
+                i, acts[-1], self._slice(theta, i)))[0])
+        return acts
+
+    def loss_from(self, j: int, h: np.ndarray, theta: np.ndarray, y: np.ndarray,
+                  values: np.ndarray | None = None) -> float:
+        """l from segment j on, given its input h; segment j's weights are `values` (its
+        slice of θ when None), every later segment's come from θ."""
+        last = len(self.sessions) - 1
+        for i in range(j, last + 1):
+            own = values if (i == j and values is not None) else self._slice(theta, i)
+            feed = self._feed(i, h, own)
+            if i == last:
+                feed[LABEL_NAME] = y
+                return float(self.sessions[i].run([LOSS_OUTPUT], feed)[0])
+            h = self.sessions[i].run([SEGMENT_OUTPUT], feed)[0]
+        raise AssertionError("unreachable: the chain ends with the loss segment")
+
+
+def estimate_step(chain: SegmentChain, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  step_seed: int, cfg: zo.ZOConfig, *, want_smashed: bool
+                  ) -> tuple[zo.ZOEstimate, np.ndarray | None]:
+    """One block-wise estimate; also the unperturbed smashed data when `want_smashed`.
+
+    The unperturbed pass runs as far as needed: to the loss for forward differences or an
+    upload, else (central differences) only up to the deepest block a direction perturbs.
+    """
+    last = len(chain) - 1
+    blocks = zo.step_blocks(step_seed, cfg.q, [size for _, size in chain.blocks])
+    full = cfg.scheme == "forward" or want_smashed
+    acts = chain.prefix(theta, x, last if full else int(blocks.max()))
+    loss0 = chain.loss_from(last, acts[last], theta, y) if cfg.scheme == "forward" else None
+    est = zo.estimate_blocks(
+        lambda j, values: chain.loss_from(j, acts[j], theta, y, values),
+        theta, chain.blocks, step_seed, cfg, loss0)
+    return est, (acts[last] if want_smashed else None)

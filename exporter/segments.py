@@ -1,0 +1,143 @@
+"""Export the device graph a second time, as a chain of segments, for block-wise ZO.
+
+A block-wise ZO step perturbs the weights of one block only, so everything before that
+block computes the same activations as the unperturbed pass. With the graph cut into
+segments at block boundaries, the device caches each segment's input during the
+unperturbed pass and re-runs only from the perturbed block on (`edge_runtime.blockzo`).
+
+Segments follow the client's named blocks (``stem``, ``layer1`` …); a block that is itself a
+Sequential of composite modules (ResNet's ``layer1``: two BasicBlocks) is split one level
+deeper (``layer1.0``, ``layer1.1``), since a block's re-run cost is what a step saves. The
+last segment is the aux head with the cross-entropy loss. Trainable parameters are graph
+inputs under the same names as in the full training graph, so a segment's feed is a slice
+of the same flat weight vector.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+from torch import nn
+
+from edge_runtime.bundle import LABEL_NAME, LOSS_OUTPUT, SEGMENT_INPUT, SEGMENT_OUTPUT
+from exporter.zoo import SplitModel
+
+_EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
+_BODY = "body."  # parameter prefix inside the exported wrapper
+
+
+class _SegmentGraph(nn.Module):
+    """One block (or the aux head plus the loss) as a standalone graph."""
+
+    def __init__(self, body: nn.Module, with_loss: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.with_loss = with_loss
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.body(h)
+        return F.cross_entropy(out, y) if self.with_loss else out
+
+
+def segment_blocks(split: SplitModel) -> list[tuple[str, nn.Module]] | None:
+    """The client's blocks in chain order; None when the client is not a chain of blocks."""
+    if not isinstance(split.client, nn.Sequential) or split.input_dtype != "float32":
+        return None
+    blocks: list[tuple[str, nn.Module]] = []
+    for name, block in split.client.named_children():
+        children = list(block.named_children()) if isinstance(block, nn.Sequential) else []
+        if children and all(any(True for _ in child.children()) for _, child in children):
+            blocks += [(f"{name}.{child_name}", child) for child_name, child in children]
+        else:
+            blocks.append((name, block))
+    return blocks
+
+
+def export_segments(split: SplitModel, names: list[str], opset: int
+                    ) -> list[tuple[str, bytes, int]] | None:
+    """(block name, ONNX bytes, params owned) per segment, for `write_bundle(segments=...)`.
+
+    `names` are the bundle's trainable parameter names in manifest order; each segment must
+    own a contiguous run of them. None when the model is not a chain (no segments shipped).
+    """
+    blocks = segment_blocks(split)
+    if blocks is None:
+        return None
+    chain = [(name, f"client.{name}.", block, False) for name, block in blocks]
+    chain.append(("aux", "aux.", split.aux, True))
+    out: list[tuple[str, bytes, int]] = []
+    h = torch.zeros(_EXPORT_BATCH, *split.input_shape)
+    y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
+    index = 0
+    for name, prefix, block, with_loss in chain:
+        owned = [n for n in names if n.startswith(prefix)]
+        if names[index:index + len(owned)] != owned:
+            raise RuntimeError(f"segment {name!r} does not own a contiguous run of the "
+                               "trainable parameters; help: register blocks in chain order")
+        graph = _SegmentGraph(block, with_loss)
+        proto = _export(graph, h, y if with_loss else None, opset)
+        _params_to_inputs(proto, {_BODY + n[len(prefix):]: n for n in owned})
+        onnx.checker.check_model(proto, full_check=True)
+        out.append((name, proto.SerializeToString(), len(owned)))
+        index += len(owned)
+        if not with_loss:
+            with torch.no_grad():
+                h = block(h)
+    if index != len(names):
+        raise RuntimeError(f"segments own {index} of {len(names)} trainable parameters")
+    return out
+
+
+def _export(graph: _SegmentGraph, h: torch.Tensor, y: torch.Tensor | None,
+            opset: int) -> onnx.ModelProto:
+    """Same exporter settings as the full training graph (see exporter.export)."""
+    batch = {0: "batch"}
+    args: tuple[torch.Tensor, ...] = (h,) if y is None else (h, y)
+    inputs = [SEGMENT_INPUT] if y is None else [SEGMENT_INPUT, LABEL_NAME]
+    output = SEGMENT_OUTPUT if y is None else LOSS_OUTPUT
+    axes = {name: batch for name in inputs}
+    if y is None:
+        axes[output] = batch
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"The feature will be removed",
+                                category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                module=r"torch\.nn\.functional")
+        torch.onnx.export(graph, args, buf, dynamo=False, input_names=inputs,
+                          output_names=[output], dynamic_axes=axes,
+                          do_constant_folding=False, keep_initializers_as_inputs=True,
+                          opset_version=opset)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _params_to_inputs(proto: onnx.ModelProto, rename: dict[str, str]) -> None:
+    """Rename the trainable initializers to their bundle names and make them graph inputs
+    (in `rename` order, after the data inputs); frozen tensors stay initializers."""
+    inits = {init.name: init for init in proto.graph.initializer}
+    missing = [n for n in rename if n not in inits]
+    if missing:
+        raise RuntimeError(f"segment parameters {missing[:5]} are not initializers of the "
+                           "exported graph; help: every trainable parameter must be used")
+    data_inputs = [i for i in proto.graph.input if i.name not in inits]
+    weight_inputs = []
+    for old, new in rename.items():
+        init = inits[old]
+        if init.data_type != TensorProto.FLOAT:
+            raise RuntimeError(f"trainable parameter {new!r} exported as a non-FLOAT tensor")
+        weight_inputs.append(helper.make_tensor_value_info(new, TensorProto.FLOAT,
+                                                           list(init.dims)))
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    keep = [init for init in proto.graph.initializer if init.name not in rename]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    del proto.graph.input[:]
+    proto.graph.input.extend([*data_inputs, *weight_inputs])

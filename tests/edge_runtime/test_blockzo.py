@@ -1,0 +1,287 @@
+"""Block-wise ZO: the re-run from a cached segment input equals the full graph at the
+block-perturbed weights, the estimate is the full-graph reference, it is unbiased with the
+full estimate's second moment, training with it lowers the local loss like full mode, the
+(seed, projected) log replays the round, and the config is strict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from devices.datasets import load_dataset
+from edge_runtime import blockzo, zo
+from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, BundleError, load_bundle
+from edge_runtime.runtime import LocalModel, TrainConfig, step_seed, train_round
+from exporter.export import export_split
+
+BLOCK = zo.ZOConfig(perturb="block")
+SGD = zo.OptimizerConfig(name="sgd", lr=0.01)
+SHARD = 300
+
+
+@pytest.fixture(scope="module")
+def cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cnn") / "b"
+    export_split("cnn", (1, 8, 8), 10, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn(cnn_dir: Path) -> LocalModel:
+    return LocalModel(load_bundle(cnn_dir), threads=1)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory: pytest.TempPathFactory) -> LocalModel:
+    out = tmp_path_factory.mktemp("resnet") / "b"
+    export_split("resnet18", (3, 8, 8), 10, out, cut="layer1")
+    return LocalModel(load_bundle(out), threads=1)
+
+
+@pytest.fixture(scope="module")
+def shard() -> tuple[np.ndarray, np.ndarray]:
+    ds = load_dataset("digits")
+    return ds.x_train[:SHARD], ds.y_train[:SHARD]
+
+
+def _batch(bundle: Bundle, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, *bundle.manifest.input_shape)).astype(np.float32),
+            rng.integers(0, bundle.manifest.num_classes, n).astype(np.int64))
+
+
+def _perturbed(theta: np.ndarray, block: tuple[int, int], values: np.ndarray) -> np.ndarray:
+    offset, size = block
+    out = theta.copy()
+    out[offset:offset + size] = values
+    return out
+
+
+# --- the chain against the full graph ---------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["cnn", "resnet"])
+@pytest.mark.parametrize("batch", [5, 16])
+def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
+        which: str, batch: int, request: pytest.FixtureRequest) -> None:
+    model: LocalModel = request.getfixturevalue(which)
+    chain = model.chain()
+    x, y = _batch(model.bundle, batch, seed=batch)
+    theta = model.bundle.weights
+    acts = chain.prefix(theta, x, len(chain) - 1)
+    loss0 = chain.loss_from(len(chain) - 1, acts[-1], theta, y)
+    want0, want_smashed = model.run(theta, x, y, ("loss", SMASHED_OUTPUT))
+    assert loss0 == pytest.approx(float(want0), rel=1e-5)
+    np.testing.assert_allclose(acts[-1], want_smashed, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(7)
+    for j, (offset, size) in enumerate(chain.blocks):
+        values = theta[offset:offset + size] + 0.05 * rng.standard_normal(size).astype(np.float32)
+        got = chain.loss_from(j, acts[j], theta, y, values)
+        want = model.loss(_perturbed(theta, chain.blocks[j], values), x, y)
+        assert got == pytest.approx(want, rel=1e-5), chain.names[j]
+        assert got != pytest.approx(loss0, rel=1e-7)  # the perturbation reached the loss
+
+
+@pytest.mark.parametrize("which", ["cnn", "resnet"])
+@pytest.mark.parametrize("scheme", zo.SCHEMES)
+def test_block_estimate_equals_the_full_graph_reference(
+        which: str, scheme: str, request: pytest.FixtureRequest) -> None:
+    """Perturb only block j's slice of θ and run the whole graph: same loss difference."""
+    model: LocalModel = request.getfixturevalue(which)
+    chain = model.chain()
+    cfg = zo.ZOConfig(perturb="block", scheme=scheme, mu=1e-2)
+    x, y = _batch(model.bundle, 8, seed=3)
+    theta = model.bundle.weights
+    d = theta.size
+    seen = set()
+    for seed in range(40):
+        est, smashed = blockzo.estimate_step(chain, theta, x, y, seed, cfg, want_smashed=True)
+        j = int(est.blocks[0])
+        seen.add(j)
+        offset, size = chain.blocks[j]
+        u = zo.direction(int(est.seeds[0]), size, cfg.distribution)
+        base = theta[offset:offset + size]
+        plus = model.loss(_perturbed(theta, chain.blocks[j], base + np.float32(cfg.mu) * u), x, y)
+        if scheme == "forward":
+            minus, denom = model.loss(theta, x, y), cfg.mu
+        else:
+            minus = model.loss(_perturbed(theta, chain.blocks[j], base - np.float32(cfg.mu) * u),
+                               x, y)
+            denom = 2 * cfg.mu
+        assert float(est.projected[0]) == pytest.approx((plus - minus) / denom, rel=2e-3,
+                                                        abs=2e-3)
+        want = np.zeros(d, np.float32)
+        want[offset:offset + size] = est.projected[0] * (d / size) * u
+        np.testing.assert_allclose(est.grad, want, rtol=1e-5, atol=1e-8)
+        assert smashed is not None
+        np.testing.assert_allclose(smashed, model.run(theta, x, y, (SMASHED_OUTPUT,))[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert len(seen) >= 2  # more than one block was drawn
+
+
+# --- the estimator ------------------------------------------------------------------------------
+
+SIZES = [5, 20, 75, 0]  # a parameter-free block too
+BLOCKS = [(0, 5), (5, 20), (25, 75), (100, 0)]
+
+
+def test_blocks_are_drawn_in_proportion_to_their_size() -> None:
+    draws = np.asarray([zo.block_of(s, SIZES) for s in range(20000)])
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq[:3], [0.05, 0.2, 0.75], atol=0.015)
+    assert freq[3] == 0
+    assert zo.block_of(123, SIZES) == zo.block_of(123, SIZES)
+    with pytest.raises(ValueError):
+        zo.block_of(1, [0, 0])
+
+
+@pytest.mark.parametrize("distribution", zo.DISTRIBUTIONS)
+def test_block_estimate_is_unbiased_with_the_full_estimates_second_moment(
+        distribution: str) -> None:
+    """On a linear loss the finite difference is exact, so moments can be checked tightly."""
+    g = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    theta = np.zeros(100, np.float32)
+
+    def loss_from(j: int, values: np.ndarray) -> float:
+        offset, size = BLOCKS[j]
+        return float(np.dot(g[offset:offset + size], values.astype(np.float64)))
+
+    moments = {}
+    for perturb in zo.PERTURBS:
+        cfg = zo.ZOConfig(perturb=perturb, distribution=distribution, mu=1.0)
+        ests = []
+        for seed in range(4000):
+            if perturb == "block":
+                ests.append(zo.estimate_blocks(loss_from, theta, BLOCKS, seed, cfg, 0.0).grad)
+            else:
+                ests.append(zo.estimate(lambda t: float(np.dot(g, t)), theta, seed, cfg,
+                                        0.0).grad)
+        arr = np.asarray(ests, dtype=np.float64)
+        mean = arr.mean(0)
+        assert np.dot(mean, g) / (np.linalg.norm(mean) * np.linalg.norm(g)) > 0.97, perturb
+        moments[perturb] = float((arr ** 2).sum(1).mean())
+    assert moments["block"] == pytest.approx(moments["full"], rel=0.15)
+
+
+def test_estimate_and_reconstruct_refuse_the_wrong_mode() -> None:
+    theta = np.zeros(100, np.float32)
+    with pytest.raises(ValueError, match="estimate_blocks"):
+        zo.estimate(lambda t: 0.0, theta, 1, BLOCK, 0.0)
+    with pytest.raises(ValueError, match="perturb='block'"):
+        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, zo.ZOConfig(), 0.0)
+    with pytest.raises(ValueError, match="loss0"):
+        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, BLOCK)
+    with pytest.raises(ValueError, match="cover"):
+        zo.estimate_blocks(lambda j, v: 0.0, theta[:50], BLOCKS, 1, BLOCK, 0.0)
+    with pytest.raises(ValueError, match="segments"):
+        zo.reconstruct(np.zeros(1, np.uint64), np.zeros(1, np.float32), 100, BLOCK)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def test_block_training_lowers_the_local_loss_like_full_mode(
+        cnn: LocalModel, shard: tuple[np.ndarray, np.ndarray]) -> None:
+    before = cnn.loss(cnn.bundle.weights, *shard)
+    drops: dict[str, list[float]] = {"full": [], "block": []}
+    for perturb in drops:
+        for seed in range(3):
+            cfg = TrainConfig(local_steps=150, seed=seed, zo=zo.ZOConfig(perturb=perturb))
+            result = train_round(cnn, cnn.bundle.weights, *shard, cfg, round_idx=seed,
+                                 device_id="dev-0")
+            drops[perturb].append(before - cnn.loss(result.theta, *shard))
+    assert min(drops["block"]) > 0.01, drops
+    assert np.mean(drops["block"]) > 0.5 * np.mean(drops["full"]), drops
+
+
+@pytest.mark.parametrize("scheme", zo.SCHEMES)
+def test_block_log_replays_the_round_bit_for_bit(
+        cnn: LocalModel, shard: tuple[np.ndarray, np.ndarray], scheme: str) -> None:
+    """θ and every upload rebuilt from (seed, projected) and the manifest's segments."""
+    x, y = shard
+    cfg = TrainConfig(local_steps=12, upload_every=3, seed=4,
+                      zo=zo.ZOConfig(perturb="block", scheme=scheme, q=2))
+    uploads: list[tuple[int, np.ndarray]] = []
+    result = train_round(cnn, cnn.bundle.weights, x, y, cfg, round_idx=2, device_id="dev-3",
+                         on_smashed=lambda s, a, lab: uploads.append((s, a.copy())))
+    h, q = cfg.local_steps, cfg.zo.q
+    assert result.seeds.shape == result.projected.shape == result.blocks.shape == (h * q,)
+    blocks = [(s.offset, s.size) for s in cnn.bundle.manifest.segments]
+    sizes = [size for _, size in blocks]
+    assert [zo.block_of(int(s), sizes) for s in result.seeds] == result.blocks.tolist()
+    theta, state = cnn.bundle.weights, zo.init_state(cnn.bundle.weights, cfg.optimizer)
+    thetas = [theta]
+    for s in range(h):
+        g = zo.reconstruct(result.seeds[s * q:(s + 1) * q], result.projected[s * q:(s + 1) * q],
+                           theta.size, cfg.zo, blocks)
+        theta, state = zo.apply(theta, g, state, cfg.optimizer)
+        thetas.append(theta)
+    assert np.array_equal(thetas[-1], result.theta)
+    assert [s for s, _ in uploads] == [0, 3, 6, 9] and result.smashed_sent == 4
+    for s, acts in uploads:  # the unperturbed pass at θ_s, as in full mode
+        pool = cnn.run(thetas[s], x, y, (SMASHED_OUTPUT,))[0].reshape(len(x), -1)
+        dist = ((acts.reshape(len(acts), 1, -1) - pool[None]) ** 2).sum(-1).min(1)
+        assert dist.max() < 1e-8
+    step0 = step_seed(cfg.seed, 2, "dev-3", 0)
+    assert result.seeds[:q].tolist() == zo.direction_seeds(step0, q).tolist()
+
+
+def test_block_mode_on_a_bundle_without_segments_says_what_to_do(
+        cnn_dir: Path, shard: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    shutil.copytree(cnn_dir, out)
+    obj = json.loads((out / "manifest.json").read_text())
+    for spec in obj.pop("segments"):
+        del obj["files"][spec["file"]]
+    (out / "manifest.json").write_text(json.dumps(obj))
+    old = LocalModel(load_bundle(out), threads=1)
+    cfg = TrainConfig(local_steps=2, zo=BLOCK)
+    with pytest.raises(BundleError, match="segments.*help"):
+        train_round(old, old.bundle.weights, *shard, cfg, round_idx=0, device_id="d")
+    full = train_round(old, old.bundle.weights, *shard, TrainConfig(local_steps=2),
+                       round_idx=0, device_id="d")
+    assert full.blocks.size == 0
+
+
+def test_block_mode_runs_without_torch(cnn_dir: Path, no_torch_env: dict) -> None:
+    code = ("import numpy as np, sys\n"
+            "from edge_runtime import zo\n"
+            "from edge_runtime.bundle import load_bundle\n"
+            "from edge_runtime.runtime import LocalModel, TrainConfig, train_round\n"
+            f"b = load_bundle({str(cnn_dir)!r})\n"
+            "x = np.zeros((8, 1, 8, 8), np.float32); y = np.arange(8) % 10\n"
+            "r = train_round(LocalModel(b, 1), b.weights, x, y, TrainConfig(local_steps=3, "
+            "zo=zo.ZOConfig(perturb='block')), round_idx=0, device_id='d')\n"
+            "assert 'torch' not in sys.modules and r.blocks.size == 3\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=no_torch_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_perturb_travels_in_the_round_config_and_full_stays_off_the_wire() -> None:
+    cfg = TrainConfig(zo=zo.ZOConfig(perturb="block", q=2))
+    wire = json.loads(json.dumps(cfg.to_json()))
+    assert wire["zo"]["perturb"] == "block"
+    assert TrainConfig.from_json(wire) == cfg
+    default = TrainConfig().to_json()
+    assert "perturb" not in default["zo"]  # what a device from before the option accepts
+    assert TrainConfig.from_json(default) == TrainConfig()
+
+
+@pytest.mark.parametrize("zo_obj", [{"perturb": "layer"}, {"perturb": ""}, {"perturb": None}],
+                         ids=str)
+def test_bad_perturb_values_are_rejected(zo_obj: dict) -> None:
+    with pytest.raises(ValueError, match="perturb"):
+        TrainConfig.from_json({"zo": zo_obj})
+
+
+def test_unknown_zo_keys_are_still_rejected() -> None:
+    with pytest.raises(TypeError):
+        TrainConfig.from_json({"zo": {"perturbation": "block"}})
