@@ -38,6 +38,10 @@ ONNX_FLOPS_METHOD = (
     "shape inference at the profiled batch, x forward passes per step (the training graph: "
     "client + aux head + loss); norms, activations, the loss and the ZO vector arithmetic "
     "(direction, perturbation, Adam: O(d) each) are not counted")
+BLOCK_FLOPS_METHOD = (
+    "ONNX graphs of the bundle's segments, counted as ONNX_FLOPS_METHOD: the unperturbed pass "
+    "through every segment plus the expected re-run from the perturbed segment j on, j drawn "
+    "with probability d_j / d (edge_runtime.zo.block_of)")
 TORCH_FLOPS_METHOD = (
     "torch.utils.flop_counter.FlopCounterMode over one step (forward and backward: "
     "convolution, mm/addmm/bmm; 2 FLOPs per multiply-accumulate); norms, activations, the "
@@ -181,6 +185,15 @@ def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
     return 2 * macs
 
 
+def block_flops(bundle: Any, batch: int) -> int:
+    """Expected FLOPs of a block-wise step (q = 1): the unperturbed pass through all
+    segments plus the re-run from segment j on, weighted by j's draw probability d_j / d."""
+    per_segment = [onnx_graph_flops(graph, batch) for graph in bundle.segments]
+    sizes = [s.size for s in bundle.manifest.segments]
+    rerun = sum(size * sum(per_segment[j:]) for j, size in enumerate(sizes)) / sum(sizes)
+    return int(round(sum(per_segment) + rerun))
+
+
 def _wire_bytes(msg: Any) -> int:
     from edge_runtime.messages import chunk, encode
 
@@ -293,11 +306,13 @@ def profile(
     seed: int = 0,
     bundle_dir: str | Path | None = None,
     timeout: float = 3600.0,
+    perturb: str = "full",
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
     `warmup` defaults to `steps`. `bundle_dir` reuses an exported bundle (it must match
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
+    `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; help: choose one of "
@@ -320,7 +335,7 @@ def profile(
         spec = StepSpec(algorithm=algorithm, model=model, cut=split.cut, batch=batch,
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
-                        bundle_dir=str(bundle_dir))
+                        bundle_dir=str(bundle_dir), perturb=perturb)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -328,8 +343,11 @@ def profile(
             if got["torch_imported"]:
                 raise ProfileError(f"the {algorithm} child imported torch; its memory would "
                                    "not be a device's")
-            flops = onnx_graph_flops(bundle.graph, batch) * int(got["forwards_per_step"])
+            full_flops = onnx_graph_flops(bundle.graph, batch)
+            flops = full_flops * int(got["forwards_per_step"])
             flops_method = ONNX_FLOPS_METHOD
+            if perturb == "block":
+                flops, flops_method = block_flops(bundle, batch), BLOCK_FLOPS_METHOD
         else:
             import torch
 
@@ -350,6 +368,7 @@ def profile(
     step_med, fwd_med = statistics.median(step_ms), statistics.median(fwd_ms)
     return {
         "algorithm": algorithm, "model": model, "cut": split.cut, "batch": batch,
+        **({"perturb": perturb} if algorithm == "heron" else {}),
         "input_shape": list(split.input_shape), "num_classes": num_classes,
         "threads": threads, "threads_used": got["threads_used"],
         "runtime": "onnxruntime" if algorithm in ORT_ALGORITHMS else "torch",

@@ -7,7 +7,8 @@ as a device's sampler does.
 
 - ``heron``: ONNX Runtime from the exported bundle, through edge_runtime's own
   ``train_round`` (so ``LocalModel.run``, ``zo.estimate`` and ``zo.apply`` exactly as a
-  device runs them, smashed data requested every k-th step).
+  device runs them, smashed data requested every k-th step). ``perturb="block"``: the same
+  with block-wise ZO, i.e. the bundle's segment chain (``edge_runtime.blockzo``).
 - ``frozen``: the same bundle and session, one forward per step for the smashed data, no
   update. Like ``heron`` it needs no torch.
 - ``cse-fsl``: torch forward, backward and Adam step of client + aux head on the local loss.
@@ -31,6 +32,7 @@ ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
 ORT_ALGORITHMS = ("heron", "frozen")  # ONNX Runtime on a bundle; the process never imports torch
 TORCH_ALGORITHMS = ("cse-fsl", "sflv1", "sflv2", "fedavg")
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
+PERTURBS = ("full", "block")  # as edge_runtime.zo.PERTURBS (not imported: no ORT in torch runs)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class StepSpec:
     upload_every: int = 2  # k: the smashed data leave every k-th step
     seed: int = 0
     bundle_dir: str | None = None  # required by the ONNX Runtime algorithms
+    perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -57,6 +60,12 @@ class StepSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.algorithm in ORT_ALGORITHMS and not self.bundle_dir:
             raise ValueError(f"{self.algorithm} runs from an exported bundle; pass bundle_dir")
+        if self.perturb not in PERTURBS:
+            raise ValueError(f"perturb must be one of {', '.join(PERTURBS)}, got "
+                             f"{self.perturb!r}")
+        if self.perturb != "full" and self.algorithm != "heron":
+            raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
+                             "makes no ZO perturbation")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,17 +146,27 @@ class _OrtBase:
 
 
 class HeronRunner(_OrtBase):
-    """The device's ZO step, through `edge_runtime.runtime.train_round` itself."""
+    """The device's ZO step, through `edge_runtime.runtime.train_round` itself.
+
+    Its forwards: the same ONNX Runtime passes on fixed weights. Block-wise, those are the
+    segment chain's unperturbed pass and the re-run from each step's drawn block (the
+    blocks of the steps just timed), so step / forwards is the ZO bookkeeping either way.
+    """
 
     def __init__(self, spec: StepSpec) -> None:
         super().__init__(spec)
         from edge_runtime.runtime import TrainConfig
+        from edge_runtime.zo import ZOConfig
 
         # The device's defaults: forward differences, q = 1, Gaussian directions, Adam.
         self.cfg = TrainConfig(local_steps=1, upload_every=spec.upload_every,
-                               batch_size=spec.batch, seed=spec.seed)
+                               batch_size=spec.batch, seed=spec.seed,
+                               zo=ZOConfig(perturb=spec.perturb))
         self.round = 0
         self.forwards_per_step = len(self._passes(1))
+        self.blocks: list[int] = []  # block-wise: the blocks the last timed steps drew
+        if spec.perturb == "block":
+            self.model.chain()  # build the segment sessions now, not inside a timed step
 
     def _passes(self, step: int) -> list[tuple[str, ...]]:
         """The outputs of each forward pass train_round makes at `step` (with uploads on)."""
@@ -173,10 +192,30 @@ class HeronRunner(_OrtBase):
                           device_id="profile", on_smashed=self._on_smashed)
         self.theta = res.theta
         self.round += 1
+        self.blocks = res.blocks.tolist()
         return list(res.step_ms)
 
     def forwards(self, n: int) -> list[float]:
+        if self.spec.perturb == "block":
+            return self._block_forwards(n)
         return self._timed_passes(n, [self._passes(i) for i in range(n)])
+
+    def _block_forwards(self, n: int) -> list[float]:
+        from edge_runtime.zo import step_blocks
+
+        chain = self.model.chain()
+        last = len(chain) - 1
+        sizes = [size for _, size in chain.blocks]
+        blocks = self.blocks or step_blocks(self.spec.seed, 1, sizes).tolist()
+        times = []
+        for i in range(n):
+            j = blocks[i % len(blocks)]
+            t0 = time.perf_counter()
+            acts = chain.prefix(self.theta, self.x, last, {j})
+            chain.loss_from(last, acts[last], self.theta, self.y)
+            chain.loss_from(j, acts[j], self.theta, self.y)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
 
 
 class FrozenRunner(_OrtBase):

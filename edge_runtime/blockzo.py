@@ -6,7 +6,12 @@ runs the chain once at θ, keeping every segment's input, then perturbs one segm
 before j see the same weights and the same batch, so their outputs would be identical.
 The block-wise estimator itself (its block rule, weights and replay) is in `edge_runtime.zo`.
 
-Torch-free like the rest of the device: ONNX Runtime, one session per segment.
+Torch-free like the rest of the device: ONNX Runtime, one session per segment. The
+sessions share one arena (registered once per process), so the chain's working memory is
+that of the largest segment plus the cached activations, not the sum over segments; and
+their intra-op threads do not spin after a run, since with one thread pool per session the
+pool of the segment that just finished would otherwise compete for the cores with the pool
+of the next one.
 """
 
 from __future__ import annotations
@@ -24,12 +29,26 @@ from edge_runtime.bundle import (
     BundleError,
 )
 
+_SHARED_ARENA: list[bool] = []  # registered with the ONNX Runtime environment yet?
+
+
+def _segment_options(opts: ort.SessionOptions) -> ort.SessionOptions:
+    """The device's session options, plus a shared arena and no spinning (module doc)."""
+    if not _SHARED_ARENA:
+        ort.create_and_register_allocator(ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT), None)
+        _SHARED_ARENA.append(True)
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
 
 class SegmentChain:
     """One ONNX Runtime session per bundle segment, run from any segment onwards."""
 
     def __init__(self, bundle: Bundle, opts: ort.SessionOptions) -> None:
         m = bundle.manifest
+        opts = _segment_options(opts)
         if not m.segments:
             raise BundleError(
                 f"block-wise ZO needs a bundle with segments, and this {m.model}/{m.cut} "
@@ -71,12 +90,15 @@ class SegmentChain:
         offset, size = self.blocks[i]
         return theta[offset:offset + size]
 
-    def prefix(self, theta: np.ndarray, x: np.ndarray, stop: int) -> list[np.ndarray]:
-        """Inputs of segments 0..stop at θ: [x, out_0, …]; index n-1 is the smashed data."""
-        acts = [x]
+    def prefix(self, theta: np.ndarray, x: np.ndarray, stop: int,
+               keep: set[int] | None = None) -> dict[int, np.ndarray]:
+        """The inputs of segments 0..stop at θ (that of segment n-1 is the smashed data),
+        keeping only those in `keep` and segment stop's (None: all of them)."""
+        h, acts = x, {0: x}
         for i in range(stop):
-            acts.append(self.sessions[i].run([SEGMENT_OUTPUT], self._feed(
-                i, acts[-1], self._slice(theta, i)))[0])
+            h = self.sessions[i].run([SEGMENT_OUTPUT], self._feed(i, h, self._slice(theta, i)))[0]
+            if keep is None or i + 1 in keep or i + 1 == stop:
+                acts[i + 1] = h
         return acts
 
     def loss_from(self, j: int, h: np.ndarray, theta: np.ndarray, y: np.ndarray,
@@ -105,7 +127,7 @@ def estimate_step(chain: SegmentChain, theta: np.ndarray, x: np.ndarray, y: np.n
     last = len(chain) - 1
     blocks = zo.step_blocks(step_seed, cfg.q, [size for _, size in chain.blocks])
     full = cfg.scheme == "forward" or want_smashed
-    acts = chain.prefix(theta, x, last if full else int(blocks.max()))
+    acts = chain.prefix(theta, x, last if full else int(blocks.max()), set(blocks.tolist()))
     loss0 = chain.loss_from(last, acts[last], theta, y) if cfg.scheme == "forward" else None
     est = zo.estimate_blocks(
         lambda j, values: chain.loss_from(j, acts[j], theta, y, values),

@@ -155,3 +155,31 @@ def test_bench_repeats_keep_each_algorithms_fastest_run(tmp_path: Path) -> None:
         assert r["step_ms_median"] == min(r["repeats_step_ms_median"])
     with pytest.raises(ValueError, match="unknown algorithms"):
         run_cost(tmp_path, algorithms=("sfl",), **TINY)
+
+
+def test_block_wise_heron_profiles_its_segment_chain_without_torch(tmp_path: Path) -> None:
+    from baselines.profile import profile
+
+    full = export_split("cnn", (1, 8, 8), 10, tmp_path / "b")
+    r = profile("heron", threads=1, steps=2, warmup=1, bundle_dir=tmp_path / "b",
+                perturb="block", **TINY)
+    assert r["perturb"] == "block" and r["torch_imported"] is False
+    assert r["forwards_per_step"] == 2 and r["step_ms_median"] > 0 and r["forward_ms_median"] > 0
+    one_forward = onnx_graph_flops(tmp_path / "b" / "train.onnx", TINY["batch"])
+    # the unperturbed pass plus a partial re-run, in expectation over the drawn block
+    assert one_forward < r["flops_per_step"] < 2 * one_forward
+    sizes = [s.size for s in full.segments]
+    assert r["trained_params"] == sum(sizes)
+
+
+def test_perturb_is_a_heron_option_only() -> None:
+    from baselines.steps import StepSpec
+
+    common: dict[str, Any] = {"model": "cnn", "cut": "conv1", "batch": 8, "threads": 1,
+                              "input_shape": (1, 8, 8), "num_classes": 10, "bundle_dir": "b"}
+    with pytest.raises(ValueError, match="heron option"):
+        StepSpec(algorithm="frozen", perturb="block", **common)
+    with pytest.raises(ValueError, match="perturb"):
+        StepSpec(algorithm="heron", perturb="layer", **common)
+    assert StepSpec.from_json(StepSpec(algorithm="heron", perturb="block",
+                                       **common).to_json()).perturb == "block"

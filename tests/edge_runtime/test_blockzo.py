@@ -74,11 +74,14 @@ def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
     chain = model.chain()
     x, y = _batch(model.bundle, batch, seed=batch)
     theta = model.bundle.weights
-    acts = chain.prefix(theta, x, len(chain) - 1)
-    loss0 = chain.loss_from(len(chain) - 1, acts[-1], theta, y)
+    last = len(chain) - 1
+    acts = chain.prefix(theta, x, last)
+    assert sorted(acts) == list(range(len(chain)))
+    assert sorted(chain.prefix(theta, x, last, keep={1})) == sorted({0, 1, last})
+    loss0 = chain.loss_from(last, acts[last], theta, y)
     want0, want_smashed = model.run(theta, x, y, ("loss", SMASHED_OUTPUT))
     assert loss0 == pytest.approx(float(want0), rel=1e-5)
-    np.testing.assert_allclose(acts[-1], want_smashed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(acts[last], want_smashed, rtol=1e-5, atol=1e-5)
     rng = np.random.default_rng(7)
     for j, (offset, size) in enumerate(chain.blocks):
         values = theta[offset:offset + size] + 0.05 * rng.standard_normal(size).astype(np.float32)
