@@ -41,7 +41,7 @@ Exchange = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 
 def split_for(manifest: Manifest) -> SplitModel:
     """Rebuild the bundle's split in torch (weights are overwritten by every round start)."""
-    options = manifest.extra.get("build_options", {})
+    options = dict(manifest.extra.get("options", {}))
     return build_split(manifest.model, tuple(manifest.input_shape),  # type: ignore[arg-type]
                        manifest.num_classes, cut=manifest.cut, **options)
 

@@ -11,8 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from devices.datasets import load_dataset
 from devices.partition import partition, write_shards
@@ -33,11 +34,12 @@ class FleetOptions:
     device_env: dict[str, str] | None = None  # extra environment for device processes
     credentials_dir: Path | None = None  # from `heron devices provision`: dev-N.json each
     torch_devices: bool = False  # first-order baselines: `heron device --torch`
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
 
 
 def make_shards(opts: FleetOptions, shard_dir: Path) -> list[Path]:
     """One dev-N.npz per device from the dataset's training split, in `shard_dir`."""
-    ds = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
+    ds = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed, **opts.dataset_options)
     parts = partition(ds.y_train, opts.devices, opts.partition, opts.alpha, opts.seed)
     return write_shards(ds.x_train, ds.y_train, parts, shard_dir)
 

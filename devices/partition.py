@@ -134,7 +134,9 @@ def write_shards(
         device_id = f"{prefix}{i}"
         path = out / f"{device_id}.npz"
         y_part = np.ascontiguousarray(y[idx], dtype=np.int64)
-        np.savez(path, x=np.ascontiguousarray(x[idx], dtype=np.float32), y=y_part)
+        # token ids stay int64 (text models); everything else is float32 features
+        dtype = np.int64 if x.dtype == np.int64 else np.float32
+        np.savez(path, x=np.ascontiguousarray(x[idx], dtype=dtype), y=y_part)
         labels, counts = np.unique(y_part, return_counts=True)
         index[device_id] = {
             "path": path.name,

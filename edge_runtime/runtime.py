@@ -112,6 +112,10 @@ class LocalModel:
     def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Refuse a shard that does not fit the bundle, before any training."""
         m = self.bundle.manifest
+        if x.dtype != np.dtype(m.input_dtype):
+            raise ValueError(f"shard samples have dtype {x.dtype} but the bundle ({m.model}) "
+                             f"expects {m.input_dtype}; help: partition the same dataset "
+                             "the server uses")
         if tuple(x.shape[1:]) != tuple(m.input_shape):
             raise ValueError(f"shard samples have shape {tuple(x.shape[1:])} but the bundle "
                              f"({m.model}) expects {tuple(m.input_shape)}; help: partition "

