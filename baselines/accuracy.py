@@ -26,14 +26,15 @@ import numpy as np
 from edge_runtime.runtime import ALGORITHMS
 
 MNIST_FORMAT = "mnist-format"  # a data set in MNIST's idx files: real MNIST, or digits-28
-DATASETS = ("digits", MNIST_FORMAT)
+DATASETS = ("digits", MNIST_FORMAT, "sst2")  # sst2: text, for --model minilm
+DEFAULT_DATASETS = ("digits", MNIST_FORMAT)
 PARTITIONS = ("iid", "dirichlet")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
 class AccuracyConfig:
-    datasets: tuple[str, ...] = DATASETS
+    datasets: tuple[str, ...] = DEFAULT_DATASETS
     mnist_dir: str | None = None  # MNIST idx files; None: generate digits-28 in idx format
     partitions: tuple[str, ...] = PARTITIONS
     alpha: float = 0.5
@@ -143,7 +144,7 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
     """Run the sweep (or reuse finished runs) and write the report files into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dirs: dict[str, str | None] = {"digits": None}
+    data_dirs: dict[str, str | None] = {"digits": None, "sst2": None}
     if MNIST_FORMAT in cfg.datasets:
         data_dirs[MNIST_FORMAT] = cfg.mnist_dir or str(make_digits28(out / "data" / "digits28"))
     mnist_source = "MNIST idx files from " + cfg.mnist_dir if cfg.mnist_dir else \

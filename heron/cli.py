@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "algorithm keeps its fastest run (1)")
     acc = bench.add_argument_group("accuracy workload")
     acc.add_argument("--datasets", default="digits,mnist-format",
-                     help="comma-separated: digits, mnist-format (digits,mnist-format)")
+                     help="comma-separated: digits, mnist-format, sst2 (text: with --model "
+                     "minilm) (digits,mnist-format)")
     acc.add_argument("--mnist-dir", default=None,
                      help="MNIST idx files for mnist-format (default: generate digits-28, "
                      "sklearn digits drawn 28x28, as idx files; no download)")
