@@ -128,6 +128,7 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
         "torch_imported": "torch" in sys.modules,
         "onnxruntime_imported": "onnxruntime" in sys.modules,
         "versions": _versions(),
+        "chain": getattr(runner, "chain_info", None),
     }
 
 
@@ -387,6 +388,7 @@ def profile(
         "rss_method": "VmHWM of the fresh child process (/proc/self/status), whole process",
         "torch_imported": got["torch_imported"],
         "onnxruntime_imported": got["onnxruntime_imported"],
+        **({"segment_chain": got["chain"]} if got.get("chain") else {}),
         "trained_params": device_params if algorithm != "frozen" else 0,
         "flops_per_step": flops, "flops_method": flops_method,
         **payload_bytes(algorithm, batch=batch, smashed_shape=tuple(m.smashed_shape),

@@ -165,8 +165,11 @@ class HeronRunner(_OrtBase):
         self.round = 0
         self.forwards_per_step = len(self._passes(1))
         self.blocks: list[int] = []  # block-wise: the blocks the last timed steps drew
-        if spec.perturb == "block":
-            self.model.chain()  # build the segment sessions now, not inside a timed step
+        self.chain_info: dict[str, Any] | None = None
+        if spec.perturb == "block":  # build the segment sessions now, not in a timed step
+            chain = self.model.chain()
+            self.chain_info = {"segments": list(chain.names), "nchwc": list(chain.nchwc),
+                               "nchwc_block": chain.block_size}
 
     def _passes(self, step: int) -> list[tuple[str, ...]]:
         """The outputs of each forward pass train_round makes at `step` (with uploads on)."""

@@ -20,6 +20,9 @@ shipped as a chain of graphs, one per block of the client plus one for aux head 
 
 Each segment owns one contiguous slice of the flat weight vector. Block-wise ZO
 (`edge_runtime.blockzo`) perturbs one segment and re-runs the chain from its cached input.
+A segment may also come as ``segmentK.nchwc.onnx``: the same computation with its
+convolutions in ONNX Runtime's blocked NCHWc layout, which the device uses when its ONNX
+Runtime can run it and it agrees with the plain graph (see `edge_runtime.blockzo`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +48,8 @@ LOGITS_OUTPUT = "logits"
 ROLES = ("client", "aux")
 SEGMENT_INPUT = "input"
 SEGMENT_OUTPUT = "output"
+NCHWC_DOMAIN = "com.microsoft.nchwc"  # ONNX Runtime's blocked-layout CPU kernels
+NCHWC_LAYOUTS = "heron.nchwc_layouts"  # model metadata: JSON {filter input: its layout}
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name: no directories
 INPUT_DTYPES = ("float32", "int64")  # images / token ids + attention mask
 
@@ -76,10 +81,23 @@ class SegmentSpec:
     offset: int  # in elements, into the flat float32 vector
     size: int  # elements; its params are exactly the manifest params in [offset, offset+size)
     params: tuple[str, ...]  # graph input names, in manifest order
+    nchwc_file: str | None = None  # the same segment with NCHWc convolutions, if shipped
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.file, "offset": self.offset,
-                "size": self.size, "params": list(self.params)}
+        obj = {"name": self.name, "file": self.file, "offset": self.offset,
+               "size": self.size, "params": list(self.params)}
+        if self.nchwc_file is not None:
+            obj["nchwc_file"] = self.nchwc_file
+        return obj
+
+
+class SegmentGraphs(NamedTuple):
+    """What the exporter hands `write_bundle` per segment, in chain order."""
+
+    name: str
+    graph: bytes  # ONNX
+    num_params: int  # how many of the bundle's params (in order) the segment owns
+    nchwc: bytes | None = None  # optional NCHWc variant of `graph`
 
 
 def _segments_from_json(objs: Any, params: tuple[ParamSpec, ...],
@@ -90,24 +108,28 @@ def _segments_from_json(objs: Any, params: tuple[ParamSpec, ...],
                           "then the aux head); help: re-export the bundle")
     segments, offset, index = [], 0, 0
     for obj in objs:
+        nchwc = obj.get("nchwc_file")
         seg = SegmentSpec(str(obj["name"]), str(obj["file"]), int(obj["offset"]),
-                          int(obj["size"]), tuple(str(n) for n in obj["params"]))
+                          int(obj["size"]), tuple(str(n) for n in obj["params"]),
+                          None if nchwc is None else str(nchwc))
         owned = params[index:index + len(seg.params)]
         if (seg.offset != offset or seg.size < 0
                 or tuple(p.name for p in owned) != seg.params
                 or sum(p.size for p in owned) != seg.size):
             raise BundleError(f"segment {seg.name!r} does not own the next "
                               f"{len(seg.params)} manifest params at offset {offset}")
-        if not _FILE_NAME.match(seg.file) or seg.file not in files:
-            raise BundleError(f"segment {seg.name!r} file {seg.file!r} is not a plain file "
-                              "name listed with a sha256 in the manifest's files")
+        for file in filter(None, (seg.file, seg.nchwc_file)):
+            if not _FILE_NAME.match(file) or file not in files:
+                raise BundleError(f"segment {seg.name!r} file {file!r} is not a plain file "
+                                  "name listed with a sha256 in the manifest's files")
         segments.append(seg)
         offset += seg.size
         index += len(seg.params)
     if index != len(params):
         raise BundleError(f"segments own {index} of the {len(params)} manifest params")
-    if len({s.file for s in segments}) != len(segments):
-        raise BundleError("two segments share one file")
+    named = [f for s in segments for f in (s.file, s.nchwc_file) if f is not None]
+    if len(set(named)) != len(named):
+        raise BundleError("two segment graphs share one file")
     return tuple(segments)
 
 
@@ -228,12 +250,12 @@ def write_bundle(
     opset: int,
     extra: dict[str, Any] | None = None,
     input_dtype: str = "float32",
-    segments: list[tuple[str, bytes, int]] | None = None,
+    segments: list[SegmentGraphs] | None = None,
 ) -> Manifest:
     """Write a bundle directory; `params` are (graph input name, value, role) in feed order.
 
-    `segments`, optional: (block name, ONNX bytes, number of params it owns) in chain order,
-    the last being aux head + loss; they must own `params` back to back.
+    `segments`, optional: the segment chain in order, the last being aux head + loss; they
+    must own `params` back to back.
     """
     if input_dtype not in INPUT_DTYPES:
         raise BundleError(f"input dtype {input_dtype!r} is not one of {INPUT_DTYPES}")
@@ -246,16 +268,19 @@ def write_bundle(
     (out / WEIGHTS).write_bytes(weights_bytes)
     files = {GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)}
     seg_specs, index, offset = [], 0, 0
-    for i, (name, seg_bytes, count) in enumerate(segments or []):
-        owned = specs[index:index + count]
-        if len(owned) != count:
+    for i, seg in enumerate(segments or []):
+        owned = specs[index:index + seg.num_params]
+        if len(owned) != seg.num_params:
             raise BundleError(f"segments claim more than the {len(specs)} params")
-        file = f"segment{i}.onnx"
-        (out / file).write_bytes(seg_bytes)
-        files[file] = sha256_bytes(seg_bytes)
+        file, nchwc_file = f"segment{i}.onnx", f"segment{i}.nchwc.onnx"
+        for name, data in ((file, seg.graph), (nchwc_file, seg.nchwc)):
+            if data is not None:
+                (out / name).write_bytes(data)
+                files[name] = sha256_bytes(data)
         size = sum(p.size for p in owned)
-        seg_specs.append(SegmentSpec(name, file, offset, size, tuple(p.name for p in owned)))
-        index, offset = index + count, offset + size
+        seg_specs.append(SegmentSpec(seg.name, file, offset, size, tuple(p.name for p in owned),
+                                     None if seg.nchwc is None else nchwc_file))
+        index, offset = index + seg.num_params, offset + size
     if segments and index != len(specs):
         raise BundleError(f"segments own {index} of the {len(specs)} params")
     manifest = Manifest(
@@ -276,6 +301,7 @@ class Bundle:
     graph: bytes
     weights: np.ndarray  # flat float32
     segments: tuple[bytes, ...] = ()  # ONNX bytes per manifest segment, if it has them
+    nchwc_segments: tuple[bytes | None, ...] = ()  # their NCHWc variants, where shipped
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views into `flat`, one per graph input, without copying."""
@@ -302,7 +328,8 @@ def bundle_from_files(files: dict[str, bytes]) -> Bundle:
         manifest = Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
-    for name in (GRAPH, WEIGHTS, *(s.file for s in manifest.segments)):
+    segment_files = [f for s in manifest.segments for f in (s.file, s.nchwc_file) if f]
+    for name in (GRAPH, WEIGHTS, *segment_files):
         if name not in manifest.files:
             raise BundleError(f"manifest lists no sha256 for {name}")
         if name not in files:
@@ -314,7 +341,9 @@ def bundle_from_files(files: dict[str, bytes]) -> Bundle:
                 f"{manifest.files[name][:12]}…; help: the bundle was corrupted or tampered "
                 "with, re-export it or let the device fetch it from the server")
     return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),
-                  tuple(files[s.file] for s in manifest.segments))
+                  tuple(files[s.file] for s in manifest.segments),
+                  tuple(files[s.nchwc_file] if s.nchwc_file else None
+                        for s in manifest.segments))
 
 
 def read_bundle_files(path: str | Path) -> dict[str, bytes]:

@@ -11,11 +11,20 @@ deeper (``layer1.0``, ``layer1.1``), since a block's re-run cost is what a step 
 last segment is the aux head with the cross-entropy loss. Trainable parameters are graph
 inputs under the same names as in the full training graph, so a segment's feed is a slice
 of the same flat weight vector.
+
+Each segment with convolutions is also written as an NCHWc variant. ONNX Runtime runs
+convolutions fastest in its blocked NCHWc layout, but its graph optimizer only converts a
+Conv whose filter is a constant, since it reorders the filter once at load time; with the
+filter a graph input (as ZO needs) the Conv stays on the slower NCHW path. The variant does
+that conversion in the graph itself (ReorderInput, com.microsoft.nchwc Conv, ReorderOutput,
+as the optimizer would) and leaves the filter an input: the device feeds it pre-reordered
+for its CPU's block size (layouts in the model metadata, ``NCHWC_LAYOUTS``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import warnings
 
 import onnx
@@ -24,7 +33,15 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from edge_runtime.bundle import LABEL_NAME, LOSS_OUTPUT, SEGMENT_INPUT, SEGMENT_OUTPUT
+from edge_runtime.bundle import (
+    LABEL_NAME,
+    LOSS_OUTPUT,
+    NCHWC_DOMAIN,
+    NCHWC_LAYOUTS,
+    SEGMENT_INPUT,
+    SEGMENT_OUTPUT,
+    SegmentGraphs,
+)
 from exporter.zoo import SplitModel
 
 _EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
@@ -59,8 +76,8 @@ def segment_blocks(split: SplitModel) -> list[tuple[str, nn.Module]] | None:
 
 
 def export_segments(split: SplitModel, names: list[str], opset: int
-                    ) -> list[tuple[str, bytes, int]] | None:
-    """(block name, ONNX bytes, params owned) per segment, for `write_bundle(segments=...)`.
+                    ) -> list[SegmentGraphs] | None:
+    """The segment graphs (and their NCHWc variants), for `write_bundle(segments=...)`.
 
     `names` are the bundle's trainable parameter names in manifest order; each segment must
     own a contiguous run of them. None when the model is not a chain (no segments shipped).
@@ -70,7 +87,7 @@ def export_segments(split: SplitModel, names: list[str], opset: int
         return None
     chain = [(name, f"client.{name}.", block, False) for name, block in blocks]
     chain.append(("aux", "aux.", split.aux, True))
-    out: list[tuple[str, bytes, int]] = []
+    out: list[SegmentGraphs] = []
     h = torch.zeros(_EXPORT_BATCH, *split.input_shape)
     y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
     index = 0
@@ -83,7 +100,8 @@ def export_segments(split: SplitModel, names: list[str], opset: int
         proto = _export(graph, h, y if with_loss else None, opset)
         _params_to_inputs(proto, {_BODY + n[len(prefix):]: n for n in owned})
         onnx.checker.check_model(proto, full_check=True)
-        out.append((name, proto.SerializeToString(), len(owned)))
+        out.append(SegmentGraphs(name, proto.SerializeToString(), len(owned),
+                                 _nchwc_variant(proto)))
         index += len(owned)
         if not with_loss:
             with torch.no_grad():
@@ -141,3 +159,43 @@ def _params_to_inputs(proto: onnx.ModelProto, rename: dict[str, str]) -> None:
     proto.graph.initializer.extend(keep)
     del proto.graph.input[:]
     proto.graph.input.extend([*data_inputs, *weight_inputs])
+
+
+def _nchwc_variant(proto: onnx.ModelProto) -> bytes | None:
+    """The segment with every eligible Conv in NCHWc layout, filters still graph inputs.
+
+    Eligible: 2-D, one group, a filter that is a graph input with output channels a
+    multiple of 16 (every block size ONNX Runtime uses divides them, so no padding) and
+    input channels a multiple of 16 (blocked input) or below 4 (the NCHW-input kernel).
+    None when no Conv qualifies.
+    """
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in proto.graph.input}
+    layouts: dict[str, str] = {}
+    nodes = []
+    for node in proto.graph.node:
+        dims = shapes.get(node.input[1]) if node.op_type == "Conv" else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (dims is None or len(dims) != 4 or attrs.get("group", 1) != 1
+                or dims[0] % 16 or not (dims[1] % 16 == 0 or dims[1] < 4)):
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        if dims[1] % 16 == 0:
+            nodes.append(helper.make_node("ReorderInput", [x], [x + "/nchwc"],
+                                          domain=NCHWC_DOMAIN))
+            x = x + "/nchwc"
+        nodes.append(helper.make_node("Conv", [x, *node.input[1:]], [y + "/nchwc"],
+                                      domain=NCHWC_DOMAIN, **attrs))
+        nodes.append(helper.make_node("ReorderOutput", [y + "/nchwc"], [y], domain=NCHWC_DOMAIN,
+                                      channels=dims[0]))
+        layouts[node.input[1]] = "OIHWBiBo" if dims[1] % 16 == 0 else "OIHWBo"
+    if not layouts:
+        return None
+    variant = onnx.ModelProto()
+    variant.CopyFrom(proto)
+    del variant.graph.node[:]
+    variant.graph.node.extend(nodes)
+    variant.opset_import.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
+    helper.set_model_props(variant, {NCHWC_LAYOUTS: json.dumps(layouts)})
+    return variant.SerializeToString()

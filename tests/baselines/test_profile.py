@@ -164,6 +164,7 @@ def test_block_wise_heron_profiles_its_segment_chain_without_torch(tmp_path: Pat
     r = profile("heron", threads=1, steps=2, warmup=1, bundle_dir=tmp_path / "b",
                 perturb="block", **TINY)
     assert r["perturb"] == "block" and r["torch_imported"] is False
+    assert r["segment_chain"]["segments"] == ["conv1", "aux"]
     assert r["forwards_per_step"] == 2 and r["step_ms_median"] > 0 and r["forward_ms_median"] > 0
     one_forward = onnx_graph_flops(tmp_path / "b" / "train.onnx", TINY["batch"])
     # the unperturbed pass plus a partial re-run, in expectation over the drawn block

@@ -5,7 +5,9 @@ full estimate's second moment, training with it lowers the local loss like full 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from conftest import ROOT
 
 from devices.datasets import load_dataset
 from edge_runtime import blockzo, zo
-from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, BundleError, load_bundle
+from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, step_seed, train_round
 from exporter.export import export_split
 
@@ -46,6 +48,20 @@ def resnet(tmp_path_factory: pytest.TempPathFactory) -> LocalModel:
 
 
 @pytest.fixture(scope="module")
+def resnet_plain(resnet: LocalModel) -> LocalModel:
+    """The same bundle without its NCHWc variants: every segment on its plain graph."""
+    return LocalModel(dataclasses.replace(resnet.bundle, nchwc_segments=()), threads=1)
+
+
+def test_the_chain_uses_the_nchwc_variants_where_this_cpu_has_the_kernels(
+        resnet: LocalModel, resnet_plain: LocalModel) -> None:
+    assert resnet_plain.chain().nchwc == (False,) * 4
+    if platform.machine().lower() in ("x86_64", "amd64"):  # ONNX Runtime's NCHWc home
+        assert resnet.chain().nchwc == (True, True, True, False)
+        assert resnet.chain().block_size in (8, 16)
+
+
+@pytest.fixture(scope="module")
 def shard() -> tuple[np.ndarray, np.ndarray]:
     ds = load_dataset("digits")
     return ds.x_train[:SHARD], ds.y_train[:SHARD]
@@ -66,7 +82,7 @@ def _perturbed(theta: np.ndarray, block: tuple[int, int], values: np.ndarray) ->
 
 # --- the chain against the full graph ---------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["cnn", "resnet"])
+@pytest.mark.parametrize("which", ["cnn", "resnet", "resnet_plain"])
 @pytest.mark.parametrize("batch", [5, 16])
 def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
         which: str, batch: int, request: pytest.FixtureRequest) -> None:
@@ -91,7 +107,7 @@ def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
         assert got != pytest.approx(loss0, rel=1e-7)  # the perturbation reached the loss
 
 
-@pytest.mark.parametrize("which", ["cnn", "resnet"])
+@pytest.mark.parametrize("which", ["cnn", "resnet", "resnet_plain"])
 @pytest.mark.parametrize("scheme", zo.SCHEMES)
 def test_block_estimate_equals_the_full_graph_reference(
         which: str, scheme: str, request: pytest.FixtureRequest) -> None:
@@ -240,7 +256,8 @@ def test_block_mode_on_a_bundle_without_segments_says_what_to_do(
     shutil.copytree(cnn_dir, out)
     obj = json.loads((out / "manifest.json").read_text())
     for spec in obj.pop("segments"):
-        del obj["files"][spec["file"]]
+        for file in filter(None, (spec["file"], spec.get("nchwc_file"))):
+            del obj["files"][file]
     (out / "manifest.json").write_text(json.dumps(obj))
     old = LocalModel(load_bundle(out), threads=1)
     cfg = TrainConfig(local_steps=2, zo=BLOCK)
@@ -288,3 +305,44 @@ def test_bad_perturb_values_are_rejected(zo_obj: dict) -> None:
 def test_unknown_zo_keys_are_still_rejected() -> None:
     with pytest.raises(TypeError):
         TrainConfig.from_json({"zo": {"perturbation": "block"}})
+
+
+# --- NCHWc variants that cannot be used fall back to the plain graph ---------------------------
+
+def _with_variant(model: LocalModel, i: int, variant: bytes | None) -> LocalModel:
+    swapped = list(model.bundle.nchwc_segments)
+    swapped[i] = variant
+    return LocalModel(dataclasses.replace(model.bundle, nchwc_segments=tuple(swapped)),
+                      threads=1)
+
+
+def _relabelled(variant: bytes, layout: str | None) -> bytes:
+    """The variant with every filter's layout metadata set to `layout` (None: dropped)."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load_from_string(variant)
+    layouts = json.loads({p.key: p.value for p in proto.metadata_props}[NCHWC_LAYOUTS])
+    del proto.metadata_props[:]
+    if layout is not None:
+        helper.set_model_props(proto, {NCHWC_LAYOUTS: json.dumps(dict.fromkeys(layouts,
+                                                                               layout))})
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("bad", ["garbage", "other-segment", "wrong-layout", "no-layouts"])
+def test_an_unusable_nchwc_variant_leaves_its_segment_on_the_plain_graph(
+        resnet: LocalModel, bad: str) -> None:
+    variants = resnet.bundle.nchwc_segments
+    assert variants[1] is not None and variants[2] is not None
+    replacement = {"garbage": b"not onnx", "other-segment": variants[2],
+                   "wrong-layout": _relabelled(variants[1], "OIHWBo"),
+                   "no-layouts": _relabelled(variants[1], None)}[bad]
+    model = _with_variant(resnet, 1, replacement)
+    chain = model.chain()
+    assert chain.nchwc[1] is False
+    x, y = _batch(model.bundle, 4, seed=2)
+    theta = model.bundle.weights
+    acts = chain.prefix(theta, x, 3)
+    assert chain.loss_from(1, acts[1], theta, y) == pytest.approx(model.loss(theta, x, y),
+                                                                  rel=1e-5)

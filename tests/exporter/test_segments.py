@@ -19,6 +19,7 @@ from edge_runtime.bundle import (
     LABEL_NAME,
     LOSS_OUTPUT,
     MANIFEST,
+    NCHWC_LAYOUTS,
     SEGMENT_INPUT,
     SEGMENT_OUTPUT,
     Bundle,
@@ -148,9 +149,10 @@ def _copy(exported: Exported, tmp_path: Path) -> Path:
     return out
 
 
-def test_a_tampered_segment_is_refused(exported: Exported, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["file", "nchwc_file"])
+def test_a_tampered_segment_is_refused(exported: Exported, tmp_path: Path, which: str) -> None:
     out = _copy(exported, tmp_path)
-    seg = out / exported.bundle.manifest.segments[0].file
+    seg = out / getattr(exported.bundle.manifest.segments[0], which)
     seg.write_bytes(seg.read_bytes() + b"\0")
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(out)
@@ -179,8 +181,10 @@ def _edit_manifest(out: Path, edit: object) -> None:
     lambda m: m["segments"][1].__setitem__("file", m["segments"][0]["file"]),
     lambda m: m.__setitem__("segments", m["segments"][:1]),
     lambda m: m.__setitem__("segments", {"not": "a list"}),
+    lambda m: m["segments"][0].__setitem__("nchwc_file", "unlisted.onnx"),
+    lambda m: m["segments"][0].__setitem__("nchwc_file", m["segments"][0]["file"]),
 ], ids=["offset", "size", "params", "uncovered", "path", "unlisted", "shared-file",
-        "one-segment", "not-a-list"])
+        "one-segment", "not-a-list", "nchwc-unlisted", "nchwc-shared-file"])
 def test_malformed_segment_entries_are_refused(exported: Exported, tmp_path: Path,
                                                edit: object) -> None:
     out = _copy(exported, tmp_path)
@@ -194,8 +198,9 @@ def test_a_bundle_without_segments_loads_as_before(exported: Exported, tmp_path:
 
     def drop(m: dict) -> None:
         for spec in m.pop("segments"):
-            del m["files"][spec["file"]]
-            (out / spec["file"]).unlink()
+            for file in filter(None, (spec["file"], spec.get("nchwc_file"))):
+                del m["files"][file]
+                (out / file).unlink()
     _edit_manifest(out, drop)
     bundle = load_bundle(out)
     assert bundle.manifest.segments == () and bundle.segments == ()
@@ -211,3 +216,53 @@ def test_a_client_that_is_not_a_chain_gets_no_segments(exported: Exported) -> No
     assert segment_blocks(odd) is None
     names = [name for name, _ in segment_blocks(split) or []]
     assert names == exported.names[:-1]
+
+
+# --- the NCHWc variants -----------------------------------------------------------------------
+
+def test_conv_segments_come_with_an_nchwc_variant_that_computes_the_same(
+        exported: Exported) -> None:
+    from edge_runtime.blockzo import reorder_filter
+
+    b = exported.bundle
+    specs = b.manifest.segments
+    assert [s.nchwc_file is not None for s in specs] == [True] * (len(specs) - 1) + [False]
+    assert b.nchwc_segments[-1] is None
+    x, _ = _batch(exported.split, 4, seed=5)
+    views = b.unflatten(b.weights)
+    _, plain = _sessions(b)
+    h = x
+    matched = set()
+    for spec, sess, variant in zip(specs[:-1], plain[:-1], b.nchwc_segments[:-1], strict=True):
+        feed = {SEGMENT_INPUT: h, **{n: views[n] for n in spec.params}}
+        want = sess.run([SEGMENT_OUTPUT], feed)[0]
+        fast = ort.InferenceSession(variant, providers=["CPUExecutionProvider"])
+        layouts = json.loads(fast.get_modelmeta().custom_metadata_map[NCHWC_LAYOUTS])
+        assert layouts and set(layouts) <= set(spec.params)
+        assert all(n.endswith("weight") and views[n].ndim == 4 for n in layouts)
+        for block in (16, 8, 4):  # the CPU's block size is the one that reproduces `want`
+            trial = {k: reorder_filter(v, layouts[k], block) if k in layouts else v
+                     for k, v in feed.items()}
+            try:
+                got = fast.run([SEGMENT_OUTPUT], trial)[0]
+            except Exception:  # this block size does not fit this CPU's kernels
+                continue
+            if np.allclose(got, want, rtol=1e-4, atol=1e-4):
+                matched.add(block)
+                break
+        else:
+            pytest.fail(f"no block size reproduces segment {spec.name}")
+        h = want
+    assert len(matched) == 1
+
+
+def test_reorder_filter_is_a_blocked_transpose() -> None:
+    from edge_runtime.blockzo import reorder_filter
+
+    w = np.arange(32 * 16 * 3 * 3, dtype=np.float32).reshape(32, 16, 3, 3)
+    got = reorder_filter(w, "OIHWBiBo", 8).reshape(4, 2, 3, 3, 8, 8)
+    # [o block, i block, kh, kw, i in block, o in block]
+    assert got[1, 0, 2, 1, 5, 3] == w[1 * 8 + 3, 0 * 8 + 5, 2, 1]
+    got = reorder_filter(w[:, :3], "OIHWBo", 16).reshape(2, 3, 3, 3, 16)
+    assert got[1, 2, 0, 2, 7] == w[16 + 7, 2, 0, 2]
+    assert reorder_filter(w, "OIHWBiBo", 8).shape == w.shape
