@@ -173,6 +173,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="finite difference (forward)")
     z.add_argument("--distribution", default="gaussian", choices=("gaussian", "sphere"),
                    help="direction distribution (gaussian)")
+    z.add_argument("--zo-perturb", default="full", choices=("full", "block"),
+                   help="full: each direction perturbs all device weights (the paper); block: "
+                   "one block per direction, re-run from that block's cached input "
+                   "(beyond the paper, cheaper steps; BENCHMARKS.md) (full)")
     z.add_argument("--device-optimizer", default="adam", choices=("sgd", "adam"),
                    help="optimizer fed with the ZO estimate (adam)")
     z.add_argument("--device-lr", type=float, default=None,
@@ -196,7 +200,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(
         algorithm=args.algorithm, local_steps=args.local_steps, upload_every=args.upload_every,
         batch_size=args.batch_size, seed=args.seed,
-        zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution),
+        zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
+                    perturb=args.zo_perturb),
         optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or (
             ZO_DEVICE_LR if args.algorithm in ("heron", "frozen") else FO_DEVICE_LR)))
 
@@ -208,7 +213,8 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
                  "model", "cut",
                  "weighting", "round_timeout", "join_timeout", "min_devices", "max_update_norm",
                  "local_steps", "upload_every",
-                 "batch_size", "mu", "q", "scheme", "distribution", "device_optimizer",
+                 "batch_size", "mu", "q", "scheme", "distribution", "zo_perturb",
+                 "device_optimizer",
                  "device_lr", "server_optimizer", "server_lr", "server_threads", "prefix"):
         value = getattr(args, name)
         if value is not None:
@@ -547,7 +553,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result = profile(args.algorithm, model=args.model or "resnet18", cut=args.cut,
                          batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
-                         input_shape=args.input_shape, num_classes=args.num_classes)
+                         input_shape=args.input_shape, num_classes=args.num_classes,
+                         perturb=args.zo_perturb)
     except (ValueError, ProfileError) as exc:
         raise SystemExit(f"heron profile: {exc}") from exc
     text = json.dumps(result, indent=2)
@@ -758,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
                       help="the device step to measure (heron)")
     _add_profile_options(prof, steps=20)
+    prof.add_argument("--zo-perturb", default="full", choices=("full", "block"),
+                      help="heron's ZO perturbation: full (the paper) or block (full)")
     prof.add_argument("--out", help="also write the JSON to this file")
     prof.set_defaults(func=cmd_profile)
 

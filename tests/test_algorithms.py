@@ -87,3 +87,13 @@ def test_an_onnx_device_is_refused_by_a_first_order_server(tmp_path: Path,
     assert server.returncode != 0
     assert "wrong device kind" in server.stderr and "--torch" in server.stderr, \
         server.stderr[-2000:]
+
+
+def test_block_wise_zo_runs_in_the_federation(tmp_path: Path) -> None:
+    """`--zo-perturb block` reaches the devices through the round config and trains."""
+    summary, _, out = _run(tmp_path, "heron", "--zo-perturb", "block")
+    assert summary["config"]["train"]["zo"]["perturb"] == "block"
+    assert summary["final_test_accuracy"] > 0.3
+    start = load_bundle(out / "bundle").weights
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["device_weights"].numpy()
+    assert not np.array_equal(final, start)
