@@ -7,8 +7,9 @@ only its job: the ONNX Runtime algorithms' child imports edge_runtime and numpy,
 torch (the result says so in ``torch_imported``); the torch algorithms' child imports torch
 and the model zoo, never ONNX Runtime.
 
-Timed steps and plain forwards alternate in blocks of k steps (k = upload_every), so that
-load from other processes on the machine hits both alike.
+Timed steps and plain forwards alternate in blocks of k steps (k = upload_every; block-wise
+heron: whole rounds of h steps, see HeronRunner), so that load from other processes on the
+machine hits both alike.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ ONNX_FLOPS_METHOD = (
     "(direction, perturbation, Adam: O(d) each) are not counted")
 BLOCK_FLOPS_METHOD = (
     "ONNX graphs of the bundle's segments, counted as ONNX_FLOPS_METHOD: the unperturbed pass "
-    "through every segment plus the expected re-run from the perturbed segment j on, j drawn "
-    "with probability d_j / d (edge_runtime.zo.block_of)")
+    "through every segment plus the re-run from the perturbed segment j on, averaged over "
+    "the blocks the timed steps drew (edge_runtime.zo.BlockSampler)")
 TORCH_FLOPS_METHOD = (
     "torch.utils.flop_counter.FlopCounterMode over one step (forward and backward: "
     "convolution, mm/addmm/bmm; 2 FLOPs per multiply-accumulate); norms, activations, the "
@@ -106,7 +107,7 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
         import torch  # noqa: F401
     rss_import = _proc_status_mb("VmRSS")
     runner = make_runner(spec)
-    block = spec.upload_every
+    block = runner.steps_per_call
     if warmup:
         runner.steps(warmup)
         runner.forwards(min(warmup, block))
@@ -186,12 +187,11 @@ def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
     return 2 * macs
 
 
-def block_flops(bundle: Any, batch: int) -> int:
-    """Expected FLOPs of a block-wise step (q = 1): the unperturbed pass through all
-    segments plus the re-run from segment j on, weighted by j's draw probability d_j / d."""
+def block_flops(bundle: Any, batch: int, draws: list[int]) -> int:
+    """FLOPs of a block-wise step (q = 1): the unperturbed pass through all segments plus
+    the re-run from segment j on, averaged with `draws[j]`, how often j was drawn."""
     per_segment = [onnx_graph_flops(graph, batch) for graph in bundle.segments]
-    sizes = [s.size for s in bundle.manifest.segments]
-    rerun = sum(size * sum(per_segment[j:]) for j, size in enumerate(sizes)) / sum(sizes)
+    rerun = sum(n * sum(per_segment[j:]) for j, n in enumerate(draws)) / max(sum(draws), 1)
     return int(round(sum(per_segment) + rerun))
 
 
@@ -336,7 +336,7 @@ def profile(
         spec = StepSpec(algorithm=algorithm, model=model, cut=split.cut, batch=batch,
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
-                        bundle_dir=str(bundle_dir), perturb=perturb)
+                        bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -348,7 +348,8 @@ def profile(
             flops = full_flops * int(got["forwards_per_step"])
             flops_method = ONNX_FLOPS_METHOD
             if perturb == "block":
-                flops, flops_method = block_flops(bundle, batch), BLOCK_FLOPS_METHOD
+                flops = block_flops(bundle, batch, got["chain"]["draws"])
+                flops_method = BLOCK_FLOPS_METHOD
         else:
             import torch
 
@@ -375,6 +376,8 @@ def profile(
         "runtime": "onnxruntime" if algorithm in ORT_ALGORITHMS else "torch",
         "steps": steps, "warmup": warmup,
         "step_ms_median": round(step_med, 3), "step_ms_min": round(min(step_ms), 3),
+        # block-wise steps differ by the block drawn: their mean is the cost per step
+        "step_ms_mean": round(statistics.fmean(step_ms), 3),
         "step_ms_max": round(max(step_ms), 3),
         "forward_ms_median": round(fwd_med, 3), "forwards_per_step": got["forwards_per_step"],
         "step_over_forwards": round(step_med / fwd_med, 4),

@@ -47,6 +47,7 @@ class StepSpec:
     input_shape: tuple[int, int, int]
     num_classes: int
     upload_every: int = 2  # k: the smashed data leave every k-th step
+    local_steps: int = 40  # h: steps per round (block-wise heron draws blocks per round)
     seed: int = 0
     bundle_dir: str | None = None  # required by the ONNX Runtime algorithms
     perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
@@ -55,7 +56,7 @@ class StepSpec:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
                              f"{', '.join(ALGORITHMS)}")
-        for name in ("batch", "threads", "upload_every", "num_classes"):
+        for name in ("batch", "threads", "upload_every", "local_steps", "num_classes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.algorithm in ORT_ALGORITHMS and not self.bundle_dir:
@@ -79,6 +80,7 @@ class StepSpec:
 
 class Runner(Protocol):
     forwards_per_step: int  # forward passes of the network inside one step
+    steps_per_call: int  # consecutive steps to time at once (then as many forwards)
 
     def steps(self, n: int) -> list[float]:
         """Run n consecutive steps (step indices 0..n-1); milliseconds per step."""
@@ -151,6 +153,8 @@ class HeronRunner(_OrtBase):
     Its forwards: the same ONNX Runtime passes on fixed weights. Block-wise, those are the
     segment chain's unperturbed pass and the re-run from each step's drawn block (the
     blocks of the steps just timed), so step / forwards is the ZO bookkeeping either way.
+    Block-wise steps are timed a whole round (h steps) at a time: the block sampler starts
+    each round uniform and learns the blocks' gradient energies, as on a device.
     """
 
     def __init__(self, spec: StepSpec) -> None:
@@ -164,12 +168,21 @@ class HeronRunner(_OrtBase):
                                zo=ZOConfig(perturb=spec.perturb))
         self.round = 0
         self.forwards_per_step = len(self._passes(1))
-        self.blocks: list[int] = []  # block-wise: the blocks the last timed steps drew
-        self.chain_info: dict[str, Any] | None = None
-        if spec.perturb == "block":  # build the segment sessions now, not in a timed step
-            chain = self.model.chain()
-            self.chain_info = {"segments": list(chain.names), "nchwc": list(chain.nchwc),
-                               "nchwc_block": chain.block_size}
+        self.steps_per_call = spec.local_steps if spec.perturb == "block" else spec.upload_every
+        self.blocks: list[int] = []  # block-wise: the blocks the last steps drew
+        self.drawn: list[int] = []  # and every step's so far
+        if spec.perturb == "block":
+            self.model.chain()  # build the segment sessions now, not inside a timed step
+
+    @property
+    def chain_info(self) -> dict[str, Any] | None:
+        """Block-wise: the segments, which run NCHWc, and how often each was drawn."""
+        if self.spec.perturb != "block":
+            return None
+        chain = self.model.chain()
+        return {"segments": list(chain.names), "nchwc": list(chain.nchwc),
+                "nchwc_block": chain.block_size,
+                "draws": np.bincount(self.drawn, minlength=len(chain)).tolist()}
 
     def _passes(self, step: int) -> list[tuple[str, ...]]:
         """The outputs of each forward pass train_round makes at `step` (with uploads on)."""
@@ -196,6 +209,7 @@ class HeronRunner(_OrtBase):
         self.theta = res.theta
         self.round += 1
         self.blocks = res.blocks.tolist()
+        self.drawn += self.blocks
         return list(res.step_ms)
 
     def forwards(self, n: int) -> list[float]:
@@ -204,12 +218,9 @@ class HeronRunner(_OrtBase):
         return self._timed_passes(n, [self._passes(i) for i in range(n)])
 
     def _block_forwards(self, n: int) -> list[float]:
-        from edge_runtime.zo import step_blocks
-
         chain = self.model.chain()
         last = len(chain) - 1
-        sizes = [size for _, size in chain.blocks]
-        blocks = self.blocks or step_blocks(self.spec.seed, 1, sizes).tolist()
+        blocks = self.blocks or list(range(len(chain)))
         times = []
         for i in range(n):
             j = blocks[i % len(blocks)]
@@ -225,6 +236,10 @@ class FrozenRunner(_OrtBase):
     """A device that never trains: one forward for the smashed data per step."""
 
     forwards_per_step = 1
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.spec.upload_every
 
     def steps(self, n: int) -> list[float]:
         from edge_runtime.bundle import SMASHED_OUTPUT
@@ -254,6 +269,7 @@ class TorchRunner:
     def __init__(self, spec: StepSpec) -> None:
         import torch
 
+        self.steps_per_call = spec.upload_every
         from exporter.zoo import build_split
 
         torch.set_num_threads(spec.threads)

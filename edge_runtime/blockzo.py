@@ -1,9 +1,10 @@
 """Block-wise ZO on the device: the bundle's segment chain with cached activations.
 
 A full-mode step runs the whole client + aux graph twice (θ and θ + μu). A block-wise step
-runs the chain once at θ, keeping every segment's input, then perturbs one segment j
-(`zo.block_of`) and re-runs only segments j..end from the cached input of j: the segments
-before j see the same weights and the same batch, so their outputs would be identical.
+draws segment j first (`zo.BlockSampler`, from the step's seed), runs the chain once at θ keeping
+the input of j (and the smashed data), then perturbs segment j only and re-runs segments
+j..end from that cached input: the segments before j see the same weights and the same
+batch, so their outputs would be identical.
 The block-wise estimator itself (its block rule, weights and replay) is in `edge_runtime.zo`.
 
 Torch-free like the rest of the device: ONNX Runtime, one session per segment. The
@@ -209,19 +210,20 @@ class SegmentChain:
 
 
 def estimate_step(chain: SegmentChain, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  step_seed: int, cfg: zo.ZOConfig, *, want_smashed: bool
-                  ) -> tuple[zo.ZOEstimate, np.ndarray | None]:
+                  step_seed: int, cfg: zo.ZOConfig, sampler: zo.BlockSampler, *,
+                  want_smashed: bool) -> tuple[zo.ZOEstimate, np.ndarray | None]:
     """One block-wise estimate; also the unperturbed smashed data when `want_smashed`.
 
     The unperturbed pass runs as far as needed: to the loss for forward differences or an
     upload, else (central differences) only up to the deepest block a direction perturbs.
     """
     last = len(chain) - 1
-    blocks = zo.step_blocks(step_seed, cfg.q, [size for _, size in chain.blocks])
+    seeds = zo.direction_seeds(step_seed, cfg.q)
+    blocks = np.asarray([sampler.draw(int(s)) for s in seeds], dtype=np.int64)
     full = cfg.scheme == "forward" or want_smashed
     acts = chain.prefix(theta, x, last if full else int(blocks.max()), set(blocks.tolist()))
     loss0 = chain.loss_from(last, acts[last], theta, y) if cfg.scheme == "forward" else None
     est = zo.estimate_blocks(
         lambda j, values: chain.loss_from(j, acts[j], theta, y, values),
-        theta, chain.blocks, step_seed, cfg, loss0)
+        theta, chain.blocks, step_seed, cfg, sampler, loss0)
     return est, (acts[last] if want_smashed else None)

@@ -183,8 +183,8 @@ class RoundResult:
     losses: list[float]  # l(θ) at each step
     step_ms: list[float]
     smashed_sent: int
-    # perturb="block": the segment each direction perturbed, matching seeds (a function of
-    # the seed and the manifest's segments, zo.block_of, so it needs no place on the wire)
+    # perturb="block": the segment each direction perturbed, matching seeds (rebuilt from
+    # the log and the manifest's segments by zo.replay_draws, so not sent on the wire)
     blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
@@ -213,6 +213,7 @@ def train_round(
     state = zo.init_state(theta, cfg.optimizer)
     seeds, projected, losses, times = [], [], [], []
     blocks: list[int] = []
+    draw: zo.BlockSampler | None = None  # block-wise: which block to perturb, per round
     sent = 0
     for step in range(cfg.local_steps):
         t0 = time.perf_counter()
@@ -230,8 +231,12 @@ def train_round(
             continue
         seed = step_seed(cfg.seed, round_idx, device_id, step)
         if cfg.zo.perturb == "block":  # re-run from one segment on (edge_runtime.blockzo)
-            est, smashed = blockzo.estimate_step(model.chain(), theta, xb, yb, seed, cfg.zo,
+            chain = model.chain()
+            if draw is None:
+                draw = zo.BlockSampler.start([size for _, size in chain.blocks])
+            est, smashed = blockzo.estimate_step(chain, theta, xb, yb, seed, cfg.zo, draw,
                                                  want_smashed=upload)
+            draw = draw.observe(est.blocks, est.projected, cfg.zo)
             loss = est.loss
         else:
             est, smashed, loss = _full_estimate(model, theta, xb, yb, seed, cfg.zo, upload)

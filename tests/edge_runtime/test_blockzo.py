@@ -117,11 +117,14 @@ def test_block_estimate_equals_the_full_graph_reference(
     cfg = zo.ZOConfig(perturb="block", scheme=scheme, mu=1e-2)
     x, y = _batch(model.bundle, 8, seed=3)
     theta = model.bundle.weights
-    d = theta.size
     seen = set()
+    sampler = zo.BlockSampler.start([size for _, size in chain.blocks])
     for seed in range(40):
-        est, smashed = blockzo.estimate_step(chain, theta, x, y, seed, cfg, want_smashed=True)
+        est, smashed = blockzo.estimate_step(chain, theta, x, y, seed, cfg, sampler,
+                                             want_smashed=True)
         j = int(est.blocks[0])
+        prob = sampler.probs()[j]
+        sampler = sampler.observe(est.blocks, est.projected, cfg)
         seen.add(j)
         offset, size = chain.blocks[j]
         u = zo.direction(int(est.seeds[0]), size, cfg.distribution)
@@ -135,13 +138,13 @@ def test_block_estimate_equals_the_full_graph_reference(
             denom = 2 * cfg.mu
         assert float(est.projected[0]) == pytest.approx((plus - minus) / denom, rel=2e-3,
                                                         abs=2e-3)
-        want = np.zeros(d, np.float32)
-        want[offset:offset + size] = est.projected[0] * (d / size) * u
+        want = np.zeros(theta.size, np.float32)
+        want[offset:offset + size] = est.projected[0] / prob * u
         np.testing.assert_allclose(est.grad, want, rtol=1e-5, atol=1e-8)
         assert smashed is not None
         np.testing.assert_allclose(smashed, model.run(theta, x, y, (SMASHED_OUTPUT,))[0],
                                    rtol=1e-5, atol=1e-5)
-    assert len(seen) >= 2  # more than one block was drawn
+    assert seen == set(range(len(chain)))  # every block was drawn
 
 
 # --- the estimator ------------------------------------------------------------------------------
@@ -150,54 +153,61 @@ SIZES = [5, 20, 75, 0]  # a parameter-free block too
 BLOCKS = [(0, 5), (5, 20), (25, 75), (100, 0)]
 
 
-def test_blocks_are_drawn_in_proportion_to_their_size() -> None:
-    draws = np.asarray([zo.block_of(s, SIZES) for s in range(20000)])
-    freq = np.bincount(draws, minlength=4) / draws.size
-    np.testing.assert_allclose(freq[:3], [0.05, 0.2, 0.75], atol=0.015)
-    assert freq[3] == 0
-    assert zo.block_of(123, SIZES) == zo.block_of(123, SIZES)
+def test_the_sampler_starts_uniform_and_then_follows_each_blocks_gradient_energy() -> None:
+    cfg = zo.ZOConfig(perturb="block")
+    start = zo.BlockSampler.start(SIZES)
+    np.testing.assert_allclose(start.probs(), [1 / 3, 1 / 3, 1 / 3, 0])
+    # blocks not drawn yet count as the mean of those drawn
+    one = start.observe([2], [3.0], cfg)
+    np.testing.assert_allclose(one.probs(), [1 / 3, 1 / 3, 1 / 3, 0])
+    seen = one.observe([0, 1], [1.0, 2.0], cfg)
+    assert seen.energy[:3] == (1.0, 4.0, 9.0)
+    share = np.array([1.0, 4.0, 9.0, 0.0]) / 14
+    floor = np.array([1, 1, 1, 0]) / 3
+    np.testing.assert_allclose(seen.probs(), (1 - zo.BLOCK_FLOOR) * share + zo.BLOCK_FLOOR * floor)
+    again = seen.observe([2], [1.0], cfg)  # a moving average of the squared projections
+    assert again.energy[2] == pytest.approx((1 - zo.BLOCK_MEMORY) * 9 + zo.BLOCK_MEMORY * 1)
+    sphere = start.observe([1], [2.0], zo.ZOConfig(perturb="block", distribution="sphere"))
+    assert sphere.energy[1] == 4.0 * SIZES[1]  # a unit direction sees ‖∇_j‖² / d_j
+    draws = np.asarray([seen.draw(s) for s in range(20000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / draws.size, seen.probs(),
+                               atol=0.015)
+    assert seen.draw(123) == seen.draw(123)
     with pytest.raises(ValueError):
-        zo.block_of(1, [0, 0])
+        zo.BlockSampler.start([0, 0])
 
 
 @pytest.mark.parametrize("distribution", zo.DISTRIBUTIONS)
-def test_block_estimate_is_unbiased_with_the_full_estimates_second_moment(
-        distribution: str) -> None:
-    """On a linear loss the finite difference is exact, so moments can be checked tightly."""
+def test_block_estimate_is_unbiased_for_any_sampler_state(distribution: str) -> None:
+    """On a linear loss the finite difference is exact, so the mean can be checked tightly."""
     g = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     theta = np.zeros(100, np.float32)
+    cfg = zo.ZOConfig(perturb="block", distribution=distribution, mu=1.0)
 
     def loss_from(j: int, values: np.ndarray) -> float:
         offset, size = BLOCKS[j]
         return float(np.dot(g[offset:offset + size], values.astype(np.float64)))
 
-    moments = {}
-    for perturb in zo.PERTURBS:
-        cfg = zo.ZOConfig(perturb=perturb, distribution=distribution, mu=1.0)
-        ests = []
-        for seed in range(4000):
-            if perturb == "block":
-                ests.append(zo.estimate_blocks(loss_from, theta, BLOCKS, seed, cfg, 0.0).grad)
-            else:
-                ests.append(zo.estimate(lambda t: float(np.dot(g, t)), theta, seed, cfg,
-                                        0.0).grad)
-        arr = np.asarray(ests, dtype=np.float64)
-        mean = arr.mean(0)
-        assert np.dot(mean, g) / (np.linalg.norm(mean) * np.linalg.norm(g)) > 0.97, perturb
-        moments[perturb] = float((arr ** 2).sum(1).mean())
-    assert moments["block"] == pytest.approx(moments["full"], rel=0.15)
+    skewed = zo.BlockSampler.start(SIZES).observe([0, 1, 2], [1.0, 2.0, 4.0], cfg)
+    for sampler in (zo.BlockSampler.start(SIZES), skewed):
+        ests = [zo.estimate_blocks(loss_from, theta, BLOCKS, seed, cfg, sampler, 0.0).grad
+                for seed in range(8000)]
+        mean = np.asarray(ests, dtype=np.float64).mean(0)
+        assert np.dot(mean, g) / (np.linalg.norm(mean) * np.linalg.norm(g)) > 0.95
+        assert np.linalg.norm(mean) == pytest.approx(np.linalg.norm(g), rel=0.1)
 
 
 def test_estimate_and_reconstruct_refuse_the_wrong_mode() -> None:
     theta = np.zeros(100, np.float32)
+    sampler = zo.BlockSampler.start(SIZES)
     with pytest.raises(ValueError, match="estimate_blocks"):
         zo.estimate(lambda t: 0.0, theta, 1, BLOCK, 0.0)
     with pytest.raises(ValueError, match="perturb='block'"):
-        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, zo.ZOConfig(), 0.0)
+        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, zo.ZOConfig(), sampler, 0.0)
     with pytest.raises(ValueError, match="loss0"):
-        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, BLOCK)
+        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, BLOCK, sampler)
     with pytest.raises(ValueError, match="cover"):
-        zo.estimate_blocks(lambda j, v: 0.0, theta[:50], BLOCKS, 1, BLOCK, 0.0)
+        zo.estimate_blocks(lambda j, v: 0.0, theta[:50], BLOCKS, 1, BLOCK, sampler, 0.0)
     with pytest.raises(ValueError, match="segments"):
         zo.reconstruct(np.zeros(1, np.uint64), np.zeros(1, np.float32), 100, BLOCK)
 
@@ -231,13 +241,13 @@ def test_block_log_replays_the_round_bit_for_bit(
     h, q = cfg.local_steps, cfg.zo.q
     assert result.seeds.shape == result.projected.shape == result.blocks.shape == (h * q,)
     blocks = [(s.offset, s.size) for s in cnn.bundle.manifest.segments]
-    sizes = [size for _, size in blocks]
-    assert [zo.block_of(int(s), sizes) for s in result.seeds] == result.blocks.tolist()
+    draws = zo.replay_draws(result.seeds, result.projected, [size for _, size in blocks], cfg.zo)
+    assert [j for j, _ in draws] == result.blocks.tolist()
     theta, state = cnn.bundle.weights, zo.init_state(cnn.bundle.weights, cfg.optimizer)
     thetas = [theta]
     for s in range(h):
         g = zo.reconstruct(result.seeds[s * q:(s + 1) * q], result.projected[s * q:(s + 1) * q],
-                           theta.size, cfg.zo, blocks)
+                           theta.size, cfg.zo, blocks, draws[s * q:(s + 1) * q])
         theta, state = zo.apply(theta, g, state, cfg.optimizer)
         thetas.append(theta)
     assert np.array_equal(thetas[-1], result.theta)
