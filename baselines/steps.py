@@ -171,6 +171,7 @@ class HeronRunner(_OrtBase):
         self.steps_per_call = spec.local_steps if spec.perturb == "block" else spec.upload_every
         self.blocks: list[int] = []  # block-wise: the blocks the last steps drew
         self.drawn: list[int] = []  # and every step's so far
+        self.block_sampler: Any = None  # carried from round to round, as a device does
         if spec.perturb == "block":
             self.model.chain()  # build the segment sessions now, not inside a timed step
 
@@ -205,8 +206,9 @@ class HeronRunner(_OrtBase):
 
         res = train_round(self.model, self.theta, self.x, self.y,
                           replace(self.cfg, local_steps=n), round_idx=self.round,
-                          device_id="profile", on_smashed=self._on_smashed)
-        self.theta = res.theta
+                          device_id="profile", on_smashed=self._on_smashed,
+                          block_sampler=self.block_sampler)
+        self.theta, self.block_sampler = res.theta, res.block_sampler
         self.round += 1
         self.blocks = res.blocks.tolist()
         self.drawn += self.blocks

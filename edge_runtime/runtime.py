@@ -179,13 +179,15 @@ def peak_rss_mb() -> float:
 class RoundResult:
     theta: np.ndarray
     seeds: np.ndarray  # uint64, one per (step, direction)
-    projected: np.ndarray  # float32, matching seeds
+    projected: np.ndarray  # float32, matching seeds (block-wise: weighted by 1/p_j)
     losses: list[float]  # l(θ) at each step
     step_ms: list[float]
     smashed_sent: int
-    # perturb="block": the segment each direction perturbed, matching seeds (rebuilt from
-    # the log and the manifest's segments by zo.replay_draws, so not sent on the wire)
+    # perturb="block": the segment each direction perturbed, matching seeds (each seed also
+    # carries it, zo.seed_block, so the wire log needs nothing more), and the block sampler
+    # to start the device's next round from
     blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    block_sampler: zo.BlockSampler | None = None
 
 
 def train_round(
@@ -198,9 +200,14 @@ def train_round(
     round_idx: int,
     device_id: str,
     on_smashed: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    block_sampler: zo.BlockSampler | None = None,
 ) -> RoundResult:
     """h ZO steps from θ on the local shard; every k steps the unperturbed pass's
-    activations go to `on_smashed(step, activations, labels)`."""
+    activations go to `on_smashed(step, activations, labels)`.
+
+    Block-wise (cfg.zo.perturb == "block"), `block_sampler` is where block draws start:
+    the previous round's `RoundResult.block_sampler` on the same bundle, or None (uniform).
+    """
     if cfg.algorithm not in DEVICE_ALGORITHMS:
         raise ValueError(f"algorithm {cfg.algorithm!r} needs a first-order device; this ONNX "
                          f"Runtime device runs {', '.join(DEVICE_ALGORITHMS)}. help: start "
@@ -213,7 +220,7 @@ def train_round(
     state = zo.init_state(theta, cfg.optimizer)
     seeds, projected, losses, times = [], [], [], []
     blocks: list[int] = []
-    draw: zo.BlockSampler | None = None  # block-wise: which block to perturb, per round
+    draw = block_sampler  # block-wise: which block each direction perturbs
     sent = 0
     for step in range(cfg.local_steps):
         t0 = time.perf_counter()
@@ -232,11 +239,12 @@ def train_round(
         seed = step_seed(cfg.seed, round_idx, device_id, step)
         if cfg.zo.perturb == "block":  # re-run from one segment on (edge_runtime.blockzo)
             chain = model.chain()
-            if draw is None:
-                draw = zo.BlockSampler.start([size for _, size in chain.blocks])
+            sizes = [size for _, size in chain.blocks]
+            if draw is None or list(draw.sizes) != sizes:
+                draw = zo.BlockSampler.start(sizes)
             est, smashed = blockzo.estimate_step(chain, theta, xb, yb, seed, cfg.zo, draw,
                                                  want_smashed=upload)
-            draw = draw.observe(est.blocks, est.projected, cfg.zo)
+            draw = draw.observe(est.blocks, est.projected * est.probs, cfg.zo)
             loss = est.loss
         else:
             est, smashed, loss = _full_estimate(model, theta, xb, yb, seed, cfg.zo, upload)
@@ -261,7 +269,7 @@ def train_round(
         rss_mb()
     return RoundResult(theta, np.asarray(seeds, dtype=np.uint64),
                        np.asarray(projected, dtype=np.float32), losses, times, sent,
-                       np.asarray(blocks, dtype=np.int64))
+                       np.asarray(blocks, dtype=np.int64), draw)
 
 
 def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.ndarray,

@@ -16,9 +16,10 @@ p_j = ‖g_j‖² / ‖g‖², lower for any other p. Gradient energy is far fro
 block size: on resnet18/layer1 (digits, at init) the aux head holds ~0.4% of the parameters
 and ~37% of ‖g‖² (layer1.1 ~40%, layer1.0 ~23%, stem ~0.2%). So p follows a running estimate of each
 block's energy (`BlockSampler`). That is also the cheap choice: the block drawn most, the
-aux head, costs almost nothing to re-run. Draws hash the direction seed, and the sampler
-is rebuilt from the round's log (`replay_draws`), so (seed, projected) pairs plus the
-blocks' (offset, size) still describe every update.
+aux head, costs almost nothing to re-run. The log stays self-describing: each direction's
+seed carries its block index and its projection the weight 1/p_j (`estimate_blocks`), so
+(seed, projected) pairs plus the blocks' (offset, size) still describe every update, and
+the sampler's state can carry over from round to round on the device.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PERTURBS = ("full", "block")
 _BLOCK_KEY = 0x626C6F636B  # "block": separates the block draw from the direction's stream
 BLOCK_FLOOR = 0.2  # share of block draws spread uniformly (BlockSampler)
 BLOCK_MEMORY = 0.1  # weight of a new squared projection in a block's energy estimate
+_TAG_SHIFT = 56  # a logged block-wise seed keeps its block index in the top byte
+MAX_BLOCKS = 2 ** (64 - _TAG_SHIFT)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class ZOEstimate:
     loss: float  # l(θ) for forward differences, else the mean of the two evaluations
     blocks: np.ndarray = field(  # block of each direction (perturb="block"), else empty
         default_factory=lambda: np.zeros(0, dtype=np.int64))
+    probs: np.ndarray = field(  # the probability each block was drawn with, else empty
+        default_factory=lambda: np.zeros(0, dtype=np.float64))
 
 
 def direction_seeds(step_seed: int, q: int) -> np.ndarray:
@@ -131,8 +136,9 @@ class BlockSampler:
     p_j ∝ ‖∇_j‖² Adam's per-coordinate drift on every block equals the full estimate's,
     and no other p does as well (module doc). e_j is a moving average of the squared
     projections of the block's own draws (E[s²] = ‖∇_j‖² for a Gaussian u_j); a block not
-    drawn yet counts as the mean of those drawn, so a round starts uniform. The floor keeps
-    every block drawn and its weight 1/p_j bounded.
+    drawn yet counts as the mean of those drawn, so a fresh sampler is uniform. The floor
+    keeps every block drawn and its weight 1/p_j bounded. A device carries it from round to
+    round (`train_round(block_sampler=...)`): 40 steps are few to learn the energies in.
     """
 
     sizes: tuple[int, ...]
@@ -142,6 +148,8 @@ class BlockSampler:
     def start(sizes: Sequence[int]) -> BlockSampler:
         if sum(sizes) <= 0 or any(s < 0 for s in sizes):
             raise ValueError("block-wise ZO needs at least one block with parameters")
+        if len(sizes) > MAX_BLOCKS:
+            raise ValueError(f"block-wise ZO handles at most {MAX_BLOCKS} blocks")
         return BlockSampler(tuple(int(s) for s in sizes), (float("nan"),) * len(sizes))
 
     def probs(self) -> np.ndarray:
@@ -165,7 +173,8 @@ class BlockSampler:
 
     def observe(self, blocks: Sequence[int], projected: Sequence[float],
                 cfg: ZOConfig) -> BlockSampler:
-        """The sampler after a step whose directions drew `blocks` and measured `projected`."""
+        """The sampler after a step whose directions drew `blocks` and measured the (raw,
+        unweighted) finite differences `projected`."""
         energy = list(self.energy)
         for j, p in zip(blocks, projected, strict=True):
             sample = float(p) ** 2 * _scale(self.sizes[int(j)], cfg)  # ≈ ‖∇_j‖²
@@ -175,17 +184,17 @@ class BlockSampler:
         return BlockSampler(self.sizes, tuple(energy))
 
 
-def replay_draws(seeds: np.ndarray, projected: np.ndarray, sizes: Sequence[int],
-                 cfg: ZOConfig) -> list[tuple[int, float]]:
-    """(block, probability) of every direction of a round's block-wise log, in order, as
-    the device drew them: the sampler is rebuilt from the log itself."""
-    sampler, draws = BlockSampler.start(sizes), []
-    for s in range(0, len(seeds), cfg.q):
-        probs = sampler.probs()
-        step = [sampler.draw(int(seed)) for seed in seeds[s:s + cfg.q]]
-        draws += [(j, float(probs[j])) for j in step]
-        sampler = sampler.observe(step, projected[s:s + cfg.q], cfg)
-    return draws
+def tag_seed(seed: int, block: int) -> int:
+    """A block-wise direction's seed as logged: the block index in the top byte, so the
+    (seed, projected) log names each direction's block without the sampler's state."""
+    if not 0 <= block < MAX_BLOCKS:
+        raise ValueError(f"block-wise ZO handles at most {MAX_BLOCKS} blocks, got {block + 1}")
+    return (int(seed) & (2**_TAG_SHIFT - 1)) | (int(block) << _TAG_SHIFT)
+
+
+def seed_block(seed: int) -> int:
+    """The block a logged block-wise seed perturbed (`tag_seed`)."""
+    return int(seed) >> _TAG_SHIFT
 
 
 def estimate_blocks(
@@ -202,8 +211,12 @@ def estimate_blocks(
     `blocks` are (offset, size) slices tiling θ; `loss_from(j, values)` is l(θ) with block
     j's slice replaced by `values` (the caller re-runs the network from block j on).
     `sampler` draws the blocks (the caller knows them in advance from the same sampler and
-    seeds, and feeds the result to `sampler.observe`). `loss0` = l(θ), required for forward
-    differences.
+    seeds, and feeds the raw projections, projected · probs, to `sampler.observe`).
+    `loss0` = l(θ), required for forward differences.
+
+    The estimate logs each direction as (`tag_seed`(seed, j), s_i / p_j): the direction is
+    regenerated from the tagged seed and the projection already carries the importance
+    weight, so `reconstruct` needs only the log and the blocks' slices.
     """
     if cfg.perturb != "block":
         raise ValueError("zo.estimate_blocks needs a ZOConfig with perturb='block'")
@@ -212,9 +225,12 @@ def estimate_blocks(
                          f"{theta.size} parameters, or do not match the sampler")
     if cfg.scheme == "forward" and loss0 is None:
         raise ValueError("forward differences need loss0 = l(θ) from the unperturbed pass")
-    seeds = direction_seeds(step_seed, cfg.q)
     probs = sampler.probs()
-    chosen = np.asarray([sampler.draw(int(s)) for s in seeds], dtype=np.int64)
+    chosen = np.asarray([sampler.draw(int(s)) for s in direction_seeds(step_seed, cfg.q)],
+                        dtype=np.int64)
+    seeds = np.asarray([tag_seed(int(s), int(j)) for s, j in
+                        zip(direction_seeds(step_seed, cfg.q), chosen, strict=True)],
+                       dtype=np.uint64)
     mu = np.float32(cfg.mu)
     projected = np.empty(cfg.q, dtype=np.float64)
     losses = []
@@ -231,30 +247,28 @@ def estimate_blocks(
             minus = float(loss_from(int(j), base - mu * u))
             projected[i] = (plus - minus) / (2 * cfg.mu)
             losses.append(0.5 * (plus + minus))
-    draws = [(int(j), float(probs[j])) for j in chosen]
-    grad = reconstruct(seeds, projected.astype(np.float32), theta.size, cfg, blocks, draws)
-    return ZOEstimate(grad, projected.astype(np.float32), seeds, float(np.mean(losses)),
-                      chosen)
+    drawn = probs[chosen]
+    weighted = (projected / drawn).astype(np.float32)
+    grad = reconstruct(seeds, weighted, theta.size, cfg, blocks)
+    return ZOEstimate(grad, weighted, seeds, float(np.mean(losses)), chosen, drawn)
 
 
 def reconstruct(seeds: np.ndarray, projected: np.ndarray, d: int, cfg: ZOConfig,
-                blocks: Sequence[tuple[int, int]] | None = None,
-                draws: Sequence[tuple[int, float]] | None = None) -> np.ndarray:
+                blocks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """g = scale/q · Σ p_i u_i, rebuilt from the log alone (what a server could replay).
 
-    Block-wise: `blocks` are the (offset, size) slices and `draws` the (block j,
-    probability p_j) of each direction (`replay_draws`); u_i lives in block j only and
-    carries the block's own scale times the importance weight 1/p_j.
+    Block-wise: `blocks` are the (offset, size) slices (the manifest's segments); u_i lives
+    in the block `seed_block(seed_i)` names and carries that block's own scale (p_i already
+    holds the importance weight, see `estimate_blocks`).
     """
     grad = np.zeros(d, dtype=np.float32)
     if cfg.perturb == "block":
-        if blocks is None or draws is None:
+        if blocks is None:
             raise ValueError("block-wise estimates are rebuilt with the blocks' (offset, "
-                             "size) and each direction's draw; help: pass the bundle "
-                             "manifest's segments and zo.replay_draws(...) of the log")
-        for seed, p, (j, prob) in zip(seeds, projected, draws, strict=True):
-            offset, size = blocks[j]
-            weight = np.float32(p) * np.float32(_scale(size, cfg) / prob)
+                             "size); help: pass the bundle manifest's segments")
+        for seed, p in zip(seeds, projected, strict=True):
+            offset, size = blocks[seed_block(int(seed))]
+            weight = np.float32(p) * np.float32(_scale(size, cfg))
             grad[offset:offset + size] += weight * direction(int(seed), size, cfg.distribution)
         grad *= np.float32(1.0 / len(seeds))
         return grad

@@ -20,7 +20,7 @@ from conftest import ROOT
 from devices.datasets import load_dataset
 from edge_runtime import blockzo, zo
 from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
-from edge_runtime.runtime import LocalModel, TrainConfig, step_seed, train_round
+from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
 from exporter.export import export_split
 
 BLOCK = zo.ZOConfig(perturb="block")
@@ -124,7 +124,7 @@ def test_block_estimate_equals_the_full_graph_reference(
                                              want_smashed=True)
         j = int(est.blocks[0])
         prob = sampler.probs()[j]
-        sampler = sampler.observe(est.blocks, est.projected, cfg)
+        sampler = sampler.observe(est.blocks, est.projected * est.probs, cfg)
         seen.add(j)
         offset, size = chain.blocks[j]
         u = zo.direction(int(est.seeds[0]), size, cfg.distribution)
@@ -136,10 +136,12 @@ def test_block_estimate_equals_the_full_graph_reference(
             minus = model.loss(_perturbed(theta, chain.blocks[j], base - np.float32(cfg.mu) * u),
                                x, y)
             denom = 2 * cfg.mu
-        assert float(est.projected[0]) == pytest.approx((plus - minus) / denom, rel=2e-3,
-                                                        abs=2e-3)
+        assert zo.seed_block(int(est.seeds[0])) == j and est.probs[0] == prob
+        # the log's projection carries the importance weight 1/p_j
+        assert float(est.projected[0]) * prob == pytest.approx((plus - minus) / denom,
+                                                               rel=2e-3, abs=2e-3)
         want = np.zeros(theta.size, np.float32)
-        want[offset:offset + size] = est.projected[0] / prob * u
+        want[offset:offset + size] = est.projected[0] * u
         np.testing.assert_allclose(est.grad, want, rtol=1e-5, atol=1e-8)
         assert smashed is not None
         np.testing.assert_allclose(smashed, model.run(theta, x, y, (SMASHED_OUTPUT,))[0],
@@ -241,13 +243,12 @@ def test_block_log_replays_the_round_bit_for_bit(
     h, q = cfg.local_steps, cfg.zo.q
     assert result.seeds.shape == result.projected.shape == result.blocks.shape == (h * q,)
     blocks = [(s.offset, s.size) for s in cnn.bundle.manifest.segments]
-    draws = zo.replay_draws(result.seeds, result.projected, [size for _, size in blocks], cfg.zo)
-    assert [j for j, _ in draws] == result.blocks.tolist()
+    assert [zo.seed_block(int(s)) for s in result.seeds] == result.blocks.tolist()
     theta, state = cnn.bundle.weights, zo.init_state(cnn.bundle.weights, cfg.optimizer)
     thetas = [theta]
     for s in range(h):
         g = zo.reconstruct(result.seeds[s * q:(s + 1) * q], result.projected[s * q:(s + 1) * q],
-                           theta.size, cfg.zo, blocks, draws[s * q:(s + 1) * q])
+                           theta.size, cfg.zo, blocks)
         theta, state = zo.apply(theta, g, state, cfg.optimizer)
         thetas.append(theta)
     assert np.array_equal(thetas[-1], result.theta)
@@ -257,7 +258,38 @@ def test_block_log_replays_the_round_bit_for_bit(
         dist = ((acts.reshape(len(acts), 1, -1) - pool[None]) ** 2).sum(-1).min(1)
         assert dist.max() < 1e-8
     step0 = step_seed(cfg.seed, 2, "dev-3", 0)
-    assert result.seeds[:q].tolist() == zo.direction_seeds(step0, q).tolist()
+    assert [zo.tag_seed(int(s), int(j)) for s, j in zip(
+        zo.direction_seeds(step0, q), result.blocks[:q], strict=True)] == result.seeds[:q].tolist()
+
+
+def test_the_block_sampler_carries_over_to_the_next_round(
+        cnn: LocalModel, shard: tuple[np.ndarray, np.ndarray]) -> None:
+    cfg = TrainConfig(local_steps=20, zo=BLOCK)
+    first = train_round(cnn, cnn.bundle.weights, *shard, cfg, round_idx=0, device_id="d")
+    carried = first.block_sampler
+    assert carried is not None and not np.isnan(carried.energy).any()
+    assert not np.allclose(carried.probs(), [0.5, 0.5])  # it learnt the blocks' energies
+
+    def second(sampler: zo.BlockSampler | None) -> RoundResult:
+        return train_round(cnn, first.theta, *shard, cfg, round_idx=1, device_id="d",
+                           block_sampler=sampler)
+
+    a, b, fresh = second(carried), second(carried), second(None)
+    assert np.array_equal(a.theta, b.theta) and a.blocks.tolist() == b.blocks.tolist()
+    assert a.blocks.tolist() != fresh.blocks.tolist()
+    # a sampler for another bundle's segments is not used
+    other = zo.BlockSampler.start([1, 2, 3])
+    assert second(other).blocks.tolist() == fresh.blocks.tolist()
+
+
+def test_block_indices_ride_in_the_top_byte_of_the_logged_seed() -> None:
+    seed = 0xFFFF_FFFF_FFFF_FFFF
+    for j in (0, 3, zo.MAX_BLOCKS - 1):
+        tagged = zo.tag_seed(seed, j)
+        assert zo.seed_block(tagged) == j and tagged >> 56 == j
+        assert tagged & (2**56 - 1) == seed & (2**56 - 1)
+    with pytest.raises(ValueError, match="at most"):
+        zo.tag_seed(1, zo.MAX_BLOCKS)
 
 
 def test_block_mode_on_a_bundle_without_segments_says_what_to_do(
