@@ -257,9 +257,10 @@ def train_round(
                 f"ZO estimate at step {step} is not finite (loss {est.loss}); help: lower "
                 "the device learning rate or mu")
         # Block-wise: the gradient is zero outside the perturbed block and Adam runs over all
-        # of θ as usual. Its m and v are time averages of the (unbiased, 1/p_j-weighted)
-        # estimate, which has the full estimate's moments (zo module doc); a lazy update of
-        # the block alone would instead slow each block down to its draw rate p_j.
+        # of θ as usual: its m and v stay time averages of the (unbiased, 1/p_j-weighted)
+        # estimate, and with p_j following the blocks' gradient energy every block moves as
+        # under the full estimate (zo module doc). A lazy update of the drawn block alone
+        # would instead slow each block down to its draw rate p_j.
         theta, state = zo.apply(theta, est.grad, state, cfg.optimizer)
         seeds.extend(est.seeds.tolist())
         projected.extend(est.projected.tolist())

@@ -129,7 +129,7 @@ def estimate(
 
 @dataclass(frozen=True)
 class BlockSampler:
-    """Which block each block-wise direction perturbs: state carried through one round.
+    """Which block each block-wise direction perturbs; its state passes from step to step.
 
     p_j = (1 - BLOCK_FLOOR) · e_j / Σ e + BLOCK_FLOOR / J over the blocks with parameters,
     e_j an estimate of ‖∇_j l‖² (the block's share of the gradient's energy): with
