@@ -74,10 +74,10 @@ def _dummy_input(split: SplitModel) -> torch.Tensor:
     return torch.zeros(_EXPORT_BATCH, *split.input_shape)
 
 
-def _torch_to_onnx(graph: TrainGraph, split: SplitModel, opset: int) -> onnx.ModelProto:
-    x = _dummy_input(split)
-    y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
-    batch = {0: "batch"}
+def legacy_export(module: nn.Module, args: tuple[torch.Tensor, ...], *, input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]],
+                  opset: int) -> onnx.ModelProto:
+    """torch.onnx.export as every heron graph needs it (the bundle and its segments)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # dynamo=False is deliberate: the legacy TorchScript exporter keeps parameter names
@@ -93,17 +93,25 @@ def _torch_to_onnx(graph: TrainGraph, split: SplitModel, opset: int) -> onnx.Mod
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
                                 module=r"torch\.nn\.functional")
         torch.onnx.export(
-            graph, (x, y), buf, dynamo=False,
-            input_names=[INPUT_NAME, LABEL_NAME],
-            output_names=[LOSS_OUTPUT, SMASHED_OUTPUT, LOGITS_OUTPUT],
-            dynamic_axes={INPUT_NAME: batch, LABEL_NAME: batch,
-                          SMASHED_OUTPUT: batch, LOGITS_OUTPUT: batch},
+            module, args, buf, dynamo=False, input_names=input_names,
+            output_names=output_names, dynamic_axes=dynamic_axes,
             # No folding, and initializers kept as inputs: with False the exporter
             # deduplicates initializers by *value*, merging e.g. all GroupNorm weights (all
             # ones at init) into one tensor, and trainable names vanish from the graph.
             do_constant_folding=False, keep_initializers_as_inputs=True, opset_version=opset,
         )
     return onnx.load_from_string(buf.getvalue())
+
+
+def _torch_to_onnx(graph: TrainGraph, split: SplitModel, opset: int) -> onnx.ModelProto:
+    x = _dummy_input(split)
+    y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
+    batch = {0: "batch"}
+    return legacy_export(graph, (x, y), input_names=[INPUT_NAME, LABEL_NAME],
+                         output_names=[LOSS_OUTPUT, SMASHED_OUTPUT, LOGITS_OUTPUT],
+                         dynamic_axes={INPUT_NAME: batch, LABEL_NAME: batch,
+                                       SMASHED_OUTPUT: batch, LOGITS_OUTPUT: batch},
+                         opset=opset)
 
 
 def _weights_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:

@@ -23,9 +23,7 @@ for its CPU's block size (layouts in the model metadata, ``NCHWC_LAYOUTS``).
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 
 import onnx
 import torch
@@ -121,19 +119,10 @@ def _export(graph: _SegmentGraph, h: torch.Tensor, y: torch.Tensor | None,
     axes = {name: batch for name in inputs}
     if y is None:
         axes[output] = batch
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export",
-                                category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"The feature will be removed",
-                                category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
-                                module=r"torch\.nn\.functional")
-        torch.onnx.export(graph, args, buf, dynamo=False, input_names=inputs,
-                          output_names=[output], dynamic_axes=axes,
-                          do_constant_folding=False, keep_initializers_as_inputs=True,
-                          opset_version=opset)
-    return onnx.load_from_string(buf.getvalue())
+    from exporter.export import legacy_export  # export imports this module
+
+    return legacy_export(graph, args, input_names=inputs, output_names=[output],
+                         dynamic_axes=axes, opset=opset)
 
 
 def _params_to_inputs(proto: onnx.ModelProto, rename: dict[str, str]) -> None:
