@@ -43,6 +43,7 @@ from edge_runtime.runtime import (
     train_round,
 )
 from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
+from edge_runtime.zo import BlockSampler
 
 log = logging.getLogger("heron.device")
 
@@ -94,6 +95,8 @@ class Device:
         self.model: object | None = None  # LocalModel here; a torch split on TorchDevice
         self.memory: dict[int, float] = {}  # batch -> measured peak RSS MB (this bundle)
         self.memory_verdict: MemoryVerdict | None = None  # the check made at join
+        # block-wise ZO: (run id, sampler) where the next round's block draws start
+        self.block_sampler: tuple[str, BlockSampler] | None = None
         if self.bundle is not None:
             self._load_model(self.bundle)
         self.run_id: str | None = None
@@ -121,13 +124,26 @@ class Device:
     def _train(self, msg: RoundStart, cfg: TrainConfig,
                send_smashed: Callable[[int, np.ndarray, np.ndarray], None]) -> RoundResult:
         assert isinstance(self.model, LocalModel)
-        return train_round(self.model, msg.weights.astype(np.float32), self.x, self.y, cfg,
-                           round_idx=msg.round, device_id=self.opts.device_id,
-                           on_smashed=send_smashed)
+        # the block sampler's per-block energies carry over between the rounds of one run on
+        # one bundle: later rounds draw the blocks that moved the loss more often
+        carried = self.block_sampler
+        sampler = carried[1] if carried is not None and carried[0] == msg.run_id else None
+        result = train_round(self.model, msg.weights.astype(np.float32), self.x, self.y, cfg,
+                             round_idx=msg.round, device_id=self.opts.device_id,
+                             on_smashed=send_smashed, block_sampler=sampler)
+        if result.block_sampler is not None:
+            start = sampler.probs() if sampler is not None else None
+            log.info("%s: round %d block draw probabilities %s -> %s", self.opts.device_id,
+                     msg.round, "uniform" if start is None else np.round(start, 3).tolist(),
+                     np.round(result.block_sampler.probs(), 3).tolist())
+        self.block_sampler = ((msg.run_id, result.block_sampler)
+                              if result.block_sampler is not None else None)
+        return result
 
     def _load_model(self, bundle: Bundle) -> None:
         self.model, self.threads = self._make_model(bundle)
         self.memory, self.memory_verdict = {}, None
+        self.block_sampler = None
         log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
                  self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
                  bundle.manifest.num_params, self.threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def test_block_wise_zo_runs_in_the_federation(tmp_path: Path) -> None:
     """`--zo-perturb block` reaches the devices through the round config and trains."""
     summary, _, out = _run(tmp_path, "heron", "--zo-perturb", "block")
     assert summary["config"]["train"]["zo"]["perturb"] == "block"
+    # each device carries its block sampler from round to round: only round 1 starts uniform
+    log = (out / "logs" / "dev-0.log").read_text()
+    starts = re.findall(r"round (\d+) block draw probabilities (\S+|\[[^]]*\]) ->", log)
+    assert [int(r) for r, _ in starts] == list(range(1, 7)), log[-2000:]
+    assert starts[0][1] == "uniform" and all(p.startswith("[") for _, p in starts[1:])
     assert summary["final_test_accuracy"] > 0.3
     start = load_bundle(out / "bundle").weights
     final = torch.load(out / "checkpoint.pt", weights_only=True)["device_weights"].numpy()
