@@ -35,7 +35,7 @@ def run_cost(
     steps: int = 20,
     warmup: int | None = None,
     threads: int | None = None,
-    input_shape: tuple[int, int, int] = (3, 32, 32),
+    input_shape: tuple[int, ...] = (3, 32, 32),
     num_classes: int = 10,
     algorithms: Sequence[str] = ALGORITHMS,
     repeats: int = 1,

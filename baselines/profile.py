@@ -155,12 +155,23 @@ def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
             dims[0].dim_value = batch  # replaces the symbolic batch axis
-    proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    inferred = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     shapes: dict[str, tuple[int, ...]] = {}
-    for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+
+    def collect(model: Any) -> None:
+        for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if value.name not in shapes and all(d.HasField("dim_value") for d in dims):
+                shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+
+    collect(inferred)
+    counted = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if any(name not in shapes for n in counted for name in (n.input[0], n.output[0])):
+        # onnx's inference stops at Slice bounds computed in the graph (minilm's aux);
+        # ONNX Runtime's symbolic inference propagates them
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        collect(SymbolicShapeInference.infer_shapes(proto, auto_merge=True))
     for init in proto.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
 
@@ -260,7 +271,7 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
             "bytes_method": BYTES_METHOD}
 
 
-def export_bundle(model: str, input_shape: tuple[int, int, int], num_classes: int,
+def export_bundle(model: str, input_shape: tuple[int, ...], num_classes: int,
                   cut: str | None, out_dir: str | Path, seed: int = 0) -> Any:
     """The device bundle every ONNX Runtime measurement runs (exported with torch, here)."""
     from exporter.export import export_split
@@ -300,7 +311,7 @@ def profile(
     threads: int | None = None,
     steps: int = 20,
     warmup: int | None = None,
-    input_shape: tuple[int, int, int] = (3, 32, 32),
+    input_shape: tuple[int, ...] = (3, 32, 32),
     num_classes: int = 10,
     local_steps: int = DEFAULT_LOCAL_STEPS,
     upload_every: int = DEFAULT_UPLOAD_EVERY,
@@ -324,7 +335,7 @@ def profile(
                                ("local_steps", local_steps, 1)):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    from edge_runtime.bundle import load_bundle
+    from edge_runtime.bundle import GRAPH, load_bundle
     from exporter.zoo import build_split
 
     split = build_split(model, input_shape, num_classes, cut=cut, seed=seed)  # validates all
@@ -336,7 +347,8 @@ def profile(
         spec = StepSpec(algorithm=algorithm, model=model, cut=split.cut, batch=batch,
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
-                        bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps)
+                        bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps,
+                        input_dtype=split.input_dtype)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -344,7 +356,10 @@ def profile(
             if got["torch_imported"]:
                 raise ProfileError(f"the {algorithm} child imported torch; its memory would "
                                    "not be a device's")
-            full_flops = onnx_graph_flops(bundle.graph, batch)
+            # a graph with external data is read from disk, where onnx finds its tensors
+            data = bundle.external_data
+            full_flops = onnx_graph_flops(bundle.graph if data is None else data.parent / GRAPH,
+                                          batch)
             flops = full_flops * int(got["forwards_per_step"])
             flops_method = ONNX_FLOPS_METHOD
             if perturb == "block":

@@ -44,13 +44,14 @@ class StepSpec:
     cut: str
     batch: int
     threads: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # per sample: (C, H, W) images, (2, L) text
     num_classes: int
     upload_every: int = 2  # k: the smashed data leave every k-th step
     local_steps: int = 40  # h: steps per round (block-wise heron draws blocks per round)
     seed: int = 0
     bundle_dir: str | None = None  # required by the ONNX Runtime algorithms
     perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
+    input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -64,6 +65,8 @@ class StepSpec:
         if self.perturb not in PERTURBS:
             raise ValueError(f"perturb must be one of {', '.join(PERTURBS)}, got "
                              f"{self.perturb!r}")
+        if self.input_dtype not in ("float32", "int64"):
+            raise ValueError(f"input_dtype must be float32 or int64, got {self.input_dtype!r}")
         if self.perturb != "full" and self.algorithm != "heron":
             raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
                              "makes no ZO perturbation")
@@ -91,10 +94,20 @@ class Runner(Protocol):
         ...
 
 
+TOKEN_RANGE = (1000, 2000)  # ordinary word-piece ids in any BERT-style vocabulary
+
+
 def random_batch(spec: StepSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The profiled batch: values do not matter for cost, only shapes and dtypes."""
+    """The profiled batch: values do not matter for cost, only shapes and dtypes.
+
+    Text (int64, (2, L) per sample): random token ids and an all-ones attention mask, so
+    every one of the L positions is a real token (padding would cost the same)."""
     rng = np.random.default_rng(spec.seed)
-    x = rng.standard_normal((spec.batch, *spec.input_shape), dtype=np.float32)
+    if spec.input_dtype == "int64":
+        x = np.ones((spec.batch, *spec.input_shape), dtype=np.int64)
+        x[:, 0] = rng.integers(*TOKEN_RANGE, (spec.batch, *spec.input_shape[1:]))
+    else:
+        x = rng.standard_normal((spec.batch, *spec.input_shape), dtype=np.float32)
     y = rng.integers(0, spec.num_classes, spec.batch).astype(np.int64)
     return x, y
 
@@ -284,7 +297,8 @@ class TorchRunner:
         trained = {"cse-fsl": [split.client, split.aux], "sflv1": [split.client],
                    "sflv2": [split.client], "fedavg": [split.client, split.server]}
         self.modules = trained[spec.algorithm]
-        params = [p for m in self.modules for p in m.parameters()]
+        # frozen base weights (minilm: everything but the LoRA adapters) take no step
+        params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in params)
         self.opt = torch.optim.Adam(params, lr=TORCH_LR)
         x, y = random_batch(spec)

@@ -59,6 +59,8 @@ def start_devices(opts: FleetOptions, broker: str, shards: list[Path]) -> list[s
         procs.append(subprocess.Popen(
             _heron("device", "--broker", broker, "--id", dev, "--data", str(shard),
                    "--threads", str(opts.device_threads), "--prefix", opts.prefix,
+                   # one store for the fleet: devices on this machine share the mapped pages
+                   "--bundle-cache", str(opts.out / "device-bundles"),
                    *(["--torch"] if opts.torch_devices else []),
                    *(["--credentials", str(opts.credentials_dir / f"{dev}.json")]
                      if opts.credentials_dir else [])),

@@ -6,6 +6,12 @@ the device (which reads it) cannot drift apart. Layout of a bundle directory::
     manifest.json   what the graph expects and produces, trainable params, file sha256s
     train.onnx      inputs: x, y, one input per trainable param; outputs: loss, smashed, logits
     weights.bin     trainable params, float32 little-endian, concatenated in manifest order
+    train.onnx.data (only for graphs with large frozen tensors, e.g. minilm's embeddings)
+                    train.onnx's initializers as ONNX external data, page-aligned, so ONNX
+                    Runtime memory-maps them from disk instead of copying them into the
+                    process: only the pages a forward touches become resident, and they
+                    stay reclaimable file pages. Such a bundle must be on disk to run
+                    (`Bundle.root`; a device stores one it receives, `store_bundle_files`).
 
 Trainable parameters are graph *inputs*, so a ZO step feeds perturbed weights to the same
 ONNX Runtime session instead of rebuilding it.
@@ -29,7 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +48,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "train.onnx"
+GRAPH_DATA = "train.onnx.data"  # external data of train.onnx, where the bundle has it
 WEIGHTS = "weights.bin"
 INPUT_NAME = "x"
 LABEL_NAME = "y"
@@ -251,8 +261,11 @@ def write_bundle(
     extra: dict[str, Any] | None = None,
     input_dtype: str = "float32",
     segments: list[SegmentGraphs] | None = None,
+    graph_data: bytes | None = None,
 ) -> Manifest:
     """Write a bundle directory; `params` are (graph input name, value, role) in feed order.
+
+    `graph_data`, optional: the external data `onnx_bytes` refers to as GRAPH_DATA.
 
     `segments`, optional: the segment chain in order, the last being aux head + loss; they
     must own `params` back to back.
@@ -267,6 +280,9 @@ def write_bundle(
     (out / GRAPH).write_bytes(onnx_bytes)
     (out / WEIGHTS).write_bytes(weights_bytes)
     files = {GRAPH: sha256_bytes(onnx_bytes), WEIGHTS: sha256_bytes(weights_bytes)}
+    if graph_data is not None:
+        (out / GRAPH_DATA).write_bytes(graph_data)
+        files[GRAPH_DATA] = sha256_bytes(graph_data)
     seg_specs, index, offset = [], 0, 0
     for i, seg in enumerate(segments or []):
         owned = specs[index:index + seg.num_params]
@@ -302,6 +318,20 @@ class Bundle:
     weights: np.ndarray  # flat float32
     segments: tuple[bytes, ...] = ()  # ONNX bytes per manifest segment, if it has them
     nchwc_segments: tuple[bytes | None, ...] = ()  # their NCHWc variants, where shipped
+    root: Path | None = None  # the directory it was verified in (load_bundle), if on disk
+
+    @property
+    def external_data(self) -> Path | None:
+        """Where train.onnx's external data lies, if it has any (None: all in the graph).
+
+        Raises BundleError for such a bundle held only in memory (from MQTT, say)."""
+        if GRAPH_DATA not in self.manifest.files:
+            return None
+        if self.root is None:
+            raise BundleError(f"the graph keeps its frozen tensors in {GRAPH_DATA}, which "
+                              "ONNX Runtime maps from disk; help: store the bundle files in "
+                              "a directory (store_bundle_files) and load_bundle it")
+        return self.root / GRAPH_DATA
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views into `flat`, one per graph input, without copying."""
@@ -320,33 +350,56 @@ def decode_weights(data: bytes, manifest: Manifest) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
-def bundle_from_files(files: dict[str, bytes]) -> Bundle:
-    """Verify raw file contents (from disk or from MQTT) against the manifest's sha256."""
+def _mismatch(name: str, got: str, want: str) -> BundleError:
+    return BundleError(
+        f"{name} sha256 {got[:12]}… does not match the manifest's {want[:12]}…; help: the "
+        "bundle was corrupted or tampered with, re-export it or let the device fetch it "
+        "from the server")
+
+
+def _parse_manifest(files: dict[str, bytes]) -> Manifest:
     if MANIFEST not in files:
         raise BundleError(f"bundle has no {MANIFEST}")
     try:
-        manifest = Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
+        return Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
+
+
+def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bundle:
+    """Verify raw file contents (from disk or from MQTT) against the manifest's sha256.
+
+    GRAPH_DATA is checked here when it is in `files`; `load_bundle` hashes it on disk
+    instead (`root`), so its bytes never enter the process."""
+    manifest = _parse_manifest(files)
     segment_files = [f for s in manifest.segments for f in (s.file, s.nchwc_file) if f]
-    for name in (GRAPH, WEIGHTS, *segment_files):
+    data = [GRAPH_DATA] if GRAPH_DATA in manifest.files and root is None else []
+    for name in (GRAPH, WEIGHTS, *segment_files, *data):
         if name not in manifest.files:
             raise BundleError(f"manifest lists no sha256 for {name}")
         if name not in files:
             raise BundleError(f"bundle is missing {name}")
         got = sha256_bytes(files[name])
         if got != manifest.files[name]:
-            raise BundleError(
-                f"{name} sha256 {got[:12]}… does not match the manifest's "
-                f"{manifest.files[name][:12]}…; help: the bundle was corrupted or tampered "
-                "with, re-export it or let the device fetch it from the server")
+            raise _mismatch(name, got, manifest.files[name])
     return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),
                   tuple(files[s.file] for s in manifest.segments),
                   tuple(files[s.nchwc_file] if s.nchwc_file else None
-                        for s in manifest.segments))
+                        for s in manifest.segments), root=root)
 
 
-def read_bundle_files(path: str | Path) -> dict[str, bytes]:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file read in 1 MiB pieces (a bundle's data file can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def read_bundle_files(path: str | Path, *, data: bool = True) -> dict[str, bytes]:
+    """The bundle's files as bytes (to verify, or to ship over MQTT); GRAPH_DATA only
+    with `data`."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist; help: run `heron export`")
@@ -357,8 +410,64 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
                   and n not in names]
     except (OSError, ValueError, AttributeError):
         pass
+    if not data and GRAPH_DATA in names:
+        names.remove(GRAPH_DATA)
     return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    return bundle_from_files(read_bundle_files(path))
+    """Read and verify a bundle directory; its external graph data stays on disk."""
+    root = Path(path).resolve()
+    bundle = bundle_from_files(read_bundle_files(root, data=False), root=root)
+    want = bundle.manifest.files.get(GRAPH_DATA)
+    if want is not None:
+        if not (root / GRAPH_DATA).is_file():
+            raise BundleError(f"bundle is missing {GRAPH_DATA}")
+        got = sha256_file(root / GRAPH_DATA)
+        if got != want:
+            raise _mismatch(GRAPH_DATA, got, want)
+    return bundle
+
+
+def default_bundle_cache() -> Path:
+    """Where a device stores bundles it receives: $HERON_BUNDLE_CACHE, else
+    $XDG_CACHE_HOME/heron/bundles, else ~/.cache/heron/bundles (disk, not /tmp, which is
+    RAM on many boards and would undo the memory mapping)."""
+    if os.environ.get("HERON_BUNDLE_CACHE"):
+        return Path(os.environ["HERON_BUNDLE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "heron" / "bundles"
+
+
+def store_bundle_files(files: dict[str, bytes], cache: str | Path) -> Path:
+    """Write received bundle files into `cache`/<manifest sha256 prefix>/ and return it.
+
+    The directory appears whole (written beside it, then renamed), so devices sharing a
+    cache on one machine also share one page-cache copy of the mapped data; an existing
+    one is reused once it verifies, and replaced if it does not."""
+    manifest = _parse_manifest(files)
+    names = [MANIFEST, *manifest.files]
+    for name in names:
+        if not _FILE_NAME.match(name) or name not in files:
+            raise BundleError(f"bundle file {name!r} is missing or has a bad name")
+    cache = Path(cache)
+    target = cache / sha256_bytes(files[MANIFEST])[:16]
+    if target.is_dir():
+        try:
+            load_bundle(target)
+            return target
+        except BundleError:
+            shutil.rmtree(target, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
+    try:
+        for name in names:
+            (staging / name).write_bytes(files[name])
+        try:
+            staging.rename(target)
+        except OSError:  # another device of this machine stored it first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

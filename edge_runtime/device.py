@@ -19,7 +19,15 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime import topics
-from edge_runtime.bundle import Bundle, BundleError, bundle_from_files, load_bundle
+from edge_runtime.bundle import (
+    GRAPH_DATA,
+    Bundle,
+    BundleError,
+    bundle_from_files,
+    default_bundle_cache,
+    load_bundle,
+    store_bundle_files,
+)
 from edge_runtime.data import load_shard
 from edge_runtime.messages import (
     BundleFiles,
@@ -59,6 +67,9 @@ class DeviceOptions:
     credentials: Credentials | None = None
     wait_server_s: float = 600.0  # give up if no server shows up for this long
     profile: Profile | None = None  # board profile: memory budget (and default threads)
+    # where bundles from the server are stored when their graph data must be on disk to be
+    # memory-mapped (None: bundle.default_bundle_cache())
+    bundle_cache: Path | None = None
 
 
 class RoundAborted(Exception):
@@ -258,7 +269,14 @@ class Device:
 
     def _on_bundle(self, msg: BundleFiles) -> None:
         try:
-            bundle = bundle_from_files(msg.files())
+            files = msg.files()
+            if GRAPH_DATA in files:  # its frozen tensors are mapped from disk, not copied
+                root = store_bundle_files(files, self.opts.bundle_cache or default_bundle_cache())
+                del files
+                bundle = load_bundle(root)
+                log.info("%s: bundle stored in %s", self.opts.device_id, root)
+            else:
+                bundle = bundle_from_files(files)
             self._load_model(bundle)
         except (BundleError, ValueError) as exc:
             self._report(f"bundle rejected: {exc}")

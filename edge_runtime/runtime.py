@@ -89,6 +89,19 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
+def open_session(bundle: Bundle, opts: ort.SessionOptions | None = None
+                 ) -> ort.InferenceSession:
+    """An ONNX Runtime session over the bundle's training graph. External graph data
+    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory."""
+    opts = opts or ort.SessionOptions()
+    data = bundle.external_data
+    if data is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(data.parent))
+    return ort.InferenceSession(bundle.graph, sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
 class LocalModel:
     """An ONNX Runtime session over the bundle's training graph with weights as inputs;
     the segment chain for block-wise ZO is built the first time a round asks for it."""
@@ -98,8 +111,9 @@ class LocalModel:
         opts = session_options(threads)
         self._chain: blockzo.SegmentChain | None = None
         try:
-            self.session = ort.InferenceSession(bundle.graph, sess_options=opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = open_session(bundle, opts)
+        except BundleError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"ONNX Runtime cannot load the bundle's graph: {exc}") from exc
         names = {i.name for i in self.session.get_inputs()}

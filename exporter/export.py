@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from edge_runtime.bundle import (
+    GRAPH_DATA,
     INPUT_NAME,
     LABEL_NAME,
     LOGITS_OUTPUT,
@@ -32,6 +33,11 @@ from exporter.segments import export_segments
 from exporter.zoo import SplitModel, build_split
 
 ROLE_PREFIXES = {"client": "client.", "aux": "aux."}
+# Frozen initializers go to external data (GRAPH_DATA, memory-mapped by the device) when
+# together they are at least this large: minilm's 47 MB embedding table, not a CNN's few KB.
+EXTERNAL_DATA_MIN_BYTES = 1 << 20
+_EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph
+_EXTERNAL_ALIGN = 4096  # page-aligned offsets: each tensor maps on its own pages
 _EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
 
 
@@ -147,6 +153,29 @@ def _weights_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
     proto.graph.input.extend([*data_inputs, *weight_inputs])
 
 
+def externalize_initializers(proto: onnx.ModelProto) -> bytes | None:
+    """Move the graph's large initializers into GRAPH_DATA bytes (ONNX external data,
+    page-aligned) and point the graph at them; None, graph untouched, if they are small."""
+    big = [t for t in proto.graph.initializer
+           if t.data_location != TensorProto.EXTERNAL
+           and len(t.raw_data) >= _EXTERNAL_TENSOR_MIN_BYTES]
+    if sum(len(t.raw_data) for t in big) < EXTERNAL_DATA_MIN_BYTES:
+        return None
+    data = bytearray()
+    for tensor in big:
+        data += bytes(-len(data) % _EXTERNAL_ALIGN)
+        offset, raw = len(data), tensor.raw_data
+        data += raw
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", GRAPH_DATA), ("offset", str(offset)),
+                           ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return bytes(data)
+
+
 def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) -> Manifest:
     """Write the device bundle for `split` into `out_dir`."""
     graph = train_graph(split)
@@ -155,9 +184,11 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
     proto = _torch_to_onnx(graph, split, opset)
     _weights_to_inputs(proto, names)
     onnx.checker.check_model(proto, full_check=True)
+    graph_data = externalize_initializers(proto)
     return write_bundle(
         out_dir,
         onnx_bytes=proto.SerializeToString(),
+        graph_data=graph_data,
         params=[(n, p.detach().cpu().numpy().astype(np.float32), r) for n, p, r in params],
         model=split.model, cut=split.cut, input_shape=split.input_shape,
         num_classes=split.num_classes, smashed_shape=split.smashed_shape, opset=opset,

@@ -266,7 +266,8 @@ def cmd_device(args: argparse.Namespace) -> int:
     return run_device(DeviceOptions(
         broker=args.broker, device_id=args.id, data=Path(args.data), prefix=args.prefix,
         bundle=Path(args.bundle) if args.bundle else None, threads=threads,
-        credentials=_credentials(args), profile=profile), device_cls)
+        credentials=_credentials(args), profile=profile,
+        bundle_cache=Path(args.bundle_cache) if args.bundle_cache else None), device_cls)
 
 
 def _device_dry_run(args: argparse.Namespace, profile: Any, threads: int | None) -> int:
@@ -545,12 +546,32 @@ def _shape_arg(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _text_profile_defaults(args: argparse.Namespace) -> None:
+    """Profile shapes for a text model: (2, L) token ids + mask, batch 16, 2 classes."""
+    from exporter.zoo import TEXT_MODELS
+
+    text = args.model in TEXT_MODELS
+    if args.batch is None:
+        args.batch = 16 if text else 64
+    if args.num_classes is None:
+        args.num_classes = 2 if text else 10
+    if text:
+        if args.input_shape is not None:
+            raise SystemExit(f"heron: {args.model} takes token sequences, not --input-shape; "
+                             "help: set their length with --max-length")
+        args.input_shape = (2, args.max_length)
+    elif args.input_shape is None:
+        args.input_shape = (3, 32, 32)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     _need_server_extra()  # the parent exports the bundle and counts FLOPs with torch and onnx
     from baselines.profile import ProfileError, profile
 
+    args.model = args.model or "resnet18"
+    _text_profile_defaults(args)
     try:
-        result = profile(args.algorithm, model=args.model or "resnet18", cut=args.cut,
+        result = profile(args.algorithm, model=args.model, cut=args.cut,
                          batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
                          input_shape=args.input_shape, num_classes=args.num_classes,
@@ -604,6 +625,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "accuracy":
         return cmd_bench_accuracy(args)
     args.model = args.model or "resnet18"
+    _text_profile_defaults(args)
     print(f"heron bench: {args.workload} workload, {args.model} batch {args.batch}, "
           f"{args.steps} steps per algorithm; files in {Path(args.out).resolve()}", flush=True)
     try:
@@ -622,18 +644,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--model", default=None,
-                   help="cnn or resnet18 (profile, cost bench: resnet18; accuracy bench: cnn)")
+                   help="cnn, resnet18 or minilm (profile, cost bench: resnet18; accuracy "
+                   "bench: cnn)")
     p.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
-    p.add_argument("--batch", type=int, default=64, help="device batch size (64)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="device batch size (64; minilm: 16)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op / torch threads, the same for every algorithm "
                    "(default: all cores)")
     p.add_argument("--steps", type=int, default=steps, help=f"timed steps ({steps})")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default: as many as --steps)")
-    p.add_argument("--input-shape", type=_shape_arg, default=(3, 32, 32),
-                   help="C,H,W of the random input (3,32,32: CIFAR-shaped)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes (10)")
+    p.add_argument("--input-shape", type=_shape_arg, default=None,
+                   help="C,H,W of the random input (3,32,32: CIFAR-shaped; images only)")
+    p.add_argument("--max-length", type=int, default=32,
+                   help="minilm: tokens per sequence of the random batch (32)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (10; minilm: 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -679,6 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--id", help="device id, e.g. dev-0 (required, here or in --config)")
     dev.add_argument("--data", help="this device's shard (.npz with x, y) (required)")
     dev.add_argument("--bundle", help="a local bundle directory instead of the server's")
+    dev.add_argument("--bundle-cache", default=None,
+                     help="where to store a server's bundle whose frozen tensors ONNX Runtime "
+                     "memory-maps from disk (minilm) (default: $HERON_BUNDLE_CACHE, else "
+                     "~/.cache/heron/bundles)")
     dev.add_argument("--threads", type=int, default=None,
                      help="ONNX Runtime threads (default: the profile's, else all cores)")
     dev.add_argument("--profile", help="board profile: rpi4, rpi-zero-2w, jetson-nano, "

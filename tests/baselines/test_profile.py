@@ -184,3 +184,31 @@ def test_perturb_is_a_heron_option_only() -> None:
         StepSpec(algorithm="heron", perturb="layer", **common)
     assert StepSpec.from_json(StepSpec(algorithm="heron", perturb="block",
                                        **common).to_json()).perturb == "block"
+
+
+def test_minilm_profile_feeds_token_batches_and_counts_flops_like_torch(tmp_path: Path) -> None:
+    """Text models profile on int64 (token ids, mask) batches; the ONNX FLOP count (which
+    needs ONNX Runtime's symbolic shapes for the aux Slice) equals torch's on the same
+    forward, and the device step makes two such forwards."""
+    from baselines.profile import profile
+
+    shape = (2, 8)
+    export_split("minilm", shape, 2, tmp_path / "b")
+    split = build_split("minilm", shape, 2)
+    x = torch.ones(4, *shape, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        train_graph(split)(x, torch.zeros(4, dtype=torch.long))
+    one_forward = onnx_graph_flops(tmp_path / "b" / "train.onnx", 4)
+    assert one_forward == counter.get_total_flops()
+    r = profile("heron", model="minilm", batch=4, threads=1, steps=2, warmup=1,
+                input_shape=shape, num_classes=2, bundle_dir=tmp_path / "b")
+    assert r["input_shape"] == [2, 8] and r["torch_imported"] is False
+    assert r["flops_per_step"] == 2 * one_forward and r["trained_params"] == 49_922
+    assert r["peak_rss_mb"] > r["rss_after_import_mb"] > 0
+
+
+def test_profile_command_takes_a_text_model_with_its_own_defaults() -> None:
+    proc = subprocess.run(heron("profile", "--model", "minilm", "--input-shape", "3,8,8"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "--max-length" in proc.stderr

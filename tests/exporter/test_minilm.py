@@ -14,8 +14,16 @@ import torch
 from safetensors import safe_open
 
 from devices.text import minilm_dir, tokenize
-from edge_runtime.bundle import Bundle, load_bundle
-from edge_runtime.runtime import LocalModel
+from edge_runtime.bundle import (
+    GRAPH_DATA,
+    Bundle,
+    BundleError,
+    bundle_from_files,
+    load_bundle,
+    read_bundle_files,
+    store_bundle_files,
+)
+from edge_runtime.runtime import LocalModel, open_session
 from exporter.export import export_bundle, flat_from_split, load_flat_into, train_graph
 from exporter.minilm import HIDDEN, MiniLMError, sentence_embedding
 from exporter.zoo import MODELS, SplitModel, build_split, full_forward
@@ -40,7 +48,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     out = tmp_path_factory.mktemp("minilm")
     export_bundle(split, out)
     bundle = load_bundle(out)
-    session = ort.InferenceSession(bundle.graph, providers=["CPUExecutionProvider"])
+    session = open_session(bundle)
     return Exported(split, bundle, session)
 
 
@@ -133,6 +141,60 @@ def test_frozen_weights_are_initializers(exported: Exported) -> None:
     assert "client.embeddings.word.weight" in frozen and "aux.layers.0.key.weight" in frozen
     assert frozen <= inits
     assert not inits & {p.name for p in exported.bundle.manifest.params}
+
+
+def test_frozen_tensors_live_in_page_aligned_external_data(exported: Exported) -> None:
+    """The 47 MB embedding table and the other frozen weights are ONNX external data that
+    ONNX Runtime maps from the bundle directory; the graph file itself stays small."""
+    import onnx
+    from onnx import TensorProto
+
+    root = exported.bundle.root
+    assert root is not None and exported.bundle.external_data == root / GRAPH_DATA
+    assert len(exported.bundle.graph) < 1 << 20
+    assert (root / GRAPH_DATA).stat().st_size > 40 << 20
+    proto = onnx.load_from_string(exported.bundle.graph)
+    word = next(t for t in proto.graph.initializer if t.name == "client.embeddings.word.weight")
+    assert word.data_location == TensorProto.EXTERNAL
+    info = {e.key: e.value for e in word.external_data}
+    assert info["location"] == GRAPH_DATA and int(info["offset"]) % 4096 == 0
+    # the mapped table is the exported one: a token's embedding row, read back from the file
+    raw = np.memmap(root / GRAPH_DATA, dtype="<f4", mode="r", offset=int(info["offset"]),
+                    shape=tuple(word.dims))
+    table = exported.split.client.embeddings.word.weight.detach().numpy()
+    assert np.array_equal(raw[[101, 2023, 102]], table[[101, 2023, 102]])
+
+
+def test_external_data_is_verified_and_stored_for_devices(exported: Exported,
+                                                          tmp_path: Path) -> None:
+    root = exported.bundle.root
+    assert root is not None
+    files = read_bundle_files(root)  # what the server ships over MQTT
+    in_memory = bundle_from_files(files)
+    with pytest.raises(BundleError, match="store_bundle_files"):
+        open_session(in_memory)
+    # a device stores what it received, then maps it from there: same function
+    stored = store_bundle_files(files, tmp_path / "cache")
+    assert store_bundle_files(files, tmp_path / "cache") == stored  # reused, not rewritten
+    x, y = _tokens(3, seed=5)
+    theta = exported.bundle.weights
+    got = LocalModel(load_bundle(stored), threads=1).loss(theta, x, y)
+    assert got == pytest.approx(LocalModel(exported.bundle, threads=1).loss(theta, x, y),
+                                abs=1e-6)
+    # one flipped byte in the mapped data is caught at load, with a hint
+    data = bytearray((stored / GRAPH_DATA).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (stored / GRAPH_DATA).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"train\.onnx\.data sha256 .*re-export"):
+        load_bundle(stored)
+    assert store_bundle_files(files, tmp_path / "cache") == stored  # replaced, now whole
+    load_bundle(stored)
+    (stored / GRAPH_DATA).unlink()
+    with pytest.raises(BundleError, match="missing train.onnx.data"):
+        load_bundle(stored)
+    files.pop(GRAPH_DATA)
+    with pytest.raises(BundleError, match="missing train.onnx.data"):
+        bundle_from_files(files)
 
 
 def test_local_model_runs_int64_shards(exported: Exported) -> None:
