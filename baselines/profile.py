@@ -103,6 +103,10 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
     """Run in the child: build the step, warm up, then alternate timed steps and forwards."""
     if spec.algorithm in ORT_ALGORITHMS:
         import onnxruntime  # noqa: F401  (its import cost belongs to the baseline RSS)
+
+        from edge_runtime.runtime import use_process_pool
+
+        use_process_pool(spec.threads)  # as `heron device` does
     else:
         import torch  # noqa: F401
     rss_import = _proc_status_mb("VmRSS")
@@ -201,7 +205,10 @@ def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
 def block_flops(bundle: Any, batch: int, draws: list[int]) -> int:
     """FLOPs of a block-wise step (q = 1): the unperturbed pass through all segments plus
     the re-run from segment j on, averaged with `draws[j]`, how often j was drawn."""
-    per_segment = [onnx_graph_flops(graph, batch) for graph in bundle.segments]
+    data = bundle.external_data  # then onnx reads the segments from disk, beside their data
+    per_segment = [onnx_graph_flops(graph if data is None else data.parent / spec.file, batch)
+                   for graph, spec in zip(bundle.segments, bundle.manifest.segments,
+                                          strict=True)]
     rerun = sum(n * sum(per_segment[j:]) for j, n in enumerate(draws)) / max(sum(draws), 1)
     return int(round(sum(per_segment) + rerun))
 

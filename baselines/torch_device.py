@@ -164,6 +164,10 @@ class TorchDevice(Device):
     algorithms = TORCH_DEVICE_ALGORITHMS
     checks_memory = False  # the board memory check measures ONNX Runtime steps
 
+    @staticmethod
+    def prepare_process(opts: DeviceOptions) -> None:
+        """Nothing process-wide: torch has its own threads (set in __init__)."""
+
     def __init__(self, opts: DeviceOptions) -> None:
         if opts.threads:
             torch.set_num_threads(opts.threads)

@@ -10,9 +10,10 @@ The block-wise estimator itself (its block rule, weights and replay) is in `edge
 Torch-free like the rest of the device: ONNX Runtime, one session per segment. The
 sessions share one arena (registered once per process), so the chain's working memory is
 that of the largest segment plus the cached activations, not the sum over segments; and
-their intra-op threads do not spin after a run, since with one thread pool per session the
-pool of the segment that just finished would otherwise compete for the cores with the pool
-of the next one.
+they run on the process-wide thread pool (`runtime.session_options`), so one segment's
+threads are the next one's. A chain built for another thread count gets a pool per
+session, and then those threads do not spin after a run: the pool of the segment that
+just finished would otherwise compete for the cores with the pool of the next one.
 
 Where a segment also comes as an NCHWc variant (`exporter.segments`), the chain uses it if
 this ONNX Runtime runs it and it reproduces the plain segment on a test batch: the check
@@ -48,13 +49,15 @@ _found_block: list[int] = []  # the one that worked on this CPU, once known
 
 
 def _segment_options(opts: ort.SessionOptions) -> ort.SessionOptions:
-    """The device's session options, plus a shared arena and no spinning (module doc)."""
+    """The device's session options, plus a shared arena (and no spinning if the
+    sessions do not share the process pool; module doc)."""
     if not _SHARED_ARENA:
         ort.create_and_register_allocator(ort.OrtMemoryInfo(
             "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT), None)
         _SHARED_ARENA.append(True)
     opts.add_session_config_entry("session.use_env_allocators", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if opts.use_per_session_threads:  # a pool per segment: idle ones must not spin
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -99,7 +102,15 @@ class SegmentChain:
         self.feeds: list[list[tuple[str, int, tuple[int, ...], str | None]]] = []
         self.block_size: int | None = None  # NCHWc channel block, if any segment uses it
         rng = np.random.default_rng(0)
-        h = rng.standard_normal((2, *m.input_shape)).astype(np.float32)  # the check batch
+        if m.input_dtype == "int64":  # the check batch: token id 0 everywhere, all attended
+            h = np.zeros((2, *m.input_shape), dtype=np.int64)
+            h[:, 1] = 1
+        else:
+            h = rng.standard_normal((2, *m.input_shape)).astype(np.float32)
+        data = bundle.external_data  # frozen tensors the segments map from the bundle's data
+        if data is not None:
+            opts.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(data.parent))
         y = np.zeros(2, dtype=np.int64)
         for i, (spec, graph) in enumerate(zip(m.segments, bundle.segments, strict=True)):
             last = i == len(m.segments) - 1

@@ -49,6 +49,7 @@ from edge_runtime.runtime import (
     TrainConfig,
     peak_rss_mb,
     train_round,
+    use_process_pool,
 )
 from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
 from edge_runtime.zo import BlockSampler
@@ -121,6 +122,12 @@ class Device:
             credentials=opts.credentials)
 
     # -- model hooks (overridden by the torch device) ------------------------------------
+    @staticmethod
+    def prepare_process(opts: DeviceOptions) -> None:
+        """Process-wide setup before the device starts: one ONNX Runtime thread pool for
+        all its sessions (`runtime.use_process_pool`)."""
+        use_process_pool(opts.threads)
+
     def _make_model(self, bundle: Bundle) -> tuple[object, int | None]:
         """The local model for a verified bundle, checked against the shard; and threads."""
         model = LocalModel(bundle, self.opts.threads)
@@ -389,6 +396,7 @@ class Device:
 def run_device(opts: DeviceOptions, device_cls: type[Device] = Device) -> int:
     """Entry point used by `heron device` (`device_cls`: TorchDevice for `--torch`)."""
     try:
+        device_cls.prepare_process(opts)
         device = device_cls(opts)
         return device.run()
     except (BundleError, ValueError, OSError) as exc:  # BrokerError is an OSError

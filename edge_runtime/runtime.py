@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import psutil
 
 from edge_runtime import blockzo, zo
@@ -76,11 +77,44 @@ class TrainConfig:
         return TrainConfig(**fields)
 
 
+_POOL: list[int] = []  # the process-wide intra-op pool's size, once use_process_pool ran
+
+
+def thread_count(threads: int | None) -> int:
+    """The intra-op threads a session gets: the process pool's size if there is one."""
+    return _POOL[0] if _POOL else int(threads or os.cpu_count() or 1)
+
+
+def use_process_pool(threads: int | None) -> int:
+    """Make every later ONNX Runtime session of this process share one intra-op pool of
+    `threads` threads (default: all cores); returns its size.
+
+    For a process that runs only the device's sessions (`heron device`, the profiler's
+    child): the training graph and the block-wise segment chain then take turns on the
+    same threads instead of each session having its own pool, whose idle spinning fights
+    the next session's for the cores (minilm chain pass, 2 cores: 35 -> 25 ms). ONNX
+    Runtime then requires every session of the process to use that pool, so a library
+    user who makes sessions of their own should not call this. Once per process."""
+    n = int(threads or os.cpu_count() or 1)
+    if _POOL:
+        if _POOL[0] != n:
+            raise RuntimeError(f"this process already has an ONNX Runtime pool of {_POOL[0]} "
+                               f"threads; it cannot change to {n}")
+        return n
+    ort_state.set_global_thread_pool_sizes(n, 1)
+    _POOL.append(n)
+    return n
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """The device's ONNX Runtime settings, for the training graph and the segments alike."""
+    """The device's ONNX Runtime settings, for the training graph and the segments alike:
+    on the process pool if `use_process_pool` ran, else a pool of `threads` per session."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
+    if _POOL:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = thread_count(threads)
+        opts.inter_op_num_threads = 1
     # No memory pattern: with it ORT keeps one block sized for every intermediate of the
     # planned run; without, tensors come from the arena and are reused as they die. On
     # resnet18/layer1 at batch 64 that is ~50 MB less peak RSS (-25%) for ~2% step time.
@@ -109,6 +143,7 @@ class LocalModel:
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
         opts = session_options(threads)
+        self.threads = thread_count(threads)
         self._chain: blockzo.SegmentChain | None = None
         try:
             self.session = open_session(bundle, opts)
@@ -121,7 +156,6 @@ class LocalModel:
         if names != expected:
             raise BundleError(f"graph inputs {sorted(names)} do not match the manifest "
                               f"{sorted(expected)}")
-        self.threads = opts.intra_op_num_threads
 
     def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Refuse a shard that does not fit the bundle, before any training."""

@@ -7,6 +7,7 @@ ONNX Runtime session per zeroth-order step; frozen tensors stay baked in as init
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ ROLE_PREFIXES = {"client": "client.", "aux": "aux."}
 EXTERNAL_DATA_MIN_BYTES = 1 << 20
 _EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph
 _EXTERNAL_ALIGN = 4096  # page-aligned offsets: each tensor maps on its own pages
+_DataIndex = dict[bytes, tuple[int, int]]  # sha256 of a tensor's bytes -> (offset, length)
 _EXPORT_BATCH = 2  # >1 so the tracer cannot specialise any op on a singleton batch
 
 
@@ -153,27 +155,47 @@ def _weights_to_inputs(proto: onnx.ModelProto, names: list[str]) -> None:
     proto.graph.input.extend([*data_inputs, *weight_inputs])
 
 
-def externalize_initializers(proto: onnx.ModelProto) -> bytes | None:
+def externalize_initializers(proto: onnx.ModelProto) -> tuple[bytes | None, _DataIndex]:
     """Move the graph's large initializers into GRAPH_DATA bytes (ONNX external data,
-    page-aligned) and point the graph at them; None, graph untouched, if they are small."""
+    page-aligned) and point the graph at them; (None, {}) and the graph untouched if they
+    are small. The index finds a tensor's (offset, length) by its bytes' sha256."""
     big = [t for t in proto.graph.initializer
            if t.data_location != TensorProto.EXTERNAL
            and len(t.raw_data) >= _EXTERNAL_TENSOR_MIN_BYTES]
     if sum(len(t.raw_data) for t in big) < EXTERNAL_DATA_MIN_BYTES:
-        return None
+        return None, {}
     data = bytearray()
+    index: _DataIndex = {}
     for tensor in big:
-        data += bytes(-len(data) % _EXTERNAL_ALIGN)
-        offset, raw = len(data), tensor.raw_data
-        data += raw
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", GRAPH_DATA), ("offset", str(offset)),
-                           ("length", str(len(raw)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-    return bytes(data)
+        key = hashlib.sha256(tensor.raw_data).digest()
+        if key not in index:
+            data += bytes(-len(data) % _EXTERNAL_ALIGN)
+            index[key] = (len(data), len(tensor.raw_data))
+            data += tensor.raw_data
+        _point_at(tensor, *index[key])
+    return bytes(data), index
+
+
+def _point_at(tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", GRAPH_DATA), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def share_graph_data(graph: bytes, index: _DataIndex) -> bytes:
+    """A segment graph whose frozen tensors also lie in GRAPH_DATA, pointed at them there:
+    the segments and the training graph then map the same file pages, not two copies."""
+    proto = onnx.load_from_string(graph)
+    for tensor in proto.graph.initializer:
+        if len(tensor.raw_data) >= _EXTERNAL_TENSOR_MIN_BYTES:
+            where = index.get(hashlib.sha256(tensor.raw_data).digest())
+            if where is not None:
+                _point_at(tensor, *where)
+    return proto.SerializeToString()
 
 
 def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) -> Manifest:
@@ -184,7 +206,12 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
     proto = _torch_to_onnx(graph, split, opset)
     _weights_to_inputs(proto, names)
     onnx.checker.check_model(proto, full_check=True)
-    graph_data = externalize_initializers(proto)
+    graph_data, index = externalize_initializers(proto)
+    segments = export_segments(split, names, opset)  # for block-wise ZO
+    if segments and index:
+        segments = [seg._replace(graph=share_graph_data(seg.graph, index),
+                                 nchwc=None if seg.nchwc is None
+                                 else share_graph_data(seg.nchwc, index)) for seg in segments]
     return write_bundle(
         out_dir,
         onnx_bytes=proto.SerializeToString(),
@@ -195,7 +222,7 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
         extra={"aux": split.aux_kind, "torch": str(torch.__version__), "exported_by": "heron",
                **({"options": split.options} if split.options else {})},
         input_dtype=split.input_dtype,
-        segments=export_segments(split, names, opset),  # for block-wise ZO
+        segments=segments,
     )
 
 

@@ -173,6 +173,32 @@ class MiniLMClient(nn.Module):
         return torch.cat([h, mask.to(h.dtype).unsqueeze(-1)], dim=-1)
 
 
+class _LayerSegment(nn.Module):
+    """One client layer as a block-wise ZO segment, on the smashed layout (hidden + mask)
+    in and out; the first segment also embeds, from (B, 2, L) token ids and mask."""
+
+    def __init__(self, layer: EncoderLayer, embeddings: Embeddings | None = None) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embeddings is not None:
+            mask = x[:, 1].to(torch.float32)
+            h = self.embeddings(x[:, 0])
+        else:
+            h, mask = x[..., :HIDDEN], x[..., HIDDEN]
+        h = self.layer(h, _additive_mask(mask))
+        return torch.cat([h, mask.unsqueeze(-1)], dim=-1)
+
+
+def client_segments(client: MiniLMClient) -> list[tuple[str, nn.Module]]:
+    """The client as a chain of one-layer blocks (sharing its modules), for block-wise ZO:
+    a LoRA step on layer i re-runs layers i.. only. Chained, they compute `client`."""
+    return [(f"layers.{i}", _LayerSegment(layer, client.embeddings if i == 0 else None))
+            for i, layer in enumerate(client.layers)]
+
+
 class MiniLMHead(nn.Module):
     """Encoder layers on smashed data (B, L, 385), masked mean pooling and a classifier.
 

@@ -61,6 +61,10 @@ class _SegmentGraph(nn.Module):
 
 def segment_blocks(split: SplitModel) -> list[tuple[str, nn.Module]] | None:
     """The client's blocks in chain order; None when the client is not a chain of blocks."""
+    if split.model == "minilm":
+        from exporter.minilm import client_segments
+
+        return client_segments(split.client)  # type: ignore[arg-type]
     if not isinstance(split.client, nn.Sequential) or split.input_dtype != "float32":
         return None
     blocks: list[tuple[str, nn.Module]] = []
@@ -83,20 +87,29 @@ def export_segments(split: SplitModel, names: list[str], opset: int
     blocks = segment_blocks(split)
     if blocks is None:
         return None
-    chain = [(name, f"client.{name}.", block, False) for name, block in blocks]
-    chain.append(("aux", "aux.", split.aux, True))
+    from exporter.export import _dummy_input  # export imports this module
+
+    chain = [(name, block, False) for name, block in blocks]
+    chain.append(("aux", split.aux, True))
+    # a segment's parameters by identity: a block may wrap the client's modules (minilm)
+    bundle_names = {id(p): f"{role}.{n}" for role, module in (("client", split.client),
+                                                             ("aux", split.aux))
+                    for n, p in module.named_parameters()}
+    trainable = set(names)
     out: list[SegmentGraphs] = []
-    h = torch.zeros(_EXPORT_BATCH, *split.input_shape)
+    h = _dummy_input(split)
     y = torch.zeros(_EXPORT_BATCH, dtype=torch.long)
     index = 0
-    for name, prefix, block, with_loss in chain:
-        owned = [n for n in names if n.startswith(prefix)]
+    for name, block, with_loss in chain:
+        rename = {_BODY + n: bundle_names[id(p)] for n, p in block.named_parameters()
+                  if bundle_names.get(id(p)) in trainable}
+        owned = list(rename.values())
         if names[index:index + len(owned)] != owned:
             raise RuntimeError(f"segment {name!r} does not own a contiguous run of the "
                                "trainable parameters; help: register blocks in chain order")
         graph = _SegmentGraph(block, with_loss)
         proto = _export(graph, h, y if with_loss else None, opset)
-        _params_to_inputs(proto, {_BODY + n[len(prefix):]: n for n in owned})
+        _params_to_inputs(proto, rename)
         onnx.checker.check_model(proto, full_check=True)
         out.append(SegmentGraphs(name, proto.SerializeToString(), len(owned),
                                  _nchwc_variant(proto)))

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from devices.datasets import load_dataset
 from edge_runtime import zo
@@ -308,3 +309,25 @@ def test_unknown_algorithm_is_refused(
     with pytest.raises(ValueError, match="--torch"):
         train_round(model, bundle.weights.copy(), x, y, TrainConfig(algorithm="cse-fsl"),
                     round_idx=1, device_id="d")
+
+
+def test_process_pool_is_shared_by_every_later_session_and_fixed_once_made() -> None:
+    """`use_process_pool` is process-wide (ONNX Runtime's global thread pool), so this runs
+    in a fresh interpreter: sessions made after it use the pool's size whatever they ask."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, pytest
+        from edge_runtime.runtime import session_options, thread_count, use_process_pool
+        assert thread_count(3) == 3  # no pool yet: what is asked
+        assert use_process_pool(2) == 2 and use_process_pool(2) == 2
+        assert thread_count(5) == 2 and not session_options(5).use_per_session_threads
+        with pytest.raises(RuntimeError, match="cannot change to 1"):
+            use_process_pool(1)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -197,6 +197,36 @@ def test_external_data_is_verified_and_stored_for_devices(exported: Exported,
         bundle_from_files(files)
 
 
+def test_segment_chain_for_block_wise_zo_reproduces_the_training_graph(
+        exported: Exported) -> None:
+    """One segment per client layer (the first also embeds) plus the aux head: chained at
+    perturbed weights they give the graph's loss and smashed data; their frozen tensors
+    point into the same mapped data file, so the chain adds no copy of the weights."""
+    import onnx
+    from onnx import TensorProto
+
+    m = exported.bundle.manifest
+    assert [s.name for s in m.segments] == ["layers.0", "layers.1", "layers.2", "aux"]
+    assert [s.size for s in m.segments] == [12_288] * 3 + [12_288 + 385 * NUM_CLASSES]
+    root = exported.bundle.root
+    assert root is not None
+    for spec in m.segments:
+        assert (root / spec.file).stat().st_size < 64 << 10
+        proto = onnx.load_from_string((root / spec.file).read_bytes())
+        big = [t for t in proto.graph.initializer if math.prod(t.dims) * 4 >= 1024]
+        assert big and all(t.data_location == TensorProto.EXTERNAL for t in big)
+    model = LocalModel(exported.bundle, threads=1)
+    chain = model.chain()
+    x, y = _tokens(5, seed=11)
+    rng = np.random.default_rng(2)
+    theta = exported.bundle.weights + 0.02 * rng.standard_normal(m.num_params).astype(np.float32)
+    loss, smashed = model.run(theta, x, y, ("loss", "smashed"))
+    acts = chain.prefix(theta, x, len(chain) - 1)
+    np.testing.assert_allclose(acts[len(chain) - 1], smashed, rtol=1e-5, atol=1e-5)
+    for j in range(len(chain)):
+        assert chain.loss_from(j, acts[j], theta, y) == pytest.approx(float(loss), abs=1e-5)
+
+
 def test_local_model_runs_int64_shards(exported: Exported) -> None:
     model = LocalModel(exported.bundle, threads=1)
     x, y = _tokens(4, seed=3)
