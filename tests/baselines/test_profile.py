@@ -47,7 +47,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 def test_bench_profiles_every_algorithm_with_all_fields(
         bench: tuple[Path, dict[str, Any]]) -> None:
     _, report = bench
-    assert [r["algorithm"] for r in report["results"]] == list(ALGORITHMS)
+    assert [r["algorithm"] for r in report["results"]] == [*ALGORITHMS, "heron-block"]
     for r in report["results"]:
         for name, kind in FIELDS.items():
             assert isinstance(r[name], kind), (r["algorithm"], name, r.get(name))
@@ -62,7 +62,7 @@ def test_bench_profiles_every_algorithm_with_all_fields(
 
 def test_onnx_runtime_algorithms_never_import_torch(bench: tuple[Path, dict[str, Any]]) -> None:
     for r in bench[1]["results"]:
-        ort_side = r["algorithm"] in ORT_ALGORITHMS
+        ort_side = r["algorithm"] in (*ORT_ALGORITHMS, "heron-block")
         assert r["torch_imported"] is not ort_side, r["algorithm"]
         assert r["onnxruntime_imported"] is ort_side, r["algorithm"]
         assert ("onnxruntime" in r["versions"]) is ort_side
@@ -77,6 +77,10 @@ def test_heron_makes_two_forwards_per_step_and_counts_their_flops(
     assert by["fedavg"]["flops_per_step"] > by["cse-fsl"]["flops_per_step"]
     assert by["heron"]["trained_params"] == by["cse-fsl"]["trained_params"]
     assert by["sflv1"]["trained_params"] < by["cse-fsl"]["trained_params"]  # no aux head
+    # block-wise: the unperturbed pass plus a partial re-run (cnn: conv1 or the aux head)
+    block = by["heron-block"]
+    assert block["perturb"] == "block" and block["segment_chain"]["segments"] == ["conv1", "aux"]
+    assert by["frozen"]["flops_per_step"] < block["flops_per_step"] < by["heron"]["flops_per_step"]
 
 
 def test_bench_writes_json_markdown_and_plot(bench: tuple[Path, dict[str, Any]]) -> None:
@@ -85,9 +89,11 @@ def test_bench_writes_json_markdown_and_plot(bench: tuple[Path, dict[str, Any]])
     assert saved["results"] == report["results"]
     assert saved["ratios_vs_cse_fsl"]["cse-fsl"]["peak_rss"] == 1.0
     assert {t["target"] for t in saved["targets"]} == {"memory", "speed vs forwards",
-                                                       "speed vs cse-fsl"}
+                                                       "speed vs cse-fsl",
+                                                       "block speed vs cse-fsl"}
+    assert all(t["measured"] is not None for t in saved["targets"])
     table = (out / "cost.md").read_text()
-    for alg in ALGORITHMS:
+    for alg in (*ALGORITHMS, "heron-block"):
         assert f"| {alg} |" in table
     pytest.importorskip("matplotlib")
     assert (out / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -152,7 +158,7 @@ def test_bench_repeats_keep_each_algorithms_fastest_run(tmp_path: Path) -> None:
     assert report["config"]["repeats"] == 2 and report["ratios_vs_cse_fsl"] is None
     for r in report["results"]:
         assert len(r["repeats_step_ms_median"]) == 2
-        assert r["step_ms_median"] == min(r["repeats_step_ms_median"])
+        assert r["step_ms_mean"] == min(r["repeats_step_ms_mean"])
     with pytest.raises(ValueError, match="unknown algorithms"):
         run_cost(tmp_path, algorithms=("sfl",), **TINY)
 
