@@ -173,6 +173,11 @@ class SegmentChain:
                  self.names[i])
 
     @property
+    def blocked_input_nchwc(self) -> bool:
+        """Whether some segment runs an NCHWc conv on blocked (>= 16-channel) input."""
+        return any(layout == "OIHWBiBo" for feed in self.feeds for *_, layout in feed)
+
+    @property
     def nchwc(self) -> tuple[bool, ...]:
         """Which segments run their NCHWc variant."""
         return tuple(any(layout for *_, layout in feed) for feed in self.feeds)

@@ -145,6 +145,7 @@ class LocalModel:
         opts = session_options(threads)
         self.threads = thread_count(threads)
         self._chain: blockzo.SegmentChain | None = None
+        self._fast: bool | None = None  # fast_chain's answer, once known
         try:
             self.session = open_session(bundle, opts)
         except BundleError:
@@ -185,6 +186,20 @@ class LocalModel:
         if self._chain is None:
             self._chain = blockzo.SegmentChain(self.bundle, session_options(self.threads))
         return self._chain
+
+    def fast_chain(self) -> blockzo.SegmentChain | None:
+        """The segment chain if it computes the graph faster than the graph itself, else
+        None: when some segment runs ONNX Runtime's NCHWc convolutions on blocked input
+        (>= 16 channels), which the one-graph session cannot use with filters as inputs
+        (resnet18/layer1, batch 64: one pass 225 -> 180 ms). A conv on a few input channels
+        (cnn/conv1 on 1-channel images) gains nothing there, so such a model stays on its
+        graph. Full-perturbation steps then make their passes on the chain: the same
+        function, checked against the plain graph when the chain loads."""
+        if self._fast is None:
+            m = self.bundle.manifest
+            self._fast = (any(s.nchwc_file for s in m.segments)
+                          and self.chain().blocked_input_nchwc)
+        return self.chain() if self._fast else None
 
 
 def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
@@ -328,11 +343,17 @@ def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.
     if `upload`, the step's recorded loss)."""
     smashed = None
     loss0: float | None = None
+    chain = model.fast_chain()
     if cfg.scheme == "forward" or upload:
-        outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
-                         else (LOSS_OUTPUT,))
-        loss0 = float(outs[0])
-        smashed = outs[1] if upload else None
-    est = zo.estimate(lambda t: model.loss(t, xb, yb), theta, seed, cfg,
-                      loss0 if cfg.scheme == "forward" else None)
+        if chain is None:
+            outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT) if upload
+                             else (LOSS_OUTPUT,))
+            loss0, smashed = float(outs[0]), (outs[1] if upload else None)
+        else:
+            last = len(chain) - 1
+            h = chain.prefix(theta, xb, last, set())[last]  # the aux head's input: smashed
+            loss0, smashed = chain.loss_from(last, h, theta, yb), (h if upload else None)
+    f = ((lambda t: model.loss(t, xb, yb)) if chain is None
+         else (lambda t: chain.loss_from(0, xb, t, yb)))
+    est = zo.estimate(f, theta, seed, cfg, loss0 if cfg.scheme == "forward" else None)
     return est, smashed, (est.loss if loss0 is None else loss0)

@@ -61,6 +61,34 @@ def test_the_chain_uses_the_nchwc_variants_where_this_cpu_has_the_kernels(
         assert resnet.chain().block_size in (8, 16)
 
 
+@pytest.mark.parametrize("scheme", zo.SCHEMES)
+def test_full_perturbation_runs_on_the_nchwc_chain_with_the_graphs_results(
+        resnet: LocalModel, resnet_plain: LocalModel, cnn: LocalModel, scheme: str) -> None:
+    """Where the chain has NCHWc segments it makes the full-mode passes (faster); the
+    round it trains is the one-graph round: same losses, smashed data and weights."""
+    if not any(resnet.chain().nchwc):
+        pytest.skip("this CPU's ONNX Runtime has no NCHWc kernels: full mode uses the graph")
+    assert resnet.fast_chain() is resnet.chain() and resnet_plain.fast_chain() is None
+    assert cnn.fast_chain() is None  # conv1 on 1-channel input: nothing to gain, the graph
+    x, y = _batch(resnet.bundle, 12, seed=4)
+    cfg = TrainConfig(local_steps=4, batch_size=6, upload_every=2, seed=1,
+                      zo=zo.ZOConfig(scheme=scheme))
+    got: dict[str, list[np.ndarray]] = {"chain": [], "graph": []}
+    results = {}
+    for name, model in (("chain", resnet), ("graph", resnet_plain)):
+        results[name] = train_round(model, model.bundle.weights, x, y, cfg, round_idx=0,
+                                    device_id="dev-0",
+                                    on_smashed=lambda _s, a, _y, n=name: got[n].append(a))
+    a, b = results["chain"], results["graph"]
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.projected, b.projected, rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-3, atol=1e-5)
+    assert len(got["chain"]) == len(got["graph"]) == 2
+    np.testing.assert_allclose(got["chain"][0], got["graph"][0], rtol=1e-4, atol=1e-4)
+    # two steps later the weights differ by float rounding amplified by 1/mu: still close
+    np.testing.assert_allclose(got["chain"][1], got["graph"][1], rtol=1e-2, atol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def shard() -> tuple[np.ndarray, np.ndarray]:
     ds = load_dataset("digits")
