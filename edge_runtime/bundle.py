@@ -458,8 +458,13 @@ def store_bundle_files(files: dict[str, bytes], cache: str | Path) -> Path:
             return target
         except BundleError:
             shutil.rmtree(target, ignore_errors=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
+    except OSError as exc:
+        raise BundleError(f"cannot store the bundle in {cache}: {exc}; help: give the device "
+                          "a writable directory on disk with --bundle-cache DIR (or "
+                          "$HERON_BUNDLE_CACHE)") from exc
     try:
         for name in names:
             (staging / name).write_bytes(files[name])
@@ -468,6 +473,10 @@ def store_bundle_files(files: dict[str, bytes], cache: str | Path) -> Path:
         except OSError:  # another device of this machine stored it first
             if not target.is_dir():
                 raise
+    except OSError as exc:
+        raise BundleError(f"cannot store the bundle in {cache}: {exc}; help: free disk "
+                          f"space there (it needs {sum(map(len, files.values())) >> 20} MB) or "
+                          "choose another directory with --bundle-cache DIR") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

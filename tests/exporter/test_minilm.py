@@ -192,6 +192,10 @@ def test_external_data_is_verified_and_stored_for_devices(exported: Exported,
     (stored / GRAPH_DATA).unlink()
     with pytest.raises(BundleError, match="missing train.onnx.data"):
         load_bundle(stored)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(BundleError, match="cannot store the bundle.*--bundle-cache"):
+        store_bundle_files(files, not_a_dir / "cache")
     files.pop(GRAPH_DATA)
     with pytest.raises(BundleError, match="missing train.onnx.data"):
         bundle_from_files(files)
