@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -357,11 +358,11 @@ def _mismatch(name: str, got: str, want: str) -> BundleError:
         "from the server")
 
 
-def _parse_manifest(files: dict[str, bytes]) -> Manifest:
+def _parse_manifest(files: Mapping[str, bytes | memoryview]) -> Manifest:
     if MANIFEST not in files:
         raise BundleError(f"bundle has no {MANIFEST}")
     try:
-        return Manifest.from_json(json.loads(files[MANIFEST].decode("utf-8")))
+        return Manifest.from_json(json.loads(bytes(files[MANIFEST]).decode("utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
 
@@ -439,7 +440,7 @@ def default_bundle_cache() -> Path:
     return Path(base) / "heron" / "bundles"
 
 
-def store_bundle_files(files: dict[str, bytes], cache: str | Path) -> Path:
+def store_bundle_files(files: Mapping[str, bytes | memoryview], cache: str | Path) -> Path:
     """Write received bundle files into `cache`/<manifest sha256 prefix>/ and return it.
 
     The directory appears whole (written beside it, then renamed), so devices sharing a

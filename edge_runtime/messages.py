@@ -10,6 +10,7 @@ messages are cut into chunks (see :func:`chunk`) so that each MQTT payload stays
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import time
 import uuid
@@ -91,6 +92,16 @@ class BundleFiles(Message):
 
     def files(self) -> dict[str, bytes]:
         return {n: b.tobytes() for n, b in zip(self.names, self.blobs, strict=True)}
+
+    def release(self) -> None:
+        """Drop the file data (a received bundle can be 80 MB): once it is stored, the
+        buffer it views is freed even while the message object is still referenced."""
+        object.__setattr__(self, "blobs", ())
+        object.__setattr__(self, "names", ())
+
+    def views(self) -> dict[str, memoryview]:
+        """The files without copying them (to write them to disk, say)."""
+        return {n: memoryview(b).cast("B") for n, b in zip(self.names, self.blobs, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,7 @@ def encode(msg: Message) -> bytes:
     return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes | bytearray | memoryview) -> Message:
     """bytes → Message, validating every length; raises CodecError, never anything else."""
     try:
         return _decode(memoryview(data))
@@ -222,7 +233,11 @@ def _decode(view: memoryview) -> Message:
             raise CodecError(f"array {spec['name']!r} is truncated: needs {nbytes} bytes, "
                              f"{len(view) - pos} left")
         arr = np.frombuffer(view[pos:pos + nbytes], dtype=dt).reshape(shape)
-        arrays[str(spec["name"])] = arr.astype(dt.newbyteorder("="), copy=True)
+        # A reassembled message is a private, writable buffer: its arrays may stay views
+        # into it (no second copy of a large bundle). A bytes payload is read-only and
+        # shared with the MQTT client, so its arrays are copied.
+        arrays[str(spec["name"])] = arr.astype(dt.newbyteorder("="),
+                                               copy=view.readonly or not dt.isnative)
         pos += nbytes
     if pos != len(view):
         raise CodecError(f"{len(view) - pos} trailing bytes after the last array")
@@ -265,10 +280,40 @@ def chunk(payload: bytes, msg_id: str, max_payload: int = MAX_CHUNK_PAYLOAD) -> 
 
 @dataclass
 class _Partial:
+    """A message being rebuilt: each piece is copied into `data` at its offset as it
+    arrives, so a large message costs its own size once, not pieces plus their join."""
+
     count: int
     total: int
-    parts: dict[int, bytes]
+    per: int  # bytes in every piece but the last (chunk's split)
+    data: mmap.mmap | bytearray  # anonymous mmap: pages become memory only as pieces
+    # are written into them (a bare header cannot make the device allocate a message's size)
+    have: set[int]
     first_seen: float
+
+    @staticmethod
+    def first(count: int, total: int, index: int, size: int, now: float) -> _Partial:
+        if count == 1:
+            per = total
+        elif index < count - 1:
+            per = size
+        elif (total - size) % (count - 1) == 0:
+            per = (total - size) // (count - 1)
+        else:
+            raise CodecError(f"chunk {index} of {count} has {size} bytes, which no split of "
+                             f"{total} gives")
+        if count > 1 and (per <= 0 or per * (count - 1) >= total or per * count < total):
+            raise CodecError(f"chunk sizes do not add up: {count} chunks of {per} bytes "
+                             f"for {total}")
+        data = mmap.mmap(-1, total) if total else bytearray()
+        return _Partial(count, total, per, data, set(), now)
+
+    def put(self, index: int, piece: bytes) -> None:
+        want = self.per if index < self.count - 1 else self.total - self.per * (self.count - 1)
+        if len(piece) != want:
+            raise CodecError(f"chunk {index} has {len(piece)} bytes, expected {want}")
+        self.data[index * self.per:index * self.per + want] = piece
+        self.have.add(index)
 
 
 class Reassembler:
@@ -289,7 +334,8 @@ class Reassembler:
         self.duplicates = 0
         self.expired = 0
 
-    def add(self, topic: str, payload: bytes, now: float | None = None) -> bytes | None:
+    def add(self, topic: str, payload: bytes, now: float | None = None
+            ) -> memoryview | None:
         """Feed one MQTT payload; returns the whole message once its last chunk arrives."""
         now = time.monotonic() if now is None else now
         self._expire(now)
@@ -307,22 +353,22 @@ class Reassembler:
             self.duplicates += 1
             return None
         part = self._pending.get(key)
+        piece = payload[_CHUNK_HEAD.size:]
         if part is None:
             if self._pending_bytes() + total > self.max_pending_bytes:
                 raise CodecError("too many incomplete messages pending; dropping chunk")
-            part = self._pending[key] = _Partial(count, total, {}, now)
+            part = _Partial.first(count, total, index, len(piece), now)
+            self._pending[key] = part
         elif part.count != count or part.total != total:
             raise CodecError("chunk header disagrees with earlier chunks of the message")
-        if index in part.parts:
+        if index in part.have:
             self.duplicates += 1
             return None
-        part.parts[index] = payload[_CHUNK_HEAD.size:]
-        if len(part.parts) < part.count:
+        part.put(index, piece)
+        if len(part.have) < part.count:
             return None
         del self._pending[key]
-        data = b"".join(part.parts[i] for i in range(part.count))
-        if len(data) != part.total:
-            raise CodecError(f"reassembled {len(data)} bytes, header said {part.total}")
+        data = memoryview(part.data)  # compares equal to the bytes sent; arrays may view it
         self._done[key] = None
         while len(self._done) > self._remember:
             self._done.popitem(last=False)
