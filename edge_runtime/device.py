@@ -6,8 +6,6 @@ All MQTT traffic of a device goes through this one loop; training itself is
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import platform
 import statistics
@@ -73,18 +71,6 @@ class DeviceOptions:
     # where bundles from the server are stored when their graph data must be on disk to be
     # memory-mapped (None: bundle.default_bundle_cache())
     bundle_cache: Path | None = None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by Python back to the OS (glibc's malloc_trim): a bundle arrives
-    as ~80 one-megabyte MQTT payloads, and the heap they were read into otherwise stays
-    part of the process after they are freed (about 80 MB of RSS for MiniLM's bundle).
-    No-op where there is no glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class RoundAborted(Exception):
@@ -295,7 +281,6 @@ class Device:
                 root = store_bundle_files(msg.views(),
                                           self.opts.bundle_cache or default_bundle_cache())
                 msg.release()  # its buffer goes now, not when the loop lets go of it
-                release_freed_memory()
                 bundle = load_bundle(root)
                 log.info("%s: bundle stored in %s", self.opts.device_id, root)
             else:
