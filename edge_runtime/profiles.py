@@ -17,6 +17,12 @@ configured one, reading the process's peak RSS after each. It stops early, witho
 the next step, when a straight line through the last two measurements already passes the
 budget, so a board is refused before the kernel's OOM killer would have to act.
 
+The *budget* is the profile's, capped at what this process holds now plus what is still
+available to it: the host's available memory, or less in a cgroup with a memory limit (a
+Docker container, a systemd unit with ``MemoryMax=``), whose limit is what the kernel kills
+at. `cgroup_memory_limit` reads it (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, parents
+included) and falls back to the host's figure when there is none or the files cannot be read.
+
 TOML: Python 3.11+ has `tomllib`; on Python 3.10 (the oldest heron supports) a small parser
 for the flat ``key = value`` subset that profiles and device configs use takes its place, so
 boards need no extra package. Tables and arrays are refused there with a hint.
@@ -219,16 +225,115 @@ def load_device_config(path: str | Path) -> dict[str, Any]:
 
 
 # -- the memory check -----------------------------------------------------------------------
-def memory_budget(profile: Profile | None) -> tuple[float, str]:
+CGROUP_UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a huge number (2**63 - one page)
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The tightest memory limit of the cgroups this process is in (its own or a parent's)."""
+
+    limit: int  # bytes
+    usage: int  # bytes charged to that cgroup now, less the reclaimable inactive file cache
+    file: str  # memory.max (cgroup v2) or memory.limit_in_bytes (cgroup v1)
+
+    @property
+    def headroom(self) -> int:
+        return max(0, self.limit - self.usage)
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None for "max", a missing or unreadable file, or garbage."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if text == "max" or not re.fullmatch(r"[0-9]+", text):
+        return None
+    value = int(text)
+    return None if value >= CGROUP_UNLIMITED else value
+
+
+def _inactive_file(path: Path, key: str) -> int:
+    """Page cache the kernel drops before it OOM-kills (as `docker stats` and kubelet count)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError):
+        return 0
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _cgroup_levels(base: Path, rel: str) -> list[Path]:
+    """`base/rel` and each parent up to `base`: a parent's limit applies to its children. A
+    container usually sees its own cgroup mounted as `base`, so paths that do not exist there
+    are walked past."""
+    parts = [p for p in rel.strip().split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        return []
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def cgroup_memory_limit(proc_root: str | Path = "/proc",
+                        cgroup_root: str | Path = "/sys/fs/cgroup") -> CgroupMemory | None:
+    """The memory limit the kernel kills this process at, if a cgroup sets one (Docker,
+    systemd's MemoryMax=); None if none does or nothing can be read.
+
+    cgroup v2: ``0::/path`` in ``/proc/self/cgroup``, ``memory.max`` ("max": no limit) and
+    ``memory.current``; cgroup v1: the ``memory`` line, ``memory/…/memory.limit_in_bytes`` and
+    ``memory.usage_in_bytes``. Of every level with a limit, the one with the least room left
+    wins. Never raises: a board whose cgroup files look odd falls back to the host's figure."""
+    try:
+        lines = (Path(proc_root) / "self" / "cgroup").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    root = Path(cgroup_root)
+    layouts = []  # (directories, limit file, usage file, inactive-file key in memory.stat)
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        hierarchy, controllers, rel = fields
+        if hierarchy == "0" and controllers == "":
+            layouts.append((_cgroup_levels(root, rel), "memory.max", "memory.current",
+                            "inactive_file"))
+        elif "memory" in controllers.split(","):
+            layouts.append((_cgroup_levels(root / "memory", rel), "memory.limit_in_bytes",
+                            "memory.usage_in_bytes", "total_inactive_file"))
+    best: CgroupMemory | None = None
+    for levels, limit_file, usage_file, inactive_key in layouts:
+        for level in levels:
+            limit = _read_int(level / limit_file)
+            usage = _read_int(level / usage_file)
+            if limit is None or usage is None:
+                continue
+            usage = max(0, usage - _inactive_file(level / "memory.stat", inactive_key))
+            found = CgroupMemory(limit, usage, limit_file)
+            if best is None or found.headroom < best.headroom:
+                best = found
+    return best
+
+
+def memory_budget(profile: Profile | None, *, proc_root: str | Path = "/proc",
+                  cgroup_root: str | Path = "/sys/fs/cgroup") -> tuple[float, str]:
     """The budget in MB and where it comes from: the profile's, but never more than this
-    process holds now plus what the OS says is still available."""
-    available = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / 2**20
+    process holds now plus what is still available to it, the OS's figure or, in a cgroup
+    with a memory limit (a container, a systemd unit), the room left under that limit."""
+    rss = psutil.Process().memory_info().rss
+    available = (rss + psutil.virtual_memory().available) / 2**20
+    where, notes = "the memory available on this machine", []
+    cgroup = cgroup_memory_limit(proc_root, cgroup_root)
+    if cgroup is not None and (rss + cgroup.headroom) / 2**20 < available:
+        available = (rss + cgroup.headroom) / 2**20
+        where = "the cgroup memory limit of this process"
+        notes.append(f"{cgroup.file} {cgroup.limit / 2**20:.0f} MB")
     if profile is not None and profile.budget_mb <= available:
         return float(profile.budget_mb), f"the {profile.name} profile's budget"
-    if profile is not None:
-        return available, (f"the memory available on this machine (less than the "
-                           f"{profile.name} profile's {profile.budget_mb} MB)")
-    return available, "the memory available on this machine (no --profile given)"
+    notes.append(f"less than the {profile.name} profile's {profile.budget_mb} MB"
+                 if profile is not None else "no --profile given")
+    return available, f"{where} ({'; '.join(notes)})"
 
 
 def probe_batches(batch: int) -> list[int]:

@@ -4,6 +4,7 @@ the check's logic on a known memory curve, then real dry runs and real refusals 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from conftest import ROOT, heron
 
@@ -20,9 +22,11 @@ from edge_runtime.profiles import (
     DEVICE_CONFIG_KEYS,
     MemoryVerdict,
     ProfileError,
+    cgroup_memory_limit,
     check_memory,
     load_device_config,
     load_profile,
+    memory_budget,
     parse_flat_toml,
     probe_batches,
     profile_names,
@@ -172,6 +176,124 @@ def test_a_measured_step_over_the_budget_is_refused_even_if_predicted_to_fit() -
     v = check_memory(lambda b: table[b], 8, 300, "budget")
     assert not v.fits and not v.extrapolated and v.needed_mb == 400 and v.largest_fitting == 4
     assert isinstance(v, MemoryVerdict)
+
+
+# -- the budget: host memory and cgroup limits ------------------------------------------------
+MB = 2**20
+V1_UNLIMITED = "9223372036854771712"
+
+
+def _cgroup_tree(tmp_path: Path, cgroup: str,
+                 files: dict[str, str | bytes]) -> tuple[Path, Path]:
+    """A fake /proc (self/cgroup holds `cgroup`) and /sys/fs/cgroup (`files`: path -> text)."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(cgroup)
+    root.mkdir()
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = text if isinstance(text, bytes) else text.encode()
+        (root / rel).write_bytes(data)
+    return proc, root
+
+
+def test_cgroup_v2_without_a_limit(tmp_path: Path) -> None:
+    proc, root = _cgroup_tree(tmp_path, "0::/user.slice/heron.service\n", {
+        "user.slice/heron.service/memory.max": "max\n",
+        "user.slice/heron.service/memory.current": f"{50 * MB}\n",
+        "user.slice/memory.max": "max\n", "user.slice/memory.current": f"{900 * MB}\n"})
+    assert cgroup_memory_limit(proc, root) is None
+
+
+def test_cgroup_v2_limit_and_the_budget_it_gives(tmp_path: Path) -> None:
+    proc, root = _cgroup_tree(tmp_path, "0::/system.slice/heron-device.service\n", {
+        "system.slice/heron-device.service/memory.max": f"{512 * MB}\n",
+        "system.slice/heron-device.service/memory.current": f"{112 * MB}\n",
+        "system.slice/heron-device.service/memory.stat": f"anon 1\ninactive_file {12 * MB}\n"})
+    limit = cgroup_memory_limit(proc, root)
+    assert limit is not None and limit.file == "memory.max"
+    assert (limit.limit, limit.usage, limit.headroom) == (512 * MB, 100 * MB, 412 * MB)
+    budget, source = memory_budget(None, proc_root=proc, cgroup_root=root)
+    rss = psutil.Process().memory_info().rss / MB  # the budget is our RSS + the room left
+    assert budget == pytest.approx(rss + 412, abs=64)  # RSS moves a little between reads
+    assert source == ("the cgroup memory limit of this process (memory.max 512 MB; "
+                      "no --profile given)")
+    budget, source = memory_budget(load_profile("rpi4"), proc_root=proc, cgroup_root=root)
+    assert budget < 3072 and "less than the rpi4 profile's 3072 MB" in source
+    assert "memory.max 512 MB" in source
+
+
+def test_cgroup_v2_parent_limit_smaller_than_the_child_wins(tmp_path: Path) -> None:
+    proc, root = _cgroup_tree(tmp_path, "0::/pod/heron\n", {
+        "pod/heron/memory.max": f"{1024 * MB}\n", "pod/heron/memory.current": f"{100 * MB}\n",
+        "pod/memory.max": f"{300 * MB}\n", "pod/memory.current": f"{200 * MB}\n"})
+    limit = cgroup_memory_limit(proc, root)
+    assert limit is not None and (limit.limit, limit.headroom) == (300 * MB, 100 * MB)
+
+
+def test_cgroup_v2_in_a_namespace_sees_its_own_cgroup_as_the_root(tmp_path: Path) -> None:
+    """Docker with a cgroup namespace: /proc/self/cgroup says 0::/ and the container's own
+    memory.max is at the top of /sys/fs/cgroup."""
+    proc, root = _cgroup_tree(tmp_path, "0::/\n", {"memory.max": f"{256 * MB}\n",
+                                                    "memory.current": f"{56 * MB}\n"})
+    limit = cgroup_memory_limit(proc, root)
+    assert limit is not None and limit.headroom == 200 * MB
+
+
+def test_cgroup_v1_limit_with_an_unlimited_parent(tmp_path: Path) -> None:
+    cgroup = "12:pids:/docker/abc\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n0::/\n"
+    proc, root = _cgroup_tree(tmp_path, cgroup, {
+        "memory/docker/abc/memory.limit_in_bytes": f"{768 * MB}\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{300 * MB}\n",
+        "memory/docker/abc/memory.stat": f"inactive_file {9 * MB}\ntotal_inactive_file {40 * MB}\n",
+        "memory/docker/memory.limit_in_bytes": V1_UNLIMITED,
+        "memory/docker/memory.usage_in_bytes": f"{2000 * MB}\n",
+        "memory/memory.limit_in_bytes": V1_UNLIMITED, "memory/memory.usage_in_bytes": "1\n"})
+    limit = cgroup_memory_limit(proc, root)
+    assert limit is not None and limit.file == "memory.limit_in_bytes"
+    assert (limit.limit, limit.usage) == (768 * MB, 260 * MB)  # less the inactive file cache
+    _, source = memory_budget(None, proc_root=proc, cgroup_root=root)
+    assert "memory.limit_in_bytes 768 MB" in source
+
+
+def test_cgroup_v1_without_a_limit(tmp_path: Path) -> None:
+    proc, root = _cgroup_tree(tmp_path, "4:memory:/user.slice\n", {
+        "memory/user.slice/memory.limit_in_bytes": V1_UNLIMITED,
+        "memory/user.slice/memory.usage_in_bytes": f"{300 * MB}\n"})
+    assert cgroup_memory_limit(proc, root) is None
+
+
+@pytest.mark.parametrize("cgroup, files", [
+    (None, {}),  # no /proc/self/cgroup (not Linux, or /proc not mounted)
+    ("0::/a\n", {}),  # no cgroup files at all
+    ("0::/a\n", {"a/memory.max": f"{512 * MB}\n"}),  # a limit but no usage
+    ("0::/a\n", {"a/memory.max": "lots\n", "a/memory.current": "1\n"}),
+    ("0::/a\n", {"a/memory.max": "-5\n", "a/memory.current": "1\n"}),
+    ("0::/a\n", {"a/memory.max": b"\xff\xfe1", "a/memory.current": "1\n"}),
+    ("0::/../../etc\n", {"memory.max": f"{512 * MB}\n"}),
+    ("garbage without colons\n\x00\n", {"memory.max": f"{512 * MB}\n"}),
+    ("4:memory:/x\n", {"memory/x/memory.limit_in_bytes": "", "memory/x/memory.usage_in_bytes": ""}),
+])
+def test_cgroup_files_missing_or_garbage_fall_back_to_the_host(
+        tmp_path: Path, cgroup: str | None, files: dict[str, str | bytes]) -> None:
+    proc, root = _cgroup_tree(tmp_path, cgroup or "", files)
+    if cgroup is None:
+        (proc / "self" / "cgroup").unlink()
+    assert cgroup_memory_limit(proc, root) is None
+    budget, source = memory_budget(None, proc_root=proc, cgroup_root=root)
+    assert budget > 0 and source == "the memory available on this machine (no --profile given)"
+
+
+def test_unreadable_cgroup_file_falls_back_to_the_host(tmp_path: Path) -> None:
+    proc, root = _cgroup_tree(tmp_path, "0::/a\n", {"a/memory.current": "1\n"})
+    (root / "a" / "memory.max").mkdir()  # reading it raises IsADirectoryError
+    assert cgroup_memory_limit(proc, root) is None
+    assert memory_budget(None, proc_root=proc, cgroup_root=root)[0] > 0
+
+
+def test_memory_budget_on_this_machine_is_positive_and_finite() -> None:
+    budget, source = memory_budget(None)
+    assert math.isfinite(budget) and budget > 0 and source
 
 
 # -- real dry runs ---------------------------------------------------------------------------
