@@ -39,6 +39,7 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Update,
+    announced_train,
     new_msg_id,
 )
 from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict, Profile, check_bundle_memory
@@ -85,6 +86,23 @@ class DeviceExit(Exception):
         self.code = code
 
 
+def announced_config(info: object) -> TrainConfig | None:
+    """The run's training config from the server's presence, for the join-time memory check:
+    None from a server that predates it, or (with a warning) when it is malformed."""
+    try:
+        obj = announced_train(info)
+        if obj is None:
+            return None
+        batch = obj.get("batch_size")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch_size {batch!r} is not a positive integer")
+        return TrainConfig.from_json(obj)
+    except (TypeError, ValueError) as exc:
+        log.warning("ignoring the training config in the server's presence (%s); the join-time "
+                    "memory check uses batch size %d", exc, TrainConfig().batch_size)
+        return None
+
+
 def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, object]:
     return {"samples": n, "python": platform.python_version(), "machine": platform.machine(),
             "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads,
@@ -107,6 +125,7 @@ class Device:
         self.model: object | None = None  # LocalModel here; a torch split on TorchDevice
         self.memory: dict[int, float] = {}  # batch -> measured peak RSS MB (this bundle)
         self.memory_verdict: MemoryVerdict | None = None  # the check made at join
+        self.announced: TrainConfig | None = None  # the run's config, from the server's presence
         # block-wise ZO: (run id, sampler) where the next round's block draws start
         self.block_sampler: tuple[str, BlockSampler] | None = None
         if self.bundle is not None:
@@ -185,10 +204,12 @@ class Device:
     def _join(self) -> None:
         if self.checks_memory and self.model is not None and self.bundle is not None and \
                 self.memory_verdict is None:
-            # before saying ready: measure at the server's default batch size; refuse only if
-            # nothing fits, a round with a larger batch is checked again when it starts
-            self.memory_verdict = self._check_memory(TrainConfig().batch_size,
-                                                     self.bundle.weights, None)
+            # before saying ready: measure at the run's batch size (the default from a server
+            # that does not announce it); refuse only if nothing fits, each round's start
+            # checks its own batch again
+            cfg = self.announced
+            batch = cfg.batch_size if cfg is not None else TrainConfig().batch_size
+            self.memory_verdict = self._check_memory(batch, self.bundle.weights, cfg)
             if self.memory_verdict.largest_fitting is None:
                 self._refuse(f"bundle refused: {self.memory_verdict.message()}")
         sha = self.bundle.manifest.files.get("train.onnx") if self.bundle else None
@@ -251,6 +272,9 @@ class Device:
         if isinstance(msg, Presence) and msg.sender == "server":
             if msg.state == "online":  # a new server session (or a resumed one): (re)join
                 self.run_id = msg.run_id
+                announced = announced_config(msg.info)
+                if announced != self.announced:  # check again at this run's batch size
+                    self.announced, self.memory_verdict = announced, None
                 log.info("%s: server online, run %s; joining", dev, msg.run_id)
                 self._join()
             elif msg.state == "offline":

@@ -60,11 +60,29 @@ class Message:
 
 @dataclass(frozen=True)
 class Presence(Message):
-    """Retained device or server status; the offline variant is the device's last will."""
+    """Retained device or server status; the offline variant is the device's last will.
+
+    The server's online presence carries `server_info` in `info`."""
 
     state: str = "online"  # online | offline
     info: dict[str, Any] = field(default_factory=dict)
     kind: ClassVar[str] = "presence"
+
+
+def server_info(model: str, cut: str, dataset: str, train: dict[str, Any]) -> dict[str, Any]:
+    """The server's presence `info`: what it runs, and `train`, the run's training config
+    (`TrainConfig.to_json()`, as every round's start carries it), so that a device sizes its
+    join-time memory check by the run's batch size before round 1 says it."""
+    return {"model": model, "cut": cut, "dataset": dataset, "train": train}
+
+
+def announced_train(info: Any) -> dict[str, Any] | None:
+    """`server_info`'s training config; None from a server that predates it. Raises
+    ValueError if it is there but not an object (the caller warns and ignores it)."""
+    train = info.get("train") if isinstance(info, dict) else None
+    if train is not None and not isinstance(train, dict):
+        raise ValueError(f"the server's presence has train = {train!r}, not an object")
+    return train
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ available to it: the host's available memory, or less in a cgroup with a memory 
 Docker container, a systemd unit with ``MemoryMax=``), whose limit is what the kernel kills
 at. `cgroup_memory_limit` reads it (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, parents
 included) and falls back to the host's figure when there is none or the files cannot be read.
+The join-time check runs at the batch size the server announces in its presence (older
+servers announce none: then the default, 32); each round's start checks its own batch again.
 
 TOML: Python 3.11+ has `tomllib`; on Python 3.10 (the oldest heron supports) a small parser
 for the flat ``key = value`` subset that profiles and device configs use takes its place, so

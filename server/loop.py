@@ -33,6 +33,7 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Update,
+    server_info,
 )
 from edge_runtime.runtime import SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
@@ -207,7 +208,7 @@ class Server:
         self.transport.publish(
             topics.server_status(o.prefix),
             Presence(self.run_id, -1, "server", state="online",
-                     info={"model": o.model, "cut": self.manifest.cut, "dataset": o.dataset}),
+                     info=server_info(o.model, self.manifest.cut, o.dataset, o.train.to_json())),
             retain=True)
 
     def _broadcast(self, state: _RoundState) -> None:

@@ -195,7 +195,7 @@ def test_federation_with_an_emulated_aarch64_board(tmp_path: Path, mosquitto: st
     arm = summary["device_profiles"]["arm-0"]
     assert arm["machine"] == "aarch64" and arm["python"].startswith(pyver[1])
     assert arm["profile"] == "rpi4" and arm["budget_mb"] == 3072
-    assert arm["memory_batch"] == 32 and 0 < arm["memory_mb"] <= 3072  # dry run at join
+    assert arm["memory_batch"] == 16 and 0 < arm["memory_mb"] <= 3072  # dry run at join
     assert summary["device_profiles"]["dev-0"]["machine"] == "x86_64"
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

@@ -338,8 +338,9 @@ def test_dry_run_measures_real_steps_without_torch(resnet_case: tuple[Path, Path
 @pytest.mark.broker
 def test_round_with_a_batch_over_budget_is_refused_and_the_server_records_the_profile(
         resnet_case: tuple[Path, Path], tmp_path: Path, mosquitto: str) -> None:
-    """Join: measured at batch 32 (fits). Round 1 asks for batch 64, over the budget: the
-    device refuses before training, names the batch that fits, tells the server, exits 5."""
+    """Join: checked at the run's batch 64, which the server announces; over the budget, but
+    batch 32 fits, so the device joins. Round 1 asks for batch 64: the device refuses before
+    training, names the batch that fits, tells the server, exits 5."""
     tmp, bundle = resnet_case
     _, measured = _dry_run(bundle, tmp / "shard.npz", _profile_file(tmp_path, 20000, "roomy"),
                            64, dict(os.environ))
@@ -363,7 +364,8 @@ def test_round_with_a_batch_over_budget_is_refused_and_the_server_records_the_pr
     summary = json.loads((out / "summary.json").read_text())
     prof = summary["device_profiles"]["small-0"]
     assert prof["profile"] == "small-board" and prof["budget_mb"] == budget
-    assert prof["memory_batch"] == 32 and 0 < prof["memory_mb"] <= budget
+    assert prof["memory_batch"] == 64 and prof["memory_mb"] > budget
+    assert prof["max_batch_measured_fit"] == 32
     assert prof["machine"] and prof["samples"] == 128
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["updates"] == [] and record["device_memory_mb"] == {"small-0": prof["memory_mb"]}
@@ -395,7 +397,34 @@ def test_bundle_that_fits_no_batch_is_refused_at_join(tmp_path: Path, mosquitto:
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["device_profiles"]) == ["dev-1"]  # the refused one never got ready
     assert summary["device_profiles"]["dev-1"]["profile"] == "generic"
-    assert summary["device_profiles"]["dev-1"]["memory_batch"] == 32
+    assert summary["device_profiles"]["dev-1"]["memory_batch"] == 32  # the server's default
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_join_check_runs_at_the_batch_size_the_server_announces(tmp_path: Path,
+                                                                mosquitto: str) -> None:
+    """The server's presence carries the run's training config, so the device measures at the
+    run's batch size before round 1 says it, not at the default 32 (a higher peak RSS than the
+    run ever needs)."""
+    shards = tmp_path / "shards"
+    subprocess.run(heron("devices", "partition", "--devices", "1", "--out", str(shards)),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    out = tmp_path / "run"
+    server = subprocess.Popen(heron("server", "--broker", mosquitto, "--out", str(out),
+                                    "--devices", "1", "--rounds", "1", "--local-steps", "2",
+                                    "--batch-size", "8"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dev = subprocess.run(heron("device", "--broker", mosquitto, "--id", "dev-0", "--data",
+                               str(shards / "dev-0.npz"), "--profile", "generic"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr[-2000:]
+    assert dev.returncode == 0, dev.stderr[-2000:]
+    assert "memory check: batch size 8: measured" in dev.stderr
+    assert "batch size 32" not in dev.stderr
+    prof = json.loads((out / "summary.json").read_text())["device_profiles"]["dev-0"]
+    assert prof["memory_batch"] == 8 and prof["max_batch_measured_fit"] == 8
 
 
 def test_cli_config_file_and_flags(tmp_path: Path) -> None:
