@@ -33,6 +33,7 @@ from edge_runtime.data import BatchSampler
 # first-order baselines run on the torch device in `baselines/torch_device.py` (same protocol).
 ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
 DEVICE_ALGORITHMS = ("heron", "frozen")
+AUX_ALGORITHMS = ("heron", "cse-fsl", "frozen")  # a device loss through the aux head
 SPLITFED = ("sflv1", "sflv2")  # the device waits for the server's cut-layer gradient each step
 
 

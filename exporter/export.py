@@ -291,6 +291,31 @@ def load_flat_into(split: SplitModel, manifest: Manifest, flat: np.ndarray) -> N
             params[name].copy_(value)
 
 
+def aux_from_server(server: nn.Module, manifest: Manifest,
+                    flat: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """`flat` with each aux param replaced by the server param of the same name and shape.
+
+    The paper initialises the aux head by copying the server's first blocks and output
+    layer; redone every round, the device's local loss keeps tracking the server's loss
+    instead of a head that ZO must first fit from random. MiniLM's aux and server heads
+    share names (`layers.0.query.lora_A`, `classifier.weight`, ...); a CNN's fc aux
+    matches nothing. Returns the new vector and the names copied.
+    """
+    theirs = dict(server.named_parameters())
+    prefix = ROLE_PREFIXES["aux"]
+    out, copied = flat.copy(), []
+    for spec in manifest.params:
+        if spec.role != "aux":
+            continue
+        param = theirs.get(spec.name[len(prefix):])
+        if param is None or tuple(param.shape) != spec.shape:
+            continue
+        out[spec.offset:spec.offset + spec.size] = (
+            param.detach().cpu().numpy().astype(np.float32).ravel())
+        copied.append(spec.name)
+    return out, copied
+
+
 def flat_from_split(split: SplitModel, manifest: Manifest) -> np.ndarray:
     """The split's client and aux weights as one flat vector in manifest order."""
     params = _split_params(split, manifest)

@@ -162,6 +162,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "this many devices are ready (default: all participants)")
     g.add_argument("--max-update-norm", type=float, default=None,
                    help="reject device updates farther than this (L2) from the global weights")
+    g.add_argument("--aux-from-server", action="store_true",
+                   help="start each round's aux head as a copy of the server's first layers "
+                   "and classifier (every aux tensor with a same-named server tensor; minilm), "
+                   "instead of the devices' average")
     z = p.add_argument_group("device (zeroth-order) training")
     z.add_argument("--local-steps", type=int, default=40, help="h: ZO steps per round (40)")
     z.add_argument("--upload-every", type=int, default=2,
@@ -226,6 +230,8 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
             argv += ["--" + name.replace("_", "-"), str(value)]
     if getattr(args, "no_header", False):
         argv.append("--no-header")
+    if getattr(args, "aux_from_server", False):
+        argv.append("--aux-from-server")
     return argv
 
 
@@ -335,6 +341,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             threads=args.server_threads, join_timeout=args.join_timeout,
             round_timeout=args.round_timeout, min_devices=args.min_devices,
             max_update_norm=args.max_update_norm, resume=args.resume,
+            aux_from_server=args.aux_from_server,
             credentials=_credentials(args)))
         summary = server.run()
     except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:

@@ -35,9 +35,9 @@ from edge_runtime.messages import (
     Update,
     server_info,
 )
-from edge_runtime.runtime import SPLITFED, TrainConfig
+from edge_runtime.runtime import AUX_ALGORITHMS, SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
-from exporter.export import export_bundle, load_flat_into
+from exporter.export import aux_from_server, export_bundle, load_flat_into
 from exporter.zoo import build_split
 from server.aggregate import DeviceUpdate, aggregate, check_update, plan_round
 from server.records import (
@@ -82,6 +82,7 @@ class ServerOptions:
     resume: bool = False  # continue from OUT/checkpoint.pt
     max_update_norm: float | None = None  # bound on |device weights - global weights|
     max_weight_abs: float = 1e4  # larger weights are treated as a broken or hostile update
+    aux_from_server: bool = False  # each round the aux head starts as the server's first layers
     credentials: Credentials | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
     model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
@@ -133,6 +134,21 @@ class Server:
         self.theta = self.bundle.weights.copy()
         if self.algorithm == "fedavg":  # the device trains the whole model: ship it all
             self.theta = np.concatenate([self.theta, server_flat(self.split.server)])
+        self.aux_copied: list[str] = []
+        if opts.aux_from_server:
+            if self.algorithm not in AUX_ALGORITHMS:
+                raise ValueError(f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} "
+                                 f"(the algorithms that train an aux head), not "
+                                 f"{self.algorithm}")
+            self.theta, self.aux_copied = aux_from_server(self.split.server, self.manifest,
+                                                          self.theta)
+            if not self.aux_copied:
+                raise ValueError(f"--aux-from-server: no aux parameter of {opts.model} has a "
+                                 "server parameter of the same name and shape to copy; help: "
+                                 "it works where the aux head is built like the server's first "
+                                 "layers (minilm)")
+            log.info("aux head follows the server each round: %d tensors (%s)",
+                     len(self.aux_copied), ", ".join(self.aux_copied))
         self.online: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
         self.profiles: dict[str, dict[str, Any]] = {}  # every device that was ever ready
@@ -403,6 +419,8 @@ class Server:
             log.warning("round %d: no device update arrived; keeping the global weights", r)
         self._merge_server_copies(state)
         n = self.manifest.num_params
+        if self.aux_copied:  # next round's aux starts from the server's trained layers
+            self.theta, _ = aux_from_server(self.split.server, self.manifest, self.theta)
         load_flat_into(self.split, self.manifest, self.theta[:n])
         if self.algorithm == "fedavg":
             load_server_flat(self.split.server, self.theta[n:])

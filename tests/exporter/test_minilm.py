@@ -16,6 +16,7 @@ from safetensors import safe_open
 from devices.text import minilm_dir, tokenize
 from edge_runtime.bundle import (
     GRAPH_DATA,
+    LOGITS_OUTPUT,
     Bundle,
     BundleError,
     bundle_from_files,
@@ -24,7 +25,13 @@ from edge_runtime.bundle import (
     store_bundle_files,
 )
 from edge_runtime.runtime import LocalModel, open_session
-from exporter.export import export_bundle, flat_from_split, load_flat_into, train_graph
+from exporter.export import (
+    aux_from_server,
+    export_bundle,
+    flat_from_split,
+    load_flat_into,
+    train_graph,
+)
 from exporter.minilm import HIDDEN, MiniLMError, sentence_embedding
 from exporter.zoo import MODELS, SplitModel, build_split, full_forward
 
@@ -383,3 +390,41 @@ def test_config_mismatch_is_refused(tmp_path: Path) -> None:
 def test_flat_round_trip(exported: Exported) -> None:
     flat = flat_from_split(exported.split, exported.bundle.manifest)
     np.testing.assert_array_equal(flat, exported.bundle.weights)
+
+
+def test_aux_from_server_makes_the_aux_head_the_server_at_the_last_cut(tmp_path: Path) -> None:
+    """At cut layer5 the server is one layer + classifier, built like the aux: after the
+    copy, the device's local loss head computes exactly the server's function (the
+    reference), on the ONNX side too, even after the server has trained."""
+    split = build_split("minilm", (2, L), NUM_CLASSES, cut="layer5", seed=1)
+    manifest = export_bundle(split, tmp_path / "b")
+    with torch.no_grad():  # as if trained: non-zero server adapters and classifier
+        for p in split.server.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    before = flat_from_split(split, manifest)
+    flat, copied = aux_from_server(split.server, manifest, before)
+    assert copied == [p.name for p in manifest.params if p.role == "aux"]
+    client = [p for p in manifest.params if p.role == "client"]
+    n_client = sum(p.size for p in client)
+    np.testing.assert_array_equal(flat[:n_client], before[:n_client])  # θ_c untouched
+    load_flat_into(split, manifest, flat)
+    x, y = _tokens(3, seed=2)
+    with torch.no_grad():
+        smashed = split.client(torch.from_numpy(x))
+        torch.testing.assert_close(split.aux(smashed), split.server(smashed), rtol=0, atol=0)
+    (logits,) = LocalModel(load_bundle(tmp_path / "b")).run(flat, x, y, (LOGITS_OUTPUT,))
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, split.server(smashed).numpy(), atol=1e-4)
+
+
+def test_aux_from_server_copies_what_matches_and_nothing_for_a_cnn(tmp_path: Path) -> None:
+    split = build_split("minilm", (2, L), NUM_CLASSES, cut="layer2", server_train="full")
+    manifest = export_bundle(split, tmp_path / "m")
+    flat, copied = aux_from_server(split.server, manifest, flat_from_split(split, manifest))
+    assert copied == ["aux.classifier.weight", "aux.classifier.bias"]  # server has no LoRA
+    cnn = build_split("cnn", (1, 8, 8), 10)
+    cnn_manifest = export_bundle(cnn, tmp_path / "c")
+    flat = flat_from_split(cnn, cnn_manifest)
+    same, copied = aux_from_server(cnn.server, cnn_manifest, flat)
+    assert copied == [] and np.array_equal(same, flat)
