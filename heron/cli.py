@@ -624,6 +624,28 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_progress(args: argparse.Namespace) -> int:
+    from baselines.progress import ProgressConfig, run_progress
+
+    if not args.run_from:
+        raise SystemExit("heron bench: --workload progress needs --from RUN_DIR (the --out "
+                         "directory of a finished `heron run`)")
+    try:
+        cfg = ProgressConfig(run_dir=args.run_from, steps=args.steps or 400, every=args.every,
+                             device=args.device, aux_from_server=args.aux_from_server,
+                             arms=_csv(args.arms), heron_lr=args.heron_lr, fo_lr=args.fo_lr,
+                             threads=args.threads or 1, eval_samples=args.eval_samples)
+        print(f"heron bench: progress workload, {cfg.steps} local steps per arm "
+              f"({', '.join(cfg.arms)}) from {cfg.run_dir}; files in "
+              f"{Path(args.out).resolve()}", flush=True)
+        run_progress(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
+                     progress=lambda line: print(line, flush=True))
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"heron bench: {type(exc).__name__}: {exc}") from exc
+    print((Path(args.out) / "progress.md").read_text(), end="", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _need_server_extra()
     from baselines.bench import run_cost
@@ -631,6 +653,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.workload == "accuracy":
         return cmd_bench_accuracy(args)
+    if args.workload == "progress":
+        return cmd_bench_progress(args)
+    args.steps = args.steps or 20
     args.model = args.model or "resnet18"
     _text_profile_defaults(args)
     print(f"heron bench: {args.workload} workload, {args.model} batch {args.batch}, "
@@ -659,7 +684,8 @@ def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op / torch threads, the same for every algorithm "
                    "(default: all cores)")
-    p.add_argument("--steps", type=int, default=steps, help=f"timed steps ({steps})")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"timed steps ({steps or '20; bench progress: local steps, 400'})")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default: as many as --steps)")
     p.add_argument("--input-shape", type=_shape_arg, default=None,
@@ -809,14 +835,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
                            "JSON and plots into --out")
-    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy"),
+    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress"),
                        help="cost: every algorithm's device step time, peak RSS, FLOPs and "
                        "bytes on one model (resnet18 by default); accuracy: every algorithm "
-                       "federated over data sets, partitions and seeds (cnn by default) (cost)")
+                       "federated over data sets, partitions and seeds (cnn by default); "
+                       "progress: from a finished run, ZO vs first-order device steps with the "
+                       "server held fixed (--from) (cost)")
     bench.add_argument("--out", required=True,
                        help="directory for the report: cost.{json,md,png} or "
                        "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
-    _add_profile_options(bench, steps=20)
+    _add_profile_options(bench, steps=None)
     bench.add_argument("--repeats", type=int, default=1,
                        help="cost: run the sweep this many times, alternating the order; each "
                        "algorithm keeps its fastest run (1)")
@@ -841,6 +869,23 @@ def build_parser() -> argparse.ArgumentParser:
                      " (repeatable)")
     acc.add_argument("--no-reuse", action="store_true",
                      help="re-run federations already finished in --out/runs")
+    prog = bench.add_argument_group("progress workload")
+    prog.add_argument("--from", dest="run_from", metavar="RUN_DIR", default=None,
+                      help="a finished `heron run` directory (bundle, shards, run.json, "
+                      "checkpoint.pt)")
+    prog.add_argument("--every", type=int, default=None,
+                      help="steps between evaluations and optimizer restarts (the run's "
+                      "--local-steps)")
+    prog.add_argument("--device", default="dev-0", help="whose shard trains (dev-0)")
+    prog.add_argument("--arms", default="heron,cse-fsl",
+                      help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop)")
+    prog.add_argument("--aux-from-server", action="store_true",
+                      help="first copy the server's same-named tensors into the aux head")
+    prog.add_argument("--heron-lr", type=float, default=None,
+                      help="heron's device lr (default: the run's)")
+    prog.add_argument("--fo-lr", type=float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
+    prog.add_argument("--eval-samples", type=int, default=None,
+                      help="test samples per evaluation (default: all)")
     bench.set_defaults(func=cmd_bench)
     return p
 

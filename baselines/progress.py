@@ -1,0 +1,201 @@
+"""Device progress per local step: how far ZO and first-order steps move the whole model.
+
+The accuracy workload can only say *whether* heron ends above `frozen`; this says why or
+why not, with everything but the device's optimizer held fixed. From a finished federation
+(its bundle, shards, run.json and checkpoint.pt) the server part stays as trained, and only
+the device part is trained from the final global weights on one device's shard:
+
+- ``heron``: edge_runtime's own ``train_round`` (ONNX Runtime, the run's ZO settings);
+- ``cse-fsl``: ``train_round_torch`` (backprop of the aux loss, Adam at the FO device lr).
+
+Both draw the same batches (same sampler seeds) and restart their optimizer state every
+``every`` steps, as a round does. After each ``every`` steps, on the run's test set:
+accuracy and loss of server(client(x)) (what the device's update does to the evaluated
+model) and the aux head's loss (the device's own objective). Step 0 is the frozen device.
+
+With ``aux_from_server`` the aux head is first replaced by the server's same-named tensors
+(``--aux-from-server``), so the device's loss is the server's and its gradient is meaningful
+from step 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baselines.torch_device import split_for, train_round_torch
+from devices.datasets import load_dataset
+from edge_runtime.bundle import load_bundle
+from edge_runtime.runtime import LocalModel, TrainConfig, train_round
+from edge_runtime.zo import OptimizerConfig
+from exporter.export import aux_from_server, load_flat_into
+from exporter.zoo import SplitModel
+
+ARMS = ("heron", "cse-fsl")
+FO_LR = 1e-3  # heron run's default device lr for the first-order baselines
+# run.json key -> load_dataset keyword (the text options `heron run` forwards)
+_DATASET_KEYS = {"limit": "limit", "text_column": "text_column", "label_column": "label_column",
+                 "max_length": "max_length", "minilm_dir": "model_dir"}
+
+
+@dataclass(frozen=True)
+class ProgressConfig:
+    run_dir: str
+    steps: int = 400
+    every: int | None = None  # steps between evaluations and optimizer restarts (run's h)
+    device: str = "dev-0"  # whose shard trains
+    aux_from_server: bool = False
+    arms: tuple[str, ...] = ARMS
+    heron_lr: float | None = None  # default: the run's device lr
+    fo_lr: float = FO_LR
+    threads: int = 1
+    eval_samples: int | None = None  # default: the whole test set
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or (self.every is not None and self.every < 1):
+            raise ValueError(f"--steps and --every must be >= 1, got {self.steps}, {self.every}")
+        bad = sorted(set(self.arms) - set(ARMS))
+        if bad or not self.arms:
+            raise ValueError(f"arms must be among {', '.join(ARMS)}, got {list(self.arms)}")
+
+
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    need = [run_dir / n for n in ("run.json", "checkpoint.pt", "bundle", "shards")]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise ValueError(f"{run_dir} is not a finished federation (missing {', '.join(missing)});"
+                         " help: pass the --out directory of a `heron run`")
+    run = json.loads((run_dir / "run.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return run, ckpt
+
+
+def _evaluate(split: SplitModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Test accuracy and loss of server(client(x)), and the aux head's loss, in batches."""
+    correct, loss, aux_loss = 0, 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(y), 128):
+            xb, yb = x[i:i + 128], y[i:i + 128]
+            h = split.client(xb)
+            logits = split.server(h)
+            correct += int((logits.argmax(1) == yb).sum())
+            loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            aux_loss += float(F.cross_entropy(split.aux(h), yb, reduction="sum"))
+    n = len(y)
+    return {"test_accuracy": correct / n, "test_loss": loss / n, "aux_test_loss": aux_loss / n}
+
+
+def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
+                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    run, ckpt = _load_run(run_dir)
+    torch.set_num_threads(cfg.threads)
+    bundle = load_bundle(run_dir / "bundle")
+    manifest = bundle.manifest
+    split = split_for(manifest)
+    split.server.load_state_dict(ckpt["server_state"])
+    for m in (split.client, split.aux, split.server):
+        m.eval()
+    theta0 = np.asarray(ckpt["device_weights"], dtype=np.float32)[:manifest.num_params]
+    copied: list[str] = []
+    if cfg.aux_from_server:
+        theta0, copied = aux_from_server(split.server, manifest, theta0)
+        if not copied:
+            raise ValueError(f"--aux-from-server: no aux tensor of {manifest.model} has a "
+                             "same-named server tensor")
+    base = TrainConfig.from_json(ckpt["train_config"])
+    every = cfg.every or base.local_steps
+    opts = {kw: run[k] for k, kw in _DATASET_KEYS.items() if run.get(k) is not None}
+    if run.get("no_header"):
+        opts["no_header"] = True
+    data = load_dataset(run["dataset"], run.get("data_dir"), seed=int(run["seed"]), **opts)
+    n_eval = len(data.y_test) if cfg.eval_samples is None else min(cfg.eval_samples,
+                                                                   len(data.y_test))
+    xe = torch.from_numpy(np.ascontiguousarray(data.x_test[:n_eval]))
+    ye = torch.from_numpy(data.y_test[:n_eval].astype(np.int64))
+    shard_path = run_dir / "shards" / f"{cfg.device}.npz"
+    if not shard_path.exists():
+        raise ValueError(f"no shard {shard_path}; help: --device names one of "
+                         f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))}")
+    with np.load(shard_path) as shard:
+        x, y = shard["x"], shard["y"].astype(np.int64)
+    model = LocalModel(bundle, threads=cfg.threads) if "heron" in cfg.arms else None
+
+    load_flat_into(split, manifest, theta0)
+    start = _evaluate(split, xe, ye)
+    progress(f"step 0 (frozen device): test acc {start['test_accuracy']:.4f}, loss "
+             f"{start['test_loss']:.4f}, aux loss {start['aux_test_loss']:.4f}")
+    curves: dict[str, list[dict[str, Any]]] = {}
+    ms: dict[str, float] = {}
+    for arm in cfg.arms:
+        if arm == "heron":
+            lr = cfg.heron_lr or base.optimizer.lr
+            arm_cfg = replace(base, algorithm="heron", local_steps=every,
+                              optimizer=replace(base.optimizer, lr=lr))
+        else:
+            arm_cfg = replace(base, algorithm="cse-fsl", local_steps=every,
+                              optimizer=OptimizerConfig(name="adam", lr=cfg.fo_lr))
+        theta, points, spent = theta0.copy(), [{"step": 0, **start}], 0.0
+        for r in range(-(-cfg.steps // every)):
+            t0 = time.perf_counter()
+            if arm == "heron":
+                assert model is not None
+                theta = train_round(model, theta, x, y, arm_cfg, round_idx=r,
+                                    device_id=cfg.device).theta
+            else:
+                theta = train_round_torch(split, manifest, theta, x, y, arm_cfg, round_idx=r,
+                                          device_id=cfg.device).theta
+            spent += time.perf_counter() - t0
+            load_flat_into(split, manifest, theta)
+            for m in (split.client, split.aux, split.server):
+                m.eval()
+            point = {"step": (r + 1) * every, **_evaluate(split, xe, ye)}
+            points.append(point)
+            progress(f"{arm} step {point['step']}: test acc {point['test_accuracy']:.4f}, "
+                     f"loss {point['test_loss']:.4f}, aux loss {point['aux_test_loss']:.4f}")
+        curves[arm] = points
+        ms[arm] = 1000.0 * spent / (len(points) - 1) / every
+        load_flat_into(split, manifest, theta0)
+    report = {"workload": "progress", "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "run": {"model": manifest.model, "cut": manifest.cut, "dataset": run["dataset"],
+                      "num_params": manifest.num_params, "every": every,
+                      "train_config": base.to_json(), "aux_copied": copied,
+                      "test_samples": n_eval, "shard_samples": len(y)},
+              "step_ms": {k: round(v, 2) for k, v in ms.items()}, "curves": curves}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "progress.md").write_text(progress_markdown(report))
+    return report
+
+
+def progress_markdown(report: dict[str, Any]) -> str:
+    """One row per evaluation step; per arm: test accuracy, test loss, aux test loss."""
+    arms = list(report["curves"])
+    r = report["run"]
+    lines = [f"{r['model']}/{r['cut']} on {r['dataset']}, d = {r['num_params']}, server fixed; "
+             f"{r['shard_samples']} shard samples, {r['test_samples']} test samples; "
+             f"optimizer restarted every {r['every']} steps"
+             + ("; aux head copied from the server" if r["aux_copied"] else ""), "",
+             "| step | " + " | ".join(f"{a} acc | {a} loss | {a} aux loss" for a in arms) + " |",
+             "|---:|" + "---:|---:|---:|" * len(arms)]
+    steps = [p["step"] for p in report["curves"][arms[0]]]
+    for i, step in enumerate(steps):
+        cells = []
+        for a in arms:
+            p = report["curves"][a][i]
+            cells += [f"{100 * p['test_accuracy']:.2f}", f"{p['test_loss']:.4f}",
+                      f"{p['aux_test_loss']:.4f}"]
+        lines.append(f"| {step}{' (frozen)' if step == 0 else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "device ms/step (this machine, training only): " + ", ".join(
+        f"{a} {v:.1f}" for a, v in report["step_ms"].items()), ""]
+    return "\n".join(lines)
