@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from baselines.torch_device import split_for, train_round_torch
 from devices.datasets import load_dataset
-from edge_runtime.bundle import load_bundle
+from edge_runtime.bundle import Manifest, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, train_round
 from edge_runtime.zo import OptimizerConfig
 from exporter.export import aux_from_server, load_flat_into
@@ -93,6 +93,17 @@ def _evaluate(split: SplitModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     return {"test_accuracy": correct / n, "test_loss": loss / n, "aux_test_loss": aux_loss / n}
 
 
+def _moved(manifest: Manifest, theta0: np.ndarray, theta: np.ndarray) -> dict[str, float]:
+    """L2 distance travelled by the client and the aux weights: where the update went."""
+    out = {}
+    for role in ("client", "aux"):
+        idx = [np.arange(p.offset, p.offset + p.size) for p in manifest.params
+               if p.role == role]
+        sel = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+        out[f"{role}_moved"] = float(np.linalg.norm(theta[sel] - theta0[sel]))
+    return out
+
+
 def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
@@ -143,7 +154,8 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
         else:
             arm_cfg = replace(base, algorithm="cse-fsl", local_steps=every,
                               optimizer=OptimizerConfig(name="adam", lr=cfg.fo_lr))
-        theta, points, spent = theta0.copy(), [{"step": 0, **start}], 0.0
+        theta, spent = theta0.copy(), 0.0
+        points = [{"step": 0, **start, **_moved(manifest, theta0, theta0)}]
         for r in range(-(-cfg.steps // every)):
             t0 = time.perf_counter()
             if arm == "heron":
@@ -157,7 +169,8 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
             load_flat_into(split, manifest, theta)
             for m in (split.client, split.aux, split.server):
                 m.eval()
-            point = {"step": (r + 1) * every, **_evaluate(split, xe, ye)}
+            point = {"step": (r + 1) * every, **_evaluate(split, xe, ye),
+                     **_moved(manifest, theta0, theta)}
             points.append(point)
             progress(f"{arm} step {point['step']}: test acc {point['test_accuracy']:.4f}, "
                      f"loss {point['test_loss']:.4f}, aux loss {point['aux_test_loss']:.4f}")
@@ -185,16 +198,20 @@ def progress_markdown(report: dict[str, Any]) -> str:
     lines = [f"{r['model']}/{r['cut']} on {r['dataset']}, d = {r['num_params']}, server fixed; "
              f"{r['shard_samples']} shard samples, {r['test_samples']} test samples; "
              f"optimizer restarted every {r['every']} steps"
-             + ("; aux head copied from the server" if r["aux_copied"] else ""), "",
-             "| step | " + " | ".join(f"{a} acc | {a} loss | {a} aux loss" for a in arms) + " |",
-             "|---:|" + "---:|---:|---:|" * len(arms)]
+             + ("; aux head copied from the server" if r["aux_copied"] else "")
+             + ". acc and loss: server(client(x)) on the test set; aux: the device's own "
+             "head; moved: L2 distance of the client / aux weights from step 0", "",
+             "| step | " + " | ".join(f"{a} acc | {a} loss | {a} aux loss | {a} moved c / a"
+                                     for a in arms) + " |",
+             "|---:|" + "---:|---:|---:|---:|" * len(arms)]
     steps = [p["step"] for p in report["curves"][arms[0]]]
     for i, step in enumerate(steps):
         cells = []
         for a in arms:
             p = report["curves"][a][i]
             cells += [f"{100 * p['test_accuracy']:.2f}", f"{p['test_loss']:.4f}",
-                      f"{p['aux_test_loss']:.4f}"]
+                      f"{p['aux_test_loss']:.4f}",
+                      f"{p['client_moved']:.3f} / {p['aux_moved']:.3f}"]
         lines.append(f"| {step}{' (frozen)' if step == 0 else ''} | " + " | ".join(cells) + " |")
     lines += ["", "device ms/step (this machine, training only): " + ", ".join(
         f"{a} {v:.1f}" for a, v in report["step_ms"].items()), ""]

@@ -39,6 +39,8 @@ def test_progress_starts_at_the_servers_final_evaluation_and_trains_both_arms(
         assert curve[0]["test_accuracy"] == pytest.approx(last["test_accuracy"], abs=1e-9)
         assert curve[0]["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
         assert curve[-1]["aux_test_loss"] != curve[0]["aux_test_loss"]  # the device trained
+        assert curve[0]["client_moved"] == curve[0]["aux_moved"] == 0.0
+        assert curve[-1]["client_moved"] > 0 and curve[-1]["aux_moved"] > 0
     assert "| 8 |" in (tmp_path / "progress.md").read_text()
     assert "| 8 |" in proc.stdout
 
