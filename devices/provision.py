@@ -14,11 +14,16 @@ The broker reads passwd, acl and the TLS key after it has dropped root, so the c
 account it runs as (`user`, default: whoever provisioned) and those files belong to it; secrets
 are never world-readable. Only the standard library and `openssl` (for --tls) are needed, so a
 device-only install can provision too.
+
+`--force` replaces all of it at once: everything is made in a staging folder inside DIR and
+swapped in by renames only when complete, so a failure part-way (openssl, a full disk, Ctrl-C)
+leaves the previous credentials exactly as they were and the deployed devices logged in.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -150,11 +155,30 @@ def _check(opts: ProvisionOptions) -> None:
 
 # -- files ------------------------------------------------------------------------------------
 def _write(path: Path, text: str, mode: int) -> None:
-    """Create with `mode` from the start, so a secret is never readable by others, even briefly."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        os.fchmod(fh.fileno(), mode)  # O_CREAT's mode is ignored when the file already exists
-        fh.write(text)
+    """Write a new file beside `path` and rename it over `path`, so a reader (or a crash) sees
+    the old file or the new one, never half of one. mkstemp makes it 0600, so a secret is never
+    readable by others, even briefly."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk before a rename makes it the live one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _current_user() -> str | None:
@@ -294,17 +318,25 @@ def _make_tls(work: Path, sans: str, clients: list[tuple[str, str]], days: int) 
 
 
 # -- the whole job ------------------------------------------------------------------------
+# What `provision` owns in OUT, swapped in this order; anything else there is left alone.
+_SWAPPED = ("credentials", "tls", "passwd", "acl", "mosquitto.conf")
+
+
+class _Stuck(ProvisionError):
+    """The swap failed and could not be undone; the message says where the old files are."""
+
+
 def provision(opts: ProvisionOptions) -> Provisioned:
+    """Everything is made in a staging folder inside OUT and swapped in only once complete:
+    if anything fails (openssl, a full disk, Ctrl-C) the previous credentials stay as they were,
+    so the deployed devices keep working."""
     _check(opts)
     out = opts.out.resolve()
-    creds_dir, tls_dir = out / "credentials", out / "tls"
+    creds_dir = out / "credentials"
     if creds_dir.is_dir() and any(creds_dir.glob("*.json")) and not opts.force:
         raise ProvisionError(f"{creds_dir} already exists; help: pass --force to replace every "
                              "credential there (old passwords stop working), or another --out")
     user, owner = _broker_account(opts, out)
-    out.mkdir(parents=True, exist_ok=True)
-    if owner is not None and user is not None:
-        _check_reachable(out, user, owner)  # the folders just made, under this umask
     port = opts.port or (8883 if opts.tls else 1883)
     advertise = opts.advertise or (socket.gethostname() if opts.host in _WILDCARD_HOSTS
                                    else opts.host)
@@ -314,9 +346,44 @@ def provision(opts: ProvisionOptions) -> Provisioned:
         notes.append("the broker will run as root, the owner of these files; help: "
                      "--broker-user mosquitto (as root) lets it drop privileges")
 
-    for old in (creds_dir, tls_dir):
-        if old.exists():
-            shutil.rmtree(old)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    previous = any(os.path.lexists(out / name) for name in _SWAPPED)
+    kept = (f"the previous credentials in {out} are unchanged" if previous
+            else f"nothing was left in {out}")
+    stage: Path | None = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if owner is not None and user is not None:
+            _check_reachable(out, user, owner)  # the folders just made, under this umask
+        stage = Path(tempfile.mkdtemp(prefix=".provision-", dir=out))  # 0700, same filesystem
+        paths, ca_file = _stage(opts, out, stage, url, advertise, port, user, owner)
+        _swap_in(stage / "new", stage / "old", out)
+    except _Stuck:
+        raise  # the old files are in the staging folder, which must stay
+    except (ProvisionError, OSError) as exc:
+        _discard(stage, made)
+        raise ProvisionError(f"{exc}; {kept}") from exc
+    except BaseException as exc:  # Ctrl-C
+        _discard(stage, made)
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from exc  # the CLI tells the user what was kept
+        raise
+    try:
+        shutil.rmtree(stage)  # the replaced credentials, and openssl's work files
+    except OSError as exc:
+        notes.append(f"could not remove {stage}, which holds the replaced credentials: {exc}; "
+                     f"help: rm -rf {stage}")
+    return Provisioned(out, url, opts.prefix, out / "mosquitto.conf", paths, ca_file, user, notes)
+
+
+def _stage(opts: ProvisionOptions, out: Path, stage: Path, url: str, advertise: str, port: int,
+           user: str | None, owner: tuple[int, int, set[int]] | None,
+           ) -> tuple[dict[str, Path], Path | None]:
+    """Write everything `_SWAPPED` names into stage/new, naming the final paths in OUT inside
+    the files; returns (name -> final credentials path, final CA path)."""
+    new = stage / "new"
+    new.mkdir(mode=0o700)
+    creds_dir, tls_dir = new / "credentials", new / "tls"
     creds_dir.mkdir(mode=0o700)
     ca_file: Path | None = None
     certs: dict[str, tuple[Path, Path]] = {}
@@ -324,25 +391,23 @@ def provision(opts: ProvisionOptions) -> Provisioned:
         hosts = [advertise] + ([opts.host] if opts.host not in _WILDCARD_HOSTS else [])
         clients = ([(SERVER_CREDENTIALS, SERVER_USER)] + [(d, d) for d in opts.device_ids]
                    if opts.client_certs else [])
-        work = Path(tempfile.mkdtemp(prefix=".tls-", dir=out))  # 0700, same filesystem
-        try:
-            _make_tls(work, _subject_alt_names([*hosts, "127.0.0.1", "localhost"]), clients,
-                      opts.days)
-            tls_dir.mkdir(mode=0o755)
-            for name in ("ca.crt", "server.crt"):
-                os.chmod(work / name, 0o644)
-                os.replace(work / name, tls_dir / name)
-            for name in ("ca.key", "server.key"):
-                os.chmod(work / name, 0o600)
-                os.replace(work / name, tls_dir / name)
-            for name, _ in clients:
-                for ext in ("crt", "key"):
-                    os.chmod(work / f"client-{name}.{ext}", 0o600)
-                    os.replace(work / f"client-{name}.{ext}", creds_dir / f"{name}.{ext}")
-                certs[name] = (creds_dir / f"{name}.crt", creds_dir / f"{name}.key")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        ca_file = tls_dir / "ca.crt"
+        work = stage / "openssl"
+        work.mkdir(mode=0o700)
+        _make_tls(work, _subject_alt_names([*hosts, "127.0.0.1", "localhost"]), clients,
+                  opts.days)
+        tls_dir.mkdir(mode=0o755)
+        moves = [(name, tls_dir, 0o644) for name in ("ca.crt", "server.crt")]
+        moves += [(name, tls_dir, 0o600) for name in ("ca.key", "server.key")]
+        moves += [(f"client-{name}.{ext}", creds_dir, 0o600)
+                  for name, _ in clients for ext in ("crt", "key")]
+        for name, folder, mode in moves:
+            os.chmod(work / name, mode)
+            _fsync(work / name)
+            os.replace(work / name, folder / name.removeprefix("client-"))
+        for name, _ in clients:
+            certs[name] = (out / "credentials" / f"{name}.crt",
+                           out / "credentials" / f"{name}.key")
+        ca_file = out / "tls" / "ca.crt"
 
     logins = {SERVER_CREDENTIALS: SERVER_USER, **{d: d for d in opts.device_ids}}
     entries, paths = [], {}
@@ -355,19 +420,69 @@ def provision(opts: ProvisionOptions) -> Provisioned:
             obj["ca_file"] = str(ca_file)
         if name in certs:
             obj["cert_file"], obj["key_file"] = (str(p) for p in certs[name])
-        paths[name] = creds_dir / f"{name}.json"
-        _write(paths[name], json.dumps(obj, indent=2) + "\n", 0o600)
+        _write(creds_dir / f"{name}.json", json.dumps(obj, indent=2) + "\n", 0o600)
+        paths[name] = out / "credentials" / f"{name}.json"
 
-    passwd, acl, conf = out / "passwd", out / "acl", out / "mosquitto.conf"
+    passwd, acl = new / "passwd", new / "acl"
     _write(passwd, "\n".join(entries) + "\n", 0o600)
     _write(acl, acl_text(list(opts.device_ids), opts.prefix), 0o600)
-    _write(conf, mosquitto_conf(out, port, opts.host, user, tls=opts.tls,
-                                client_certs=opts.client_certs), 0o644)
+    _write(new / "mosquitto.conf", mosquitto_conf(out, port, opts.host, user, tls=opts.tls,
+                                                  client_certs=opts.client_certs), 0o644)
     if owner is not None:  # the broker reads these after dropping root
         broker_files = [passwd, acl] + ([tls_dir / "server.key"] if opts.tls else [])
         for path in broker_files:
             os.chown(path, owner[0], owner[1])
-    return Provisioned(out, url, opts.prefix, conf, paths, ca_file, user, notes)
+    for folder in (creds_dir, *([tls_dir] if opts.tls else [])):
+        with contextlib.suppress(OSError):  # not every platform can open a folder
+            _fsync(folder)
+    return paths, ca_file
+
+
+def _swap_in(new: Path, old: Path, out: Path) -> None:
+    """Move what is in `new` into `out`, the files it replaces into `old`. Every step is a
+    rename on one filesystem; on a failure part-way (Ctrl-C included) the undo reads where
+    things are rather than a log, so an interrupt between a rename and its bookkeeping is
+    undone too."""
+    staged = [name for name in _SWAPPED if os.path.lexists(new / name)]
+    old.mkdir(mode=0o700)
+    try:
+        for name in _SWAPPED:
+            target = out / name
+            if os.path.lexists(target):
+                if target.is_dir() and not target.is_symlink():
+                    os.rename(target, old / name)
+                else:
+                    try:  # the old file stays live until the new one replaces it
+                        os.link(target, old / name, follow_symlinks=False)
+                    except (OSError, NotImplementedError):  # no hard links here
+                        os.rename(target, old / name)
+            if name in staged:
+                os.replace(new / name, target)
+    except BaseException as exc:
+        try:
+            for name in reversed(_SWAPPED):
+                if name in staged and not os.path.lexists(new / name):
+                    os.replace(out / name, new / name)
+                if os.path.lexists(old / name):
+                    os.replace(old / name, out / name)
+        except OSError as undo:
+            raise _Stuck(f"replacing the files in {out} failed ({exc!r}) and putting the old "
+                         f"ones back failed too ({undo}); help: the previous files are in "
+                         f"{old}: move them back into {out}") from exc
+        raise
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        _fsync(out)
+
+
+def _discard(stage: Path | None, made: list[Path]) -> None:
+    """Remove the staging folder, then the folders provisioning made, if still empty."""
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def mosquitto_conf(out: Path, port: int, host: str, user: str | None, *, tls: bool = False,

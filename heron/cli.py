@@ -496,6 +496,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
             force=args.force))
     except (ProvisionError, OSError) as exc:
         raise SystemExit(f"heron devices provision: {exc}") from exc
+    except KeyboardInterrupt as exc:
+        kept = f"; {exc}" if exc.args else ""  # what provision() left, when it knows
+        print(f"\nheron devices provision: interrupted{kept}", file=sys.stderr, flush=True)
+        return 130
     print(summary(result))
     return 0
 

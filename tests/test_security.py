@@ -339,6 +339,26 @@ def test_tls_with_client_certificates(tmp_path: Path, probes: list[Probe]) -> No
         stop_broker(b)
 
 
+def test_forced_reprovision_swaps_in_working_logins(tmp_path: Path, probes: list[Probe]) -> None:
+    """After `--force` the broker takes the new logins, whose files name their final paths
+    (not the staging folder they were made in), and refuses the replaced ones."""
+    _openssl_or_skip()
+    out = tmp_path / "broker"
+    provision(ProvisionOptions(out=out, device_ids=("dev-0",), tls=True))
+    old = json.loads((out / "credentials" / "dev-0.json").read_text())
+    b = start_broker(out, ("dev-0",), tls=True, force=True)
+    try:
+        cred = b.creds("dev-0")
+        assert Path(cred["ca_file"]).parent == out.resolve() / "tls"
+        p = Probe(b.port, cred, tls=True, ca_file=cred["ca_file"])
+        probes.append(p)
+        assert p.connect() == "Success"
+        stale = Probe(b.port, cred, password=old["password"], tls=True, ca_file=cred["ca_file"])
+        assert stale.connect() == "Not authorized"
+    finally:
+        stop_broker(b)
+
+
 def test_broker_drops_root_and_still_reads_its_files(probes: list[Probe]) -> None:
     """As root, --broker-user mosquitto: the broker runs unprivileged and reads passwd/acl/key."""
     import pwd

@@ -3,6 +3,7 @@ ACL derived from the topics module, secret files nobody else can read, and a wor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -219,7 +220,7 @@ def test_tls_ca_and_broker_certificate(tmp_path: Path) -> None:
     conf = (out / "mosquitto.conf").read_text().splitlines()
     assert f"cafile {tls.resolve() / 'ca.crt'}" in conf
     assert "require_certificate false" in conf
-    assert not list(out.glob(".tls-*"))  # the work folder (csr, openssl.cnf) is gone
+    assert not list(out.glob(".*"))  # the staging folder (csr, openssl.cnf) is gone
 
 
 def test_tls_client_certificates(tmp_path: Path) -> None:
@@ -234,6 +235,148 @@ def test_tls_client_certificates(tmp_path: Path) -> None:
     assert "CN = dev-0" in text and "Client Authentication" in text
     assert "require_certificate true" in (out / "mosquitto.conf").read_text()
     assert Path(json.loads((out / "credentials" / "server.json").read_text())["cert_file"]).exists()
+
+
+# -- --force is all or nothing ------------------------------------------------------------------
+def _snapshot(out: Path) -> dict[str, tuple[bytes | None, int, int, int]]:
+    """Every entry under `out`: bytes (files), mode and owner; equal snapshots, same tree."""
+    snap = {}
+    for path in sorted(out.rglob("*")):
+        st = path.lstat()
+        body = path.read_bytes() if path.is_file() else None
+        snap[str(path.relative_to(out))] = (body, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return snap
+
+
+def _failing_openssl(folder: Path, real: str) -> str:
+    """A folder for the front of PATH whose `openssl` runs the real one until its first `x509`
+    (signing the broker's certificate): the CA and the server key are made, then it fails."""
+    folder.mkdir()
+    fake = folder / "openssl"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = x509 ]; then echo "fake openssl: disk on fire" >&2; '
+                    f'exit 1; fi\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_force_failing_midway_leaves_the_old_credentials_untouched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _openssl()
+    out = tmp_path / "b"
+    _provision(out, "dev-0", "dev-1", tls=True, client_certs=True)
+    before = _snapshot(out)
+    monkeypatch.setenv("PATH", _failing_openssl(tmp_path / "bin", real))
+    with pytest.raises(ProvisionError, match="previous credentials in .* are unchanged") as err:
+        _provision(out, "dev-0", "dev-1", "dev-2", tls=True, client_certs=True, force=True)
+    assert "fake openssl: disk on fire" in str(err.value)  # the cause is still named
+    assert _snapshot(out) == before  # byte for byte, modes and owners, no staging folder left
+
+
+def test_cli_force_failing_midway_says_the_old_credentials_are_unchanged(tmp_path: Path) -> None:
+    real = _openssl()
+    out = tmp_path / "b"
+    _provision(out, "dev-0", tls=True)
+    before = _snapshot(out)
+    env = {**os.environ, "PATH": _failing_openssl(tmp_path / "bin", real)}
+    proc = subprocess.run(heron("devices", "provision", "--out", str(out), "--tls", "--force",
+                                "dev-0"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert f"the previous credentials in {out.resolve()} are unchanged" in proc.stderr
+    assert _snapshot(out) == before
+
+
+def test_cli_ctrl_c_says_the_old_credentials_are_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import devices.provision
+    from heron.cli import build_parser, cmd_provision
+
+    _openssl()
+    out = tmp_path / "b"
+    _provision(out, "dev-0", tls=True)
+    before = _snapshot(out)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(devices.provision, "_make_tls", interrupted)
+    args = build_parser().parse_args(["devices", "provision", "--out", str(out), "--tls",
+                                      "--force", "dev-0"])
+    assert cmd_provision(args) == 130
+    assert f"interrupted; the previous credentials in {out.resolve()} are unchanged" in \
+        capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(("name", "after"), [
+    ("credentials", False),  # the old credentials/ is set aside, the new one not yet in
+    ("tls", True),  # credentials/ and tls/ swapped, then the interrupt
+    ("mosquitto.conf", True),  # the very last rename done, its bookkeeping not
+])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   KeyboardInterrupt()], ids=["oserror", "ctrl-c"])
+def test_force_failing_during_the_swap_puts_the_old_files_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, after: bool,
+        error: BaseException) -> None:
+    _openssl()
+    out = tmp_path / "b"
+    _provision(out, "dev-0", "dev-1", tls=True)
+    before = _snapshot(out)
+    real_replace, fired = os.replace, []
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        """os.replace that fails once, as the staged `name` is moved into place."""
+        hit = not fired and Path(dst) == out.resolve() / name and ".provision-" in str(src)
+        if hit and after:
+            real_replace(src, dst)
+        if hit:
+            fired.append(dst)
+            raise error
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ProvisionError if isinstance(error, OSError) else KeyboardInterrupt,
+                       match="previous credentials in .* are unchanged"):
+        _provision(out, "dev-0", "dev-1", tls=True, force=True)
+    monkeypatch.undo()
+    assert fired
+    assert _snapshot(out) == before
+
+
+def test_failure_on_a_fresh_out_leaves_nothing_behind(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _openssl()
+    monkeypatch.setenv("PATH", _failing_openssl(tmp_path / "bin", real))
+    with pytest.raises(ProvisionError, match="nothing was left in"):
+        _provision(tmp_path / "new" / "b", "dev-0", tls=True)
+    assert not (tmp_path / "new").exists()  # not even the folders it made for --out
+
+
+def test_force_replaces_every_secret_and_leaves_no_staging(tmp_path: Path) -> None:
+    _openssl()
+    out = tmp_path / "b"
+    _provision(out, "dev-0", "dev-1", tls=True)
+    old = {p.stem: json.loads(p.read_text()) for p in (out / "credentials").glob("*.json")}
+    old_ca = (out / "tls" / "ca.crt").read_bytes()
+    _provision(out, "dev-0", "dev-1", tls=True, force=True)
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["acl", "credentials", "mosquitto.conf", "passwd", "tls"]  # no staging, no backup
+    hashes = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
+    for name, cred in old.items():
+        new = json.loads((out / "credentials" / f"{name}.json").read_text())
+        assert new["password"] != cred["password"]
+        assert not check_mosquitto_hash(cred["password"], hashes[cred["username"]])
+        assert check_mosquitto_hash(new["password"], hashes[new["username"]])
+        assert new["ca_file"] == str(out.resolve() / "tls" / "ca.crt")  # the final path
+    assert (out / "tls" / "ca.crt").read_bytes() != old_ca
+    assert _mode(out / "credentials") == 0o700
+    for path in [*(out / "credentials").iterdir(), out / "passwd", out / "acl",
+                 out / "tls" / "ca.key", out / "tls" / "server.key"]:
+        assert _mode(path) == 0o600, path
+    assert _mode(out / "mosquitto.conf") == 0o644
+    _provision(out, "dev-0", force=True)  # without --tls now: the old CA goes too
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["acl", "credentials", "mosquitto.conf", "passwd"]
 
 
 def test_cli_prints_the_commands(tmp_path: Path) -> None:
