@@ -55,6 +55,9 @@ class ProgressConfig:
     aux_from_server: bool = False
     arms: tuple[str, ...] = ARMS
     heron_lr: float | None = None  # default: the run's device lr
+    heron_q: int | None = None  # ZO directions per step (default: the run's q)
+    heron_mu: float | None = None  # ZO smoothing (default: the run's mu)
+    heron_optimizer: str | None = None  # adam | sgd (default: the run's)
     fo_lr: float = FO_LR
     threads: int = 1
     eval_samples: int | None = None  # default: the whole test set
@@ -145,12 +148,16 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
     progress(f"step 0 (frozen device): test acc {start['test_accuracy']:.4f}, loss "
              f"{start['test_loss']:.4f}, aux loss {start['aux_test_loss']:.4f}")
     curves: dict[str, list[dict[str, Any]]] = {}
+    heron_cfg: TrainConfig | None = None
     ms: dict[str, float] = {}
     for arm in cfg.arms:
         if arm == "heron":
-            lr = cfg.heron_lr or base.optimizer.lr
-            arm_cfg = replace(base, algorithm="heron", local_steps=every,
-                              optimizer=replace(base.optimizer, lr=lr))
+            arm_cfg = replace(
+                base, algorithm="heron", local_steps=every,
+                zo=replace(base.zo, q=cfg.heron_q or base.zo.q, mu=cfg.heron_mu or base.zo.mu),
+                optimizer=replace(base.optimizer, lr=cfg.heron_lr or base.optimizer.lr,
+                                  name=cfg.heron_optimizer or base.optimizer.name))
+            heron_cfg = arm_cfg
         else:
             arm_cfg = replace(base, algorithm="cse-fsl", local_steps=every,
                               optimizer=OptimizerConfig(name="adam", lr=cfg.fo_lr))
@@ -179,6 +186,7 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
         load_flat_into(split, manifest, theta0)
     report = {"workload": "progress", "command": command,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "heron_config": heron_cfg.to_json() if heron_cfg else None,
               "run": {"model": manifest.model, "cut": manifest.cut, "dataset": run["dataset"],
                       "num_params": manifest.num_params, "every": every,
                       "train_config": base.to_json(), "aux_copied": copied,
@@ -204,6 +212,11 @@ def progress_markdown(report: dict[str, Any]) -> str:
              "| step | " + " | ".join(f"{a} acc | {a} loss | {a} aux loss | {a} moved c / a"
                                      for a in arms) + " |",
              "|---:|" + "---:|---:|---:|---:|" * len(arms)]
+    h = report.get("heron_config")
+    if h:
+        z, o = h["zo"], h["optimizer"]
+        lines.insert(1, f"heron: {o['name']} lr {o['lr']:g}, mu {z['mu']:g}, q {z['q']}, "
+                     f"{z['scheme']} difference, {z.get('perturb', 'full')} perturbation")
     steps = [p["step"] for p in report["curves"][arms[0]]]
     for i, step in enumerate(steps):
         cells = []

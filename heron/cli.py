@@ -638,6 +638,8 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
         cfg = ProgressConfig(run_dir=args.run_from, steps=args.steps or 400, every=args.every,
                              device=args.device, aux_from_server=args.aux_from_server,
                              arms=_csv(args.arms), heron_lr=args.heron_lr, fo_lr=args.fo_lr,
+                             heron_q=args.heron_q, heron_mu=args.heron_mu,
+                             heron_optimizer=args.heron_optimizer,
                              threads=args.threads or 1, eval_samples=args.eval_samples)
         print(f"heron bench: progress workload, {cfg.steps} local steps per arm "
               f"({', '.join(cfg.arms)}) from {cfg.run_dir}; files in "
@@ -887,6 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first copy the server's same-named tensors into the aux head")
     prog.add_argument("--heron-lr", type=float, default=None,
                       help="heron's device lr (default: the run's)")
+    prog.add_argument("--heron-q", type=int, default=None,
+                      help="heron's ZO directions per step (default: the run's)")
+    prog.add_argument("--heron-mu", type=float, default=None,
+                      help="heron's ZO smoothing mu (default: the run's)")
+    prog.add_argument("--heron-optimizer", default=None, choices=("adam", "sgd"),
+                      help="heron's device optimizer (default: the run's)")
     prog.add_argument("--fo-lr", type=float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
     prog.add_argument("--eval-samples", type=int, default=None,
                       help="test samples per evaluation (default: all)")

@@ -52,5 +52,12 @@ def test_progress_refuses_what_it_cannot_run(finished_run: Path, tmp_path: Path)
         run_progress(tmp_path, ProgressConfig(run_dir=str(finished_run), aux_from_server=True))
     with pytest.raises(ValueError, match="--device names one of"):
         run_progress(tmp_path, ProgressConfig(run_dir=str(finished_run), device="dev-9"))
+    report = run_progress(tmp_path / "q", ProgressConfig(
+        run_dir=str(finished_run), steps=2, every=2, arms=("heron",), heron_q=3, heron_mu=0.01,
+        heron_optimizer="sgd", heron_lr=1e-4))
+    assert report["heron_config"]["zo"]["q"] == 3 and report["heron_config"]["zo"]["mu"] == 0.01
+    assert report["heron_config"]["optimizer"] == {**report["heron_config"]["optimizer"],
+                                                  "name": "sgd", "lr": 1e-4}
+    assert "heron: sgd lr 0.0001, mu 0.01, q 3" in (tmp_path / "q" / "progress.md").read_text()
     with pytest.raises(ValueError, match="arms"):
         ProgressConfig(run_dir="x", arms=("sflv2",))
