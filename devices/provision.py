@@ -18,6 +18,11 @@ device-only install can provision too.
 `--force` replaces all of it at once: everything is made in a staging folder inside DIR and
 swapped in by renames only when complete, so a failure part-way (openssl, a full disk, Ctrl-C)
 leaves the previous credentials exactly as they were and the deployed devices logged in.
+
+One provision at a time writes a DIR: each holds an exclusive lock on DIR/.provision.lock (removed
+when it ends) and another one fails at once. A staging folder (`DIR/.provision-*`) that is there
+when the lock is free was left by a provision that was killed (SIGKILL, power loss), so it holds
+replaced or never-used credentials: the next provision that goes ahead removes it and says so.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,10 +326,18 @@ def _make_tls(work: Path, sans: str, clients: list[tuple[str, str]], days: int) 
 # -- the whole job ------------------------------------------------------------------------
 # What `provision` owns in OUT, swapped in this order; anything else there is left alone.
 _SWAPPED = ("credentials", "tls", "passwd", "acl", "mosquitto.conf")
+# The staging folders (tempfile.mkdtemp prefix; the replaced files go into one's `old/`) and
+# the lock file, which must not match the prefix.
+STAGE_PREFIX = ".provision-"
+LOCK_FILE = ".provision.lock"
 
 
 class _Stuck(ProvisionError):
     """The swap failed and could not be undone; the message says where the old files are."""
+
+
+class _Busy(ProvisionError):
+    """Another provision holds OUT's lock; nothing was touched."""
 
 
 def provision(opts: ProvisionOptions) -> Provisioned:
@@ -332,10 +346,6 @@ def provision(opts: ProvisionOptions) -> Provisioned:
     so the deployed devices keep working."""
     _check(opts)
     out = opts.out.resolve()
-    creds_dir = out / "credentials"
-    if creds_dir.is_dir() and any(creds_dir.glob("*.json")) and not opts.force:
-        raise ProvisionError(f"{creds_dir} already exists; help: pass --force to replace every "
-                             "credential there (old passwords stop working), or another --out")
     user, owner = _broker_account(opts, out)
     port = opts.port or (8883 if opts.tls else 1883)
     advertise = opts.advertise or (socket.gethostname() if opts.host in _WILDCARD_HOSTS
@@ -350,29 +360,41 @@ def provision(opts: ProvisionOptions) -> Provisioned:
     previous = any(os.path.lexists(out / name) for name in _SWAPPED)
     kept = (f"the previous credentials in {out} are unchanged" if previous
             else f"nothing was left in {out}")
-    stage: Path | None = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if owner is not None and user is not None:
-            _check_reachable(out, user, owner)  # the folders just made, under this umask
-        stage = Path(tempfile.mkdtemp(prefix=".provision-", dir=out))  # 0700, same filesystem
-        paths, ca_file = _stage(opts, out, stage, url, advertise, port, user, owner)
-        _swap_in(stage / "new", stage / "old", out)
-    except _Stuck:
-        raise  # the old files are in the staging folder, which must stay
+        with _locked(out):  # released (and its file removed) before the folders are
+            creds_dir = out / "credentials"
+            if creds_dir.is_dir() and any(creds_dir.glob("*.json")) and not opts.force:
+                raise ProvisionError(f"{creds_dir} already exists; help: pass --force to "
+                                     "replace every credential there (old passwords stop "
+                                     "working), or another --out")
+            notes += _remove_leftovers(out)
+            if owner is not None and user is not None:
+                _check_reachable(out, user, owner)  # the folders just made, under this umask
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))  # 0700, same fs
+            try:
+                paths, ca_file = _stage(opts, out, stage, url, advertise, port, user, owner)
+                _swap_in(stage / "new", stage / "old", out)
+            except _Stuck:
+                raise
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+            try:
+                shutil.rmtree(stage)  # the replaced credentials, and openssl's work files
+            except OSError as exc:
+                notes.append(f"could not remove {stage}, which holds the replaced credentials: "
+                             f"{exc}; help: rm -rf {stage}")
+    except (_Stuck, _Busy):
+        raise  # a stuck swap's old files are in its staging folder, which must stay
     except (ProvisionError, OSError) as exc:
-        _discard(stage, made)
+        _remove_empty(made)
         raise ProvisionError(f"{exc}; {kept}") from exc
     except BaseException as exc:  # Ctrl-C
-        _discard(stage, made)
+        _remove_empty(made)
         if isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from exc  # the CLI tells the user what was kept
         raise
-    try:
-        shutil.rmtree(stage)  # the replaced credentials, and openssl's work files
-    except OSError as exc:
-        notes.append(f"could not remove {stage}, which holds the replaced credentials: {exc}; "
-                     f"help: rm -rf {stage}")
     return Provisioned(out, url, opts.prefix, out / "mosquitto.conf", paths, ca_file, user, notes)
 
 
@@ -468,16 +490,84 @@ def _swap_in(new: Path, old: Path, out: Path) -> None:
         except OSError as undo:
             raise _Stuck(f"replacing the files in {out} failed ({exc!r}) and putting the old "
                          f"ones back failed too ({undo}); help: the previous files are in "
-                         f"{old}: move them back into {out}") from exc
+                         f"{old}: move them back into {out} before provisioning here again "
+                         "(the next provision removes that folder)") from exc
         raise
     with contextlib.suppress(OSError):  # not every platform can open a folder
         _fsync(out)
 
 
-def _discard(stage: Path | None, made: list[Path]) -> None:
-    """Remove the staging folder, then the folders provisioning made, if still empty."""
-    if stage is not None:
-        shutil.rmtree(stage, ignore_errors=True)
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on OUT/.provision.lock, or fail at once if another provision
+    does. The file is removed on the way out, while still locked: a provision that opened it
+    just before finds another file (or none) at the path once it has the lock, and starts
+    again on that one, so two never both hold it. A killed holder's lock ends with it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no flock, nothing stops two provisions at once
+        yield
+        return
+    path = out / LOCK_FILE
+    for _ in range(10):
+        # O_NOFOLLOW: a symlink there is refused (ELOOP), never followed out of OUT
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise _Busy(f"another `heron devices provision` is writing {out} (it holds "
+                        f"{path}); help: wait for it to finish and run this again, or pick "
+                        "another --out") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed it as we opened it: lock the one there now
+    else:
+        raise ProvisionError(f"could not lock {path}: it kept being replaced; help: run this "
+                             "again once no other `heron devices provision` writes there")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _remove_leftovers(out: Path) -> list[str]:
+    """Remove the staging folders a killed provision left in OUT; notes saying what was done.
+
+    Called with the lock held, so no provision is using them. Only real folders are removed
+    (rmtree does not follow symlinks inside them); a symlink or file by that name is left."""
+    removed, notes = [], []
+    for entry in sorted(os.scandir(out), key=lambda e: e.name):
+        if not entry.name.startswith(STAGE_PREFIX):
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            notes.append(f"left {entry.path} alone: it is named like a staging folder of "
+                         "`heron devices provision` but is not a folder (a symlink or a file)")
+            continue
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as exc:
+            notes.append(f"could not remove {entry.path}, left by a provision that was killed "
+                         f"(it holds credentials): {exc}; help: rm -rf {entry.path}")
+        else:
+            removed.append(entry.name)
+    if removed:
+        notes.insert(0, f"removed {', '.join(removed)} from {out}: left by a `heron devices "
+                        "provision` that was killed, it held replaced or never-used credentials "
+                        "(secrets)")
+    return notes
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders provisioning made (deepest first), as long as they are empty."""
     for folder in made:
         try:
             folder.rmdir()

@@ -4,6 +4,7 @@ ACL derived from the topics module, secret files nobody else can read, and a wor
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from devices.provision import (
     device_acl,
     mosquitto_hash,
     provision,
+    summary,
 )
 from edge_runtime import topics
 
@@ -378,6 +380,56 @@ def test_force_replaces_every_secret_and_leaves_no_staging(tmp_path: Path) -> No
     assert sorted(p.name for p in out.iterdir()) == \
         ["acl", "credentials", "mosquitto.conf", "passwd"]
 
+
+
+# -- one provision at a time; what a killed one left --------------------------------------------
+def test_what_a_killed_provision_left_is_removed_by_the_next(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    _provision(out, "dev-0")
+    # SIGKILL after the swap: the staging folder holds the replaced secrets; the lock file stays
+    left = out / ".provision-xyz"
+    (left / "old" / "credentials").mkdir(parents=True, mode=0o700)
+    (left / "old" / "credentials" / "dev-0.json").write_text('{"password": "old"}')
+    (out / ".provision.lock").touch()
+    (out / ".provisional").write_text("not ours")  # near the name, but not a staging folder
+    result = _provision(out, "dev-0", force=True)
+    assert not left.exists()
+    assert any(".provision-xyz" in n and "killed" in n for n in result.notes)
+    assert "note: removed .provision-xyz" in summary(result)
+    assert sorted(p.name for p in out.iterdir()) == \
+        [".provisional", "acl", "credentials", "mosquitto.conf", "passwd"]  # no lock file either
+
+
+def test_a_provision_already_writing_out_makes_another_fail_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    _provision(out, "dev-0")
+    fd = os.open(out / ".provision.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running provision holds it
+        before = _snapshot(out)
+        with pytest.raises(ProvisionError, match="another `heron devices provision` is writing"):
+            _provision(out, "dev-0", force=True)
+        assert _snapshot(out) == before  # the lock file and every credential untouched
+    finally:
+        os.close(fd)
+    _provision(out, "dev-0", force=True)  # once it is released
+    assert not (out / ".provision.lock").exists()
+
+
+def test_symlinks_named_like_its_files_are_not_followed(tmp_path: Path) -> None:
+    out, outside = tmp_path / "b", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not provision's")
+    _provision(out, "dev-0")
+    (out / ".provision-evil").symlink_to(outside, target_is_directory=True)
+    result = _provision(out, "dev-0", force=True)
+    assert (outside / "keep").read_text() == "not provision's"
+    assert (out / ".provision-evil").is_symlink()  # left alone, and said so
+    assert any(".provision-evil alone" in n for n in result.notes)
+    (out / ".provision.lock").symlink_to(outside / "made")
+    with pytest.raises(ProvisionError, match="provision.lock"):
+        _provision(out, "dev-0", force=True)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
 
 def test_cli_prints_the_commands(tmp_path: Path) -> None:
     out = tmp_path / "b"
