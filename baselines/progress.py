@@ -76,8 +76,17 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if missing:
         raise ValueError(f"{run_dir} is not a finished federation (missing {', '.join(missing)});"
                          " help: pass the --out directory of a `heron run`")
-    run = json.loads((run_dir / "run.json").read_text())
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    except Exception as exc:  # torch raises its own types for a truncated or foreign file
+        raise ValueError(f"cannot read {run_dir}'s run.json or checkpoint.pt: "
+                         f"{type(exc).__name__}: {exc}; help: pass the --out directory of a "
+                         "finished `heron run`") from exc
+    missing = sorted({"server_state", "device_weights", "train_config"} - set(ckpt))
+    if missing or not isinstance(run, dict) or "dataset" not in run:
+        raise ValueError(f"{run_dir} is not a heron run directory (checkpoint lacks {missing} "
+                         "or run.json names no dataset)")
     return run, ckpt
 
 

@@ -59,5 +59,12 @@ def test_progress_refuses_what_it_cannot_run(finished_run: Path, tmp_path: Path)
     assert report["heron_config"]["optimizer"] == {**report["heron_config"]["optimizer"],
                                                   "name": "sgd", "lr": 1e-4}
     assert "heron: sgd lr 0.0001, mu 0.01, q 3" in (tmp_path / "q" / "progress.md").read_text()
+    broken = tmp_path / "broken"
+    for name in ("bundle", "shards"):
+        (broken / name).mkdir(parents=True)
+    (broken / "run.json").write_text("{}")
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*checkpoint.pt"):
+        run_progress(tmp_path, ProgressConfig(run_dir=str(broken)))
     with pytest.raises(ValueError, match="arms"):
         ProgressConfig(run_dir="x", arms=("sflv2",))
