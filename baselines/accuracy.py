@@ -248,11 +248,13 @@ def _pct(x: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
+    alpha = (f", Dirichlet alpha {cfg['alpha']}" if "dirichlet" in cfg["partitions"] else "")
+    mnist = (f"; {MNIST_FORMAT} = {cfg['mnist_format_source']}" if MNIST_FORMAT in cfg["datasets"]
+             else "")
     lines = [
         f"Accuracy: {cfg['model']} cut {report['runs'][0]['cut']}, {cfg['devices']} devices, "
-        f"{cfg['rounds']} rounds of {cfg['local_steps']} local steps, Dirichlet alpha "
-        f"{cfg['alpha']}, seeds {', '.join(map(str, cfg['seeds']))}; "
-        f"{MNIST_FORMAT} = {cfg['mnist_format_source']}."
+        f"{cfg['rounds']} rounds of {cfg['local_steps']} local steps{alpha}, seeds "
+        f"{', '.join(map(str, cfg['seeds']))}{mnist}."
         + (f" Extra `heron run` options: `{' '.join(cfg['run_args'])}`." if cfg["run_args"]
            else ""),
         "",
