@@ -10,6 +10,13 @@ so BatchNorm's running statistics would be updated by every perturbed evaluation
 federated averaging of per-device running means and variances is ill-defined under non-IID
 data. GroupNorm has no buffers and behaves the same in training and evaluation.
 
+``fedcnn`` is the CNN of the federated-learning literature for MNIST-format data (McMahan et
+al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data": two 5x5
+convolutions with 32 and 64 channels, each with ReLU and 2x2 max-pooling, a 512-unit fully
+connected layer, the classifier; 1,663,370 weights for 1x28x28 inputs and 10 classes). It is
+the default for 1x28x28 inputs (``default_model``); ``cnn``, sized for 8x8 digits, stays the
+default for every other image shape.
+
 ``minilm`` (pretrained all-MiniLM-L6-v2 with LoRA adapters, ``exporter/minilm.py``) takes
 int64 (2, L) inputs, token ids and attention mask, instead of (C, H, W) images.
 """
@@ -28,16 +35,18 @@ from exporter import minilm
 
 MODELS: dict[str, tuple[str, ...]] = {
     "cnn": ("conv1", "conv2"),
+    "fedcnn": ("conv1", "conv2"),
     "resnet18": ("stem", "layer1", "layer2"),
     "minilm": minilm.CUTS,
 }
-DEFAULT_CUTS: dict[str, str] = {"cnn": "conv1", "resnet18": "layer1",
+DEFAULT_CUTS: dict[str, str] = {"cnn": "conv1", "fedcnn": "conv1", "resnet18": "layer1",
                                 "minilm": minilm.DEFAULT_CUT}
-IMAGE_MODELS = ("cnn", "resnet18")  # input (C, H, W) float32
+IMAGE_MODELS = ("cnn", "fedcnn", "resnet18")  # input (C, H, W) float32
 TEXT_MODELS = ("minilm",)  # input (2, L) int64: token ids and attention mask
 # Extra keyword options each model takes through build_split(**options), with defaults.
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "cnn": {}, "resnet18": {}, "minilm": minilm.DEFAULT_OPTIONS}
+    "cnn": {}, "fedcnn": {}, "resnet18": {}, "minilm": minilm.DEFAULT_OPTIONS}
+MNIST_SHAPE = (1, 28, 28)
 MIN_SIDE = 8  # three stride-2 stages in ResNet-18 still leave a 1x1 map
 
 
@@ -83,7 +92,8 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def _cnn_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+def _cnn_blocks(channels: int, num_classes: int, _side: tuple[int, int]
+                ) -> list[tuple[str, nn.Module]]:
     return [
         ("conv1", nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU())),
         ("conv2", nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))),
@@ -92,7 +102,21 @@ def _cnn_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _resnet18_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Module]]:
+def _fedcnn_blocks(channels: int, num_classes: int, side: tuple[int, int]
+                   ) -> list[tuple[str, nn.Module]]:
+    # "same" padding, as in the paper's TensorFlow model: 28x28 -> 14x14 -> 7x7x64 = 3136.
+    flat = 64 * (side[0] // 2 // 2) * (side[1] // 2 // 2)
+    return [
+        ("conv1", nn.Sequential(nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(),
+                                nn.MaxPool2d(2))),
+        ("conv2", nn.Sequential(nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))),
+        ("fc", nn.Sequential(nn.Flatten(), nn.Linear(flat, 512), nn.ReLU())),
+        ("head", nn.Linear(512, num_classes)),
+    ]
+
+
+def _resnet18_blocks(channels: int, num_classes: int, _side: tuple[int, int]
+                     ) -> list[tuple[str, nn.Module]]:
     # CIFAR-style: 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep their resolution.
     blocks: list[tuple[str, nn.Module]] = [
         ("stem", nn.Sequential(
@@ -108,10 +132,20 @@ def _resnet18_blocks(channels: int, num_classes: int) -> list[tuple[str, nn.Modu
     return blocks
 
 
-_BUILDERS: dict[str, Callable[[int, int], list[tuple[str, nn.Module]]]] = {
+# Each builder takes (channels, num_classes, (height, width)).
+_BUILDERS: dict[str, Callable[[int, int, tuple[int, int]], list[tuple[str, nn.Module]]]] = {
     "cnn": _cnn_blocks,
+    "fedcnn": _fedcnn_blocks,
     "resnet18": _resnet18_blocks,
 }
+
+
+def default_model(input_shape: tuple[int, ...], input_dtype: str = "float32") -> str:
+    """The zoo model a data set gets when the user names none: ``fedcnn`` for MNIST-format
+    1x28x28 images, ``minilm`` for token sequences, ``cnn`` for every other image shape."""
+    if input_dtype == "int64":
+        return "minilm"
+    return "fedcnn" if tuple(input_shape) == MNIST_SHAPE else "cnn"
 
 
 def build_aux(smashed_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -179,7 +213,8 @@ def build_split(
     # fork_rng keeps the caller's global RNG untouched while init draws from a seeded one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        blocks = _BUILDERS[model](input_shape[0], num_classes)
+        blocks = _BUILDERS[model](input_shape[0], num_classes,
+                                  (input_shape[1], input_shape[2]))
         at = [name for name, _ in blocks].index(cut) + 1
         client = nn.Sequential(OrderedDict(blocks[:at]))
         server = nn.Sequential(OrderedDict(blocks[at:]))

@@ -30,6 +30,8 @@ CASES: list[tuple[str, tuple[int, int, int], str]] = [
     ("cnn", (1, 8, 8), "conv2"),
     ("cnn", (1, 28, 28), "conv1"),
     ("cnn", (1, 28, 28), "conv2"),
+    ("fedcnn", (1, 28, 28), "conv1"),
+    ("fedcnn", (1, 28, 28), "conv2"),
     ("resnet18", (3, 32, 32), "stem"),
     ("resnet18", (3, 32, 32), "layer1"),
     ("resnet18", (3, 32, 32), "layer2"),

@@ -36,6 +36,7 @@ CASES = {
     "resnet18-layer1": ("resnet18", (3, 32, 32), "layer1", ["stem", "layer1.0", "layer1.1",
                                                             "aux"]),
     "cnn-conv1": ("cnn", (1, 8, 8), "conv1", ["conv1", "aux"]),
+    "fedcnn-conv2": ("fedcnn", (1, 28, 28), "conv2", ["conv1", "conv2", "aux"]),
 }
 
 

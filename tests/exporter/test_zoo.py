@@ -12,6 +12,7 @@ from exporter.zoo import (
     MODELS,
     SplitModel,
     build_split,
+    default_model,
     full_forward,
 )
 
@@ -20,6 +21,10 @@ CASES: list[tuple[str, tuple[int, int, int], str, tuple[int, ...]]] = [
     ("cnn", (1, 8, 8), "conv2", (32, 4, 4)),
     ("cnn", (1, 28, 28), "conv1", (16, 28, 28)),
     ("cnn", (1, 28, 28), "conv2", (32, 14, 14)),
+    ("fedcnn", (1, 28, 28), "conv1", (32, 14, 14)),
+    ("fedcnn", (1, 28, 28), "conv2", (64, 7, 7)),
+    ("fedcnn", (3, 32, 32), "conv2", (64, 8, 8)),
+    ("fedcnn", (1, 9, 11), "conv2", (64, 2, 2)),
     ("resnet18", (3, 32, 32), "stem", (64, 32, 32)),
     ("resnet18", (3, 32, 32), "layer1", (64, 32, 32)),
     ("resnet18", (3, 32, 32), "layer2", (128, 16, 16)),
@@ -82,6 +87,36 @@ def test_default_cuts_are_allowed_cuts() -> None:
     assert all(DEFAULT_CUTS[m] in MODELS[m] for m in MODELS)
     assert build_split("resnet18", (3, 32, 32), NUM_CLASSES).cut == "layer1"
     assert build_split("cnn", (1, 8, 8), NUM_CLASSES).cut == "conv1"
+    assert build_split("fedcnn", (1, 28, 28), NUM_CLASSES).cut == "conv1"
+
+
+def test_fedcnn_is_the_fedavg_papers_cnn() -> None:
+    """McMahan et al. 2017 give 1,663,370 weights for MNIST; the device holds conv1 (and
+    conv2 at the conv2 cut: about 52k weights) plus the gap+fc aux head."""
+    sizes = {}
+    for cut in MODELS["fedcnn"]:
+        split = build_split("fedcnn", (1, 28, 28), NUM_CLASSES, cut=cut)
+        client, aux, server = (sum(p.numel() for p in m.parameters())
+                               for m in (split.client, split.aux, split.server))
+        assert client + server == 1_663_370
+        sizes[cut] = (client, aux)
+    assert sizes == {"conv1": (832, 32 * 10 + 10), "conv2": (832 + 51_264, 64 * 10 + 10)}
+    convs = [m for m in split.client.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (5, 5)), (64, (5, 5))]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in split.client.modules()) == 2
+    linears = [m for m in split.server.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3136, 512), (512, 10)]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "model"), [
+    ((1, 28, 28), "float32", "fedcnn"),  # MNIST-format: the FedAvg CNN
+    ((1, 8, 8), "float32", "cnn"),  # sklearn digits
+    ((3, 32, 32), "float32", "cnn"),
+    ((3, 28, 28), "float32", "cnn"),
+    ((2, 64), "int64", "minilm"),
+])
+def test_default_model_follows_the_input(shape: tuple[int, ...], dtype: str, model: str) -> None:
+    assert default_model(shape, dtype) == model
 
 
 def test_resnet18_uses_group_norm_and_has_resnet18_size() -> None:
