@@ -2,6 +2,12 @@
 cut, over IID and Dirichlet partitions and several seeds, each run a real `heron run`
 (embedded broker, server process, device processes).
 
+``centralized`` is the reference every split algorithm is compared with: the same network
+(same zoo model, same seeded initialisation) trained in this process by torch on the union
+of the devices' training data, for as many samples as the federation's devices process
+(participants x rounds x local steps x batch size), with the server's optimizer and lr. It
+does not depend on the partition, so one run per (data set, seed) serves both.
+
 Writes DIR/accuracy.json (every run, every round), DIR/accuracy.md (the table that goes into
 BENCHMARKS.md), DIR/accuracy_rounds.png (test accuracy vs round) and DIR/accuracy_bytes.png
 (test accuracy vs bytes communicated). Finished runs are kept under DIR/runs/ and reused when
@@ -25,6 +31,8 @@ import numpy as np
 
 from edge_runtime.runtime import ALGORITHMS
 
+CENTRALIZED = "centralized"  # a reference, not a federation: see the module docstring
+BENCH_ALGORITHMS = (*ALGORITHMS, CENTRALIZED)
 MNIST_FORMAT = "mnist-format"  # a data set in MNIST's idx files: real MNIST, or digits-28
 DATASETS = ("digits", MNIST_FORMAT, "sst2")  # sst2: text, for --model minilm
 DEFAULT_DATASETS = ("digits", MNIST_FORMAT)
@@ -38,19 +46,19 @@ class AccuracyConfig:
     mnist_dir: str | None = None  # MNIST idx files; None: generate digits-28 in idx format
     partitions: tuple[str, ...] = PARTITIONS
     alpha: float = 0.5
-    algorithms: tuple[str, ...] = ALGORITHMS
+    algorithms: tuple[str, ...] = BENCH_ALGORITHMS
     seeds: tuple[int, ...] = (0, 1, 2)
     devices: int = 5
     rounds: int = 20
     local_steps: int = 40
-    model: str = "cnn"
+    model: str | None = None  # None: each data set's `heron run` default (zoo.default_model)
     cut: str | None = None
     device_threads: int = 1
     run_args: tuple[str, ...] = field(default_factory=tuple)  # more `heron run` options
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("partitions", PARTITIONS),
-                              ("algorithms", ALGORITHMS)):
+                              ("algorithms", BENCH_ALGORITHMS)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values:
@@ -112,13 +120,88 @@ def _run_argv(cfg: AccuracyConfig, dataset: str, data_dir: str | None, partition
             "--algorithm", algorithm, "--dataset", dataset, "--partition", partition,
             "--alpha", str(cfg.alpha), "--seed", str(seed), "--devices", str(cfg.devices),
             "--rounds", str(cfg.rounds), "--local-steps", str(cfg.local_steps),
-            "--model", cfg.model, "--device-threads", str(cfg.device_threads),
-            *cfg.run_args]
+            "--device-threads", str(cfg.device_threads), *cfg.run_args]
     if data_dir:
         argv += ["--data-dir", data_dir]
+    if cfg.model:
+        argv += ["--model", cfg.model]
     if cfg.cut:
         argv += ["--cut", cfg.cut]
     return argv
+
+
+@dataclass(frozen=True)
+class CentralizedSpec:
+    """One centralized torch training job, as a federation's run options describe it."""
+
+    dataset: str
+    data_dir: str | None
+    seed: int
+    model: str | None  # None: zoo.default_model of the data set
+    cut: str | None  # the split does not change the network; recorded for the report
+    steps: int
+    steps_per_round: int  # evaluate after as many samples as one federated round processes
+    batch_size: int
+    optimizer: str
+    lr: float
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+
+def centralized_spec(run_argv: Sequence[str]) -> CentralizedSpec:
+    """The centralized twin of `heron run RUN_ARGV`: same data, model, initialisation seed and
+    batch size, as many samples as its devices process, the server's optimizer and lr."""
+    from heron.cli import _dataset_options, _model_options, build_parser
+
+    args = build_parser().parse_args(["run", *run_argv])
+    participants = args.per_round or args.devices
+    return CentralizedSpec(
+        dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, model=args.model,
+        cut=args.cut, steps=participants * args.rounds * args.local_steps,
+        steps_per_round=participants * args.local_steps, batch_size=args.batch_size,
+        optimizer=args.server_optimizer, lr=args.server_lr,
+        dataset_options=_dataset_options(args), model_options=_model_options(args))
+
+
+def train_centralized(spec: CentralizedSpec) -> dict[str, Any]:
+    """Train the whole network by backprop on the whole training split, epoch-shuffled, and
+    evaluate it on the test split after every round's worth of samples."""
+    from torch import nn
+
+    from devices.datasets import load_dataset
+    from exporter.zoo import build_split, default_model
+    from server.trainer import ServerTrainer, evaluate
+
+    t0 = time.monotonic()
+    ds = load_dataset(spec.dataset, spec.data_dir, seed=spec.seed, **spec.dataset_options)
+    model = spec.model or default_model(ds.input_shape, ds.input_dtype)
+    split = build_split(model, ds.input_shape, ds.num_classes, cut=spec.cut, seed=spec.seed,
+                        **spec.model_options)
+    # the server's own trainer, fed raw inputs: the same optimizer, lr and step
+    trainer = ServerTrainer(nn.Sequential(split.client, split.server), optimizer=spec.optimizer,
+                            lr=spec.lr, smashed_shape=ds.input_shape, num_classes=ds.num_classes)
+    rng = np.random.default_rng(spec.seed)
+    n = len(ds.y_train)
+    batch = min(spec.batch_size, n)
+    order, pos = rng.permutation(n), 0
+    accuracies = []
+    for step in range(1, spec.steps + 1):
+        if pos + batch > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        trainer.train_step(ds.x_train[idx], ds.y_train[idx])
+        if step % spec.steps_per_round == 0 or step == spec.steps:
+            accuracies.append(evaluate(split.client, split.server, ds.x_test, ds.y_test).accuracy)
+    return {
+        "final_test_accuracy": accuracies[-1],
+        "test_accuracy_per_round": accuracies,
+        "bytes_per_round": None, "bytes_total": None,  # no federation: nothing communicated
+        "device_peak_rss_mb": None, "device_step_ms_median": None,
+        "wall_seconds": round(time.monotonic() - t0, 3),
+        "model": model, "cut": split.cut,
+        "samples": spec.steps * batch, "train_samples": n,
+    }
 
 
 def _collect(out: Path) -> dict[str, Any]:
@@ -134,8 +217,38 @@ def _collect(out: Path) -> dict[str, Any]:
         "device_peak_rss_mb": max(rss) if rss else None,
         "device_step_ms_median": statistics.median(steps) if steps else None,
         "wall_seconds": summary["wall_seconds"],
+        "model": summary["model"],
         "cut": summary["cut"],
     }
+
+
+def _federation(argv: list[str], run_dir: Path, name: str, reuse: bool
+                ) -> tuple[dict[str, Any], bool]:
+    stamp = run_dir / "bench-argv.json"
+    fresh = not (reuse and stamp.exists() and (run_dir / "summary.json").exists()
+                 and json.loads(stamp.read_text()) == argv[3:])
+    if fresh:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {name} failed (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-1500:]}\nlogs: {run_dir / 'logs'}")
+        stamp.write_text(json.dumps(argv[3:]) + "\n")
+    return _collect(run_dir), fresh
+
+
+def _centralized(spec: CentralizedSpec, run_dir: Path, reuse: bool
+                 ) -> tuple[dict[str, Any], bool]:
+    path = run_dir / "centralized.json"
+    want = json.loads(json.dumps(asdict(spec)))  # as it reads back from JSON
+    if reuse and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("spec") == want:
+            return saved["result"], False
+    result = train_centralized(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"spec": want, "result": result}, indent=2) + "\n")
+    return result, True
 
 
 def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = None,
@@ -154,23 +267,18 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
     t0 = time.monotonic()
     runs = []
     for i, (ds, part, alg, seed) in enumerate(plan, start=1):
-        name = f"{ds}-{part}-{alg}-s{seed}"
+        # the centralized reference trains on the union of the shards: one per partition pair
+        name = f"{ds}-{alg}-s{seed}" if alg == CENTRALIZED else f"{ds}-{part}-{alg}-s{seed}"
         run_dir = out / "runs" / name
         argv = _run_argv(cfg, "mnist" if ds == MNIST_FORMAT else ds, data_dirs[ds], part,
-                         alg, seed, run_dir)
-        stamp = run_dir / "bench-argv.json"
-        fresh = not (reuse and stamp.exists() and (run_dir / "summary.json").exists()
-                     and json.loads(stamp.read_text()) == argv[3:])
+                         "heron" if alg == CENTRALIZED else alg, seed, run_dir)
         started = time.monotonic()
-        if fresh:
-            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                raise RuntimeError(f"run {name} failed (exit {proc.returncode}): "
-                                   f"{proc.stderr.strip()[-1500:]}\nlogs: {run_dir / 'logs'}")
-            stamp.write_text(json.dumps(argv[3:]) + "\n")
+        if alg == CENTRALIZED:
+            collected, fresh = _centralized(centralized_spec(argv[3:]), run_dir, reuse)
+        else:
+            collected, fresh = _federation(argv, run_dir, name, reuse)
         res = {"dataset": ds, "partition": part, "algorithm": alg, "seed": seed,
-               "run_dir": str(run_dir.relative_to(out)), **_collect(run_dir)}
+               "run_dir": str(run_dir.relative_to(out)), **collected}
         runs.append(res)
         elapsed = time.monotonic() - t0
         eta = elapsed / i * (len(plan) - i)
@@ -208,12 +316,13 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         acc = [r["final_test_accuracy"] for r in rs]
         rss = [r["device_peak_rss_mb"] for r in rs if r["device_peak_rss_mb"] is not None]
         step = [r["device_step_ms_median"] for r in rs if r["device_step_ms_median"] is not None]
+        sent = [r["bytes_total"] for r in rs if r["bytes_total"] is not None]
         rows.append({
             "dataset": ds, "partition": part, "algorithm": alg, "seeds": len(rs),
             "acc_mean": statistics.fmean(acc),
             "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "acc_min": min(acc), "acc_max": max(acc),
-            "mb_total": statistics.fmean(r["bytes_total"] for r in rs) / 1e6,
+            "mb_total": statistics.fmean(sent) / 1e6 if sent else None,
             "device_peak_rss_mb": max(rss) if rss else None,
             "device_step_ms": statistics.median(step) if step else None,
         })
@@ -221,19 +330,22 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def checks(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's accuracy targets per (dataset, partition): heron within 1 point of cse-fsl,
-    and above frozen by more than the seed spread (heron std + frozen std)."""
+    """The issue's accuracy targets per (dataset, partition): heron within 1 point of cse-fsl
+    and of the centralized reference, and above frozen by more than the seed spread (heron
+    std + frozen std)."""
     by = {(r["dataset"], r["partition"], r["algorithm"]): r for r in table}
     out = []
     for ds, part in sorted({(r["dataset"], r["partition"]) for r in table}):
         h = by.get((ds, part, "heron"))
         if h is None:
             continue
-        c, f = by.get((ds, part, "cse-fsl")), by.get((ds, part, "frozen"))
-        if c is not None:
-            gap = h["acc_mean"] - c["acc_mean"]
-            out.append({"dataset": ds, "partition": part, "check": "heron vs cse-fsl",
-                        "value": gap, "limit": -0.01, "met": gap >= -0.01 - 1e-9})
+        f = by.get((ds, part, "frozen"))
+        for ref in ("cse-fsl", CENTRALIZED):
+            c = by.get((ds, part, ref))
+            if c is not None:
+                gap = h["acc_mean"] - c["acc_mean"]
+                out.append({"dataset": ds, "partition": part, "check": f"heron vs {ref}",
+                            "value": gap, "limit": -0.01, "met": gap >= -0.01 - 1e-9})
         if f is not None:
             gap = h["acc_mean"] - f["acc_mean"]
             spread = h["acc_std"] + f["acc_std"]
@@ -251,8 +363,13 @@ def markdown(report: dict[str, Any]) -> str:
     alpha = (f", Dirichlet alpha {cfg['alpha']}" if "dirichlet" in cfg["partitions"] else "")
     mnist = (f"; {MNIST_FORMAT} = {cfg['mnist_format_source']}" if MNIST_FORMAT in cfg["datasets"]
              else "")
+    models: dict[str, str] = {}
+    for r in report["runs"]:
+        if r["algorithm"] != CENTRALIZED or r["dataset"] not in models:
+            models[r["dataset"]] = f"{r.get('model', cfg['model'])} cut {r['cut']}"
     lines = [
-        f"Accuracy: {cfg['model']} cut {report['runs'][0]['cut']}, {cfg['devices']} devices, "
+        f"Accuracy: {'; '.join(f'{ds} {m}' for ds, m in models.items())}, {cfg['devices']} "
+        "devices, "
         f"{cfg['rounds']} rounds of {cfg['local_steps']} local steps{alpha}, seeds "
         f"{', '.join(map(str, cfg['seeds']))}{mnist}."
         + (f" Extra `heron run` options: `{' '.join(cfg['run_args'])}`." if cfg["run_args"]
@@ -264,24 +381,32 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["table"]:
         rss = "" if r["device_peak_rss_mb"] is None else f"{r['device_peak_rss_mb']:.0f}"
+        mb = "" if r["mb_total"] is None else f"{r['mb_total']:,.1f}"
         step = "" if r["device_step_ms"] is None else f"{r['device_step_ms']:.2f}"
         name = f"**{r['algorithm']}**" if r["algorithm"] == "heron" else r["algorithm"]
         lines.append(
             f"| {r['dataset']} | {r['partition']} | {name} | {_pct(r['acc_mean'])} ± "
             f"{_pct(r['acc_std'])} ({_pct(r['acc_min'])}-{_pct(r['acc_max'])}) | "
-            f"{r['mb_total']:,.1f} | {rss} | {step} |")
+            f"{mb} | {rss} | {step} |")
     if report.get("checks"):
         lines += ["", "| data set | partition | target | measured (points) | limit | met |",
                   "|---|---|---|---|---|---|"]
         for c in report["checks"]:
-            what = ("heron mean - cse-fsl mean >= -1 point" if c["check"] == "heron vs cse-fsl"
-                    else "heron mean - frozen mean > heron std + frozen std")
+            ref = c["check"].removeprefix("heron vs ")
+            what = ("heron mean - frozen mean > heron std + frozen std" if ref == "frozen"
+                    else f"heron mean - {ref} mean >= -1 point")
             lines.append(f"| {c['dataset']} | {c['partition']} | {what} | "
                          f"{100 * c['value']:+.2f} | {100 * c['limit']:+.2f} | "
                          f"{'yes' if c['met'] else '**no**'} |")
     lines += ["", "Device peak RSS and step time come from the devices' own telemetry "
               "(psutil/VmHWM, whole process; ONNX Runtime devices for heron and frozen, torch "
               "devices for the others), on a machine shared by all processes of the run."]
+    if any(r["algorithm"] == CENTRALIZED for r in report["table"]):
+        lines += ["", "centralized: the same network and initialisation trained by torch on "
+                  "the union of the devices' training data (so one value serves both "
+                  "partitions), for as many samples as the devices process (participants x "
+                  "rounds x local steps x batch size), with the server's optimizer and lr; "
+                  "evaluated after each round's worth of samples."]
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +433,9 @@ def plot_accuracy(report: dict[str, Any], out: Path) -> list[str]:
                 if not rs:
                     continue
                 acc = np.array([r["test_accuracy_per_round"] for r in rs])
+                if kind == "bytes" and alg == CENTRALIZED:  # nothing sent: its final level
+                    ax.axhline(acc[:, -1].mean(), label=alg, color=colors.get(alg), ls="--")
+                    continue
                 x = (np.arange(1, acc.shape[1] + 1) if kind == "rounds" else
                      np.mean([r["bytes_per_round"] for r in rs], axis=0) / 1e6)
                 lw = 2.4 if alg == "heron" else 1.3

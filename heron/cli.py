@@ -137,9 +137,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=20, help="rounds R (20)")
     g.add_argument("--per-round", type=int, default=None,
                    help="devices picked per round (default: all)")
-    g.add_argument("--model", default="cnn",
-                   help="cnn, resnet18 (images) or minilm (text: pretrained all-MiniLM-L6-v2 "
-                   "with LoRA, for --dataset sst2/tsv) (cnn)")
+    g.add_argument("--model", default=None,
+                   help="cnn, fedcnn, resnet18 (images) or minilm (text: pretrained "
+                   "all-MiniLM-L6-v2 with LoRA, for --dataset sst2/tsv) (default: fedcnn, the "
+                   "FedAvg paper's CNN, for 1x28x28 images such as mnist; minilm for text; "
+                   "cnn otherwise)")
     g.add_argument("--algorithm", default="heron",
                    choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
                    help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
@@ -149,8 +151,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "update). The first four run on torch devices (`heron device --torch`); "
                    "`heron run` starts the right kind (heron)")
     g.add_argument("--cut", default=None,
-                   help="cut layer (cnn: conv1|conv2, resnet18: stem|layer1|layer2, minilm: "
-                   "layer1..layer5, default layer3)")
+                   help="cut layer (cnn, fedcnn: conv1|conv2, default conv1; resnet18: "
+                   "stem|layer1|layer2, default layer1; minilm: layer1..layer5, default layer3)")
     g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
                    help="how device weights are averaged (samples)")
     g.add_argument("--round-timeout", type=float, default=600.0,
@@ -191,6 +193,18 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))
     s.add_argument("--server-lr", type=float, default=1e-3, help="server learning rate (1e-3)")
     s.add_argument("--server-threads", type=int, default=None, help="torch threads on the server")
+
+
+def _default_model(args: argparse.Namespace, command: str) -> str:
+    """The zoo's model for the data set's input shape, when --model is not given."""
+    from devices.datasets import DatasetError, load_dataset
+    from exporter.zoo import default_model
+
+    try:
+        ds = load_dataset(args.dataset, args.data_dir, seed=args.seed, **_dataset_options(args))
+    except DatasetError as exc:
+        raise SystemExit(f"{command}: {exc}") from exc
+    return default_model(ds.input_shape, ds.input_dtype)
 
 
 ZO_DEVICE_LR = 3e-4  # measured on digits (BENCHMARKS.md): 1e-2 loses 4-6 points to frozen
@@ -330,6 +344,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from edge_runtime.transport import BrokerError
     from server.loop import Server, ServerOptions
 
+    args.model = args.model or _default_model(args, "heron server")
     try:
         server = Server(ServerOptions(
             broker=args.broker, out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir,
@@ -362,6 +377,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
         args = _saved_run_args(Path(args.resume), args)
+    if args.model is None:  # resolved once here, so run.json and the server agree
+        args.model = _default_model(args, "heron run")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if not resume and (out / "metrics.jsonl").exists() and not args.overwrite:
         raise SystemExit(f"heron run: {out} already holds a run; help: pass --resume {out} to "
@@ -508,16 +525,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     _need_server_extra()
     from devices.datasets import DatasetError, load_dataset
     from exporter.export import export_split
+    from exporter.zoo import default_model
 
     if args.input_shape:
         shape = tuple(int(s) for s in args.input_shape.split(","))
         classes = args.num_classes
+        args.model = args.model or default_model(shape)
     else:
         try:
             ds = load_dataset(args.dataset, args.data_dir, **_dataset_options(args))
         except DatasetError as exc:
             raise SystemExit(f"heron export: {exc}") from exc
         shape, classes = ds.input_shape, ds.num_classes
+        args.model = args.model or default_model(shape, ds.input_dtype)
     try:
         m = export_split(args.model, shape, classes, args.out, cut=args.cut, seed=args.seed,
                          opset=args.opset, **_model_options(args))
@@ -609,13 +629,14 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
             partitions=_csv(args.partitions), alpha=args.alpha,
             algorithms=_csv(args.algorithms), seeds=tuple(int(s) for s in _csv(args.seeds)),
             devices=args.devices, rounds=args.rounds, local_steps=args.local_steps,
-            model=args.model or "cnn", cut=args.cut, device_threads=args.device_threads,
+            model=args.model, cut=args.cut, device_threads=args.device_threads,
             run_args=tuple(args.run_arg or ()))
     except ValueError as exc:
         raise SystemExit(f"heron bench: {exc}") from exc
     runs = len(cfg.datasets) * len(cfg.partitions) * len(cfg.algorithms) * len(cfg.seeds)
-    print(f"heron bench: accuracy workload, {runs} federations ({cfg.model}, {cfg.devices} "
-          f"devices, {cfg.rounds} rounds); files in {Path(args.out).resolve()}", flush=True)
+    print(f"heron bench: accuracy workload, {runs} runs ({cfg.model or 'default models'}, "
+          f"{cfg.devices} devices, {cfg.rounds} rounds); files in {Path(args.out).resolve()}",
+          flush=True)
     try:
         report = run_accuracy(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
                               reuse=not args.no_reuse,
@@ -682,8 +703,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--model", default=None,
-                   help="cnn, resnet18 or minilm (profile, cost bench: resnet18; accuracy "
-                   "bench: cnn)")
+                   help="cnn, fedcnn, resnet18 or minilm (profile, cost bench: resnet18; "
+                   "accuracy bench: each data set's `heron run` default)")
     p.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
     p.add_argument("--batch", type=int, default=None,
                    help="device batch size (64; minilm: 16)")
@@ -814,7 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a device bundle (ONNX + weights + manifest)")
     _add_data(exp)
-    exp.add_argument("--model", default="cnn", help="cnn, resnet18 or minilm")
+    exp.add_argument("--model", default=None, help="cnn, fedcnn, resnet18 or minilm (default: "
+                     "fedcnn for 1x28x28 inputs, minilm for text, cnn otherwise)")
     _add_model_options(exp)
     exp.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
     exp.add_argument("--input-shape", help="C,H,W instead of taking it from --dataset")
@@ -863,8 +885,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "sklearn digits drawn 28x28, as idx files; no download)")
     acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
     acc.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
-    acc.add_argument("--algorithms", default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen",
-                     help="comma-separated (all six)")
+    acc.add_argument("--algorithms",
+                     default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen,centralized",
+                     help="comma-separated (all six, and centralized: the same network trained "
+                     "by torch on the union of the devices' data for as many samples as the "
+                     "devices process, the ceiling)")
     acc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
     acc.add_argument("--devices", type=int, default=5, help="devices per federation (5)")
     acc.add_argument("--rounds", type=int, default=20, help="rounds, equal for all (20)")
