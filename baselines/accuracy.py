@@ -274,7 +274,7 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
                          "heron" if alg == CENTRALIZED else alg, seed, run_dir)
         started = time.monotonic()
         if alg == CENTRALIZED:
-            collected, fresh = _centralized(centralized_spec(argv[3:]), run_dir, reuse)
+            collected, fresh = _centralized(centralized_spec(argv[4:]), run_dir, reuse)
         else:
             collected, fresh = _federation(argv, run_dir, name, reuse)
         res = {"dataset": ds, "partition": part, "algorithm": alg, "seed": seed,
