@@ -267,7 +267,7 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
     t0 = time.monotonic()
     runs = []
     for i, (ds, part, alg, seed) in enumerate(plan, start=1):
-        # the centralized reference trains on the union of the shards: one per partition pair
+        # the centralized reference trains on the union of the shards: one serves every partition
         name = f"{ds}-{alg}-s{seed}" if alg == CENTRALIZED else f"{ds}-{part}-{alg}-s{seed}"
         run_dir = out / "runs" / name
         argv = _run_argv(cfg, "mnist" if ds == MNIST_FORMAT else ds, data_dirs[ds], part,
@@ -368,10 +368,9 @@ def markdown(report: dict[str, Any]) -> str:
         if r["algorithm"] != CENTRALIZED or r["dataset"] not in models:
             models[r["dataset"]] = f"{r.get('model', cfg['model'])} cut {r['cut']}"
     lines = [
-        f"Accuracy: {'; '.join(f'{ds} {m}' for ds, m in models.items())}, {cfg['devices']} "
-        "devices, "
-        f"{cfg['rounds']} rounds of {cfg['local_steps']} local steps{alpha}, seeds "
-        f"{', '.join(map(str, cfg['seeds']))}{mnist}."
+        f"Accuracy: {'; '.join(f'{ds} {m}' for ds, m in models.items())}, "
+        f"{cfg['devices']} devices, {cfg['rounds']} rounds of {cfg['local_steps']} local "
+        f"steps{alpha}, seeds {', '.join(map(str, cfg['seeds']))}{mnist}."
         + (f" Extra `heron run` options: `{' '.join(cfg['run_args'])}`." if cfg["run_args"]
            else ""),
         "",
