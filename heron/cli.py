@@ -162,6 +162,19 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "this many devices are ready (default: all participants)")
     g.add_argument("--max-update-norm", type=float, default=None,
                    help="reject device updates farther than this (L2) from the global weights")
+    g.add_argument("--clip-update-norm", type=float, default=None,
+                   help="pull device updates farther than this (L2) from the global weights "
+                   "back to this distance before aggregating (default: off)")
+    g.add_argument("--aggregate", default="mean", choices=("mean", "median", "trimmed-mean"),
+                   help="mean (FedAvg, by --weighting), or coordinate-wise median or trimmed "
+                   "mean, which bound what one device can do to the average and ignore "
+                   "sample counts (mean)")
+    g.add_argument("--trim", type=float, default=0.2,
+                   help="trimmed-mean: fraction of the updates dropped at each end of every "
+                   "coordinate, rounded down (0.2: one of 5; with 3 devices it takes >= 0.34)")
+    g.add_argument("--quarantine-after", type=int, default=10,
+                   help="rejected messages after which a device is quarantined for the run: "
+                   "its messages dropped, no more rounds (0: never) (10)")
     g.add_argument("--aux-from-server", action="store_true",
                    help="start each round's aux head as a copy of the server's first layers "
                    "and classifier (every aux tensor with a same-named server tensor; minilm), "
@@ -216,6 +229,7 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
     for name in ("algorithm", "dataset", "data_dir", "seed", "devices", "rounds", "per_round",
                  "model", "cut",
                  "weighting", "round_timeout", "join_timeout", "min_devices", "max_update_norm",
+                 "clip_update_norm", "aggregate", "trim", "quarantine_after",
                  "local_steps", "upload_every",
                  "batch_size", "mu", "q", "scheme", "distribution", "zo_perturb",
                  "device_optimizer",
@@ -329,6 +343,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from devices.datasets import DatasetError
     from edge_runtime.transport import BrokerError
     from server.loop import Server, ServerOptions
+    from server.policy import Limits
 
     try:
         server = Server(ServerOptions(
@@ -340,7 +355,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             weighting=args.weighting, seed=args.seed, prefix=args.prefix,
             threads=args.server_threads, join_timeout=args.join_timeout,
             round_timeout=args.round_timeout, min_devices=args.min_devices,
-            max_update_norm=args.max_update_norm, resume=args.resume,
+            max_update_norm=args.max_update_norm, clip_update_norm=args.clip_update_norm,
+            aggregate=args.aggregate, trim=args.trim,
+            limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
             aux_from_server=args.aux_from_server,
             credentials=_credentials(args)))
         summary = server.run()
