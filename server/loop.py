@@ -520,10 +520,8 @@ class Server:
             self._send_bundle(device_id)
 
     # -- the run ---------------------------------------------------------------------------
-    def _wait_for_devices(self) -> None:
+    def _wait_for_devices(self, need: int) -> None:
         deadline = time.monotonic() + self.opts.join_timeout
-        need = self.opts.devices if self.opts.min_devices is None else \
-            min(self.opts.devices, self.opts.min_devices)
         shown = -1
         while len(self.ready) < need:
             if len(self.ready) != shown:
@@ -633,11 +631,18 @@ class Server:
             if self.first_round > o.rounds:
                 print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
                 return self._finish(t_start)
-            self._wait_for_devices()
+            o_min = o.min_devices
+            self._wait_for_devices(o.devices if o_min is None else min(o.devices, o_min))
             print(f"run {self.run_id}: {o.train.algorithm} {o.model}/{self.manifest.cut} on "
                   f"{o.dataset}, {len(self.ready)} devices, rounds {self.first_round}..{o.rounds}"
                   f", {self.manifest.num_params} device params", flush=True)
             for r in range(self.first_round, o.rounds + 1):
+                if len(self.ready) < (o.min_devices or 1):
+                    # everyone left (a broker outage drops them all): a round without
+                    # participants would close at once, and so would every one after it
+                    log.warning("round %d: %d devices ready; waiting up to --join-timeout %.0f "
+                                "s for devices to (re)join", r, len(self.ready), o.join_timeout)
+                    self._wait_for_devices(o.min_devices or 1)
                 rec = self._run_round(r)
                 rec["elapsed_seconds"] = round(time.monotonic() - t_start, 3)
                 self.records.append(rec)
