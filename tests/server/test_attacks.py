@@ -48,7 +48,8 @@ from edge_runtime.transport import Credentials, MqttTransport
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 HONEST = ("dev-0", "dev-1", "dev-2")
-ROUNDS = 14  # attacks in rounds 2..10, then clean rounds for the accuracy to settle
+ROUNDS = 16  # attacks in rounds 2..10, then clean rounds whose accuracy is compared
+SETTLED = range(11, ROUNDS + 1)
 FEDERATION = ["--devices", "3", "--rounds", str(ROUNDS), "--seed", "0", "--round-timeout", "60",
               "--join-timeout", "120"]
 CHUNK_HEAD = struct.Struct("<4s16sIIQ")  # the wire's chunk header: magic, id, index, count, total
@@ -205,12 +206,14 @@ def attack_join_flood(i: Insider, s: RoundStart, shape: tuple[int, ...]) -> None
     """(d) repeated joins with a wrong bundle hash: each used to cost a whole bundle."""
     for _ in range(40):
         i.join(s.run_id, "0" * 64, hostile=True)
+    i.uncounted += 3  # the bundle's burst is served, as to a device that lost its bundle
 
 
 def attack_smashed_flood(i: Insider, s: RoundStart, shape: tuple[int, ...]) -> None:
     """(f) a flood of well-formed smashed uploads for the current round."""
     for _ in range(150):
         i.send(_smashed(s, i.name, shape))
+    i.uncounted += 1  # the first is trained on, as any member's upload for step 0
 
 
 def attack_outsider(i: Insider, s: RoundStart, shape: tuple[int, ...]) -> None:
@@ -409,8 +412,13 @@ def test_every_honest_update_is_applied_and_no_insiders(attacked: Run) -> None:
 
 def test_accuracy_is_within_a_point_of_the_run_without_insiders(attacked: Run,
                                                                 baseline: Run) -> None:
-    got, want = (r.summary["final_test_accuracy"] for r in (attacked, baseline))
-    assert abs(got - want) <= 0.01, (got, want)
+    """Compared over the clean rounds after the last attack: two runs with the same seed and
+    no insiders differ by up to 2 points in a single round (the server trains on uploads in
+    the order they arrive, which the OS decides), by a few tenths over six rounds."""
+    got, want = (np.mean([r["test_accuracy"] for r in run.records if r["round"] in SETTLED])
+                 for run in (attacked, baseline))
+    assert abs(got - want) <= 0.01, (got, want, attacked.summary["test_accuracy_per_round"],
+                                     baseline.summary["test_accuracy_per_round"])
     ckpt = torch.load(attacked.out / "checkpoint.pt", weights_only=True)
     assert torch.isfinite(ckpt["device_weights"]).all()
 
