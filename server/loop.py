@@ -28,6 +28,7 @@ from edge_runtime.messages import (
     DeviceError,
     Gradient,
     Join,
+    Message,
     Presence,
     RoundStart,
     Smashed,
@@ -304,6 +305,21 @@ class Server:
             if reason is not None:
                 self._quarantine(sender, reason)
 
+    def _within_rate(self, device_id: str, kind: str) -> bool:
+        """Take one of the device's tokens for `kind`; a rejection if there is none."""
+        if self.guard.allow(device_id, kind, time.monotonic()):
+            return True
+        rate = self.opts.limits.rates[kind]
+        self._reject(device_id, f"rate limited: more than {rate.burst:g} {kind} messages at "
+                                f"once or {rate.per_s:g} a second")
+        return False
+
+    def _refuse(self, device_id: str, msg: Message, why: str) -> None:
+        """A message an honest device may send late or after a restart: forgiven, except
+        smashed data beyond its rate (the round's own uploads are bounded in `_smashed`)."""
+        if not isinstance(msg, Smashed) or self._within_rate(device_id, "smashed"):
+            self._reject(device_id, why)
+
     def _quarantine(self, device_id: str, reason: str) -> None:
         log.error("QUARANTINED device %s for the rest of run %s: %s. Its messages are dropped "
                   "and counted from now on; it takes part in no round (summary.json and "
@@ -340,10 +356,7 @@ class Server:
                 self.rejected["quarantined"] = self.rejected.get("quarantined", 0) + 1
                 return
             kind = route[1] if route else "presence"
-            if not self.guard.allow(sender, kind, time.monotonic()):
-                rate = self.opts.limits.rates[kind]
-                self._reject(sender, f"rate limited: more than {rate.burst:g} {kind} messages "
-                                     f"at once or {rate.per_s:g} a second")
+            if kind != "smashed" and not self._within_rate(sender, kind):
                 return
         if inc.message is None:
             self._reject(sender, f"malformed payload: {inc.error}")
@@ -369,18 +382,19 @@ class Server:
         elif isinstance(msg, DeviceError):
             self._device_error(device_id, msg, member, state)
         elif msg.run_id != self.run_id:
-            self._reject(device_id, f"wrong run: {msg.kind} for run {clip_text(msg.run_id, 40)}")
+            self._refuse(device_id, msg, f"wrong run: {msg.kind} for run "
+                                         f"{clip_text(msg.run_id, 40)}")
         elif not member:
-            self._reject(device_id, f"unknown device: {msg.kind} from a device that never "
-                                    "joined")
+            self._refuse(device_id, msg, f"unknown device: {msg.kind} from a device that "
+                                         "never joined")
         elif state is not None and msg.round > round_idx:
             self._reject(device_id, f"future round: {msg.kind} for round {msg.round} "
                                     f"during round {round_idx}")
         elif state is None or msg.round != round_idx:
-            self._reject(device_id, f"stale round: {msg.kind} for round {msg.round} "
-                                    f"during round {round_idx}")
+            self._refuse(device_id, msg, f"stale round: {msg.kind} for round {msg.round} "
+                                         f"during round {round_idx}")
         elif device_id not in state.participants:
-            self._reject(device_id, f"not a participant: {msg.kind} in round {round_idx}")
+            self._refuse(device_id, msg, f"not a participant: {msg.kind} in round {round_idx}")
         elif isinstance(msg, Smashed):
             self._smashed(device_id, msg, state)
         elif isinstance(msg, Update):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.runtime import SPLITFED, TrainConfig
 
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run
@@ -42,8 +42,10 @@ class Rate:
 def _default_rates() -> dict[str, Rate]:
     # Honest traffic, per device: a join when the server (re)appears, after the bundle and on
     # a reconnect; one update and at most one error a round; presence on connect/leave.
-    # Smashed uploads are bounded per round by `smashed_budget`; this bucket only stops a
-    # flood of messages that are rejected before that count (stale rounds, non-members).
+    # Smashed uploads for the round in progress are bounded by `smashed_budget` instead (a
+    # SplitFed device at full speed would outrun any fixed rate); this bucket only stops a
+    # flood of smashed messages that are refused before that count (stale rounds, other
+    # runs, non-members).
     return {"join": Rate(0.5, 5), "error": Rate(1.0, 5), "update": Rate(2.0, 10),
             "presence": Rate(1.0, 10), "smashed": Rate(200.0, 400)}
 
@@ -82,9 +84,15 @@ class Bucket:
         return True
 
 
+def upload_interval(cfg: TrainConfig) -> int:
+    """Steps between a device's smashed uploads: k, or every step for SplitFed (whose
+    devices wait for the server's gradient of each step)."""
+    return 1 if cfg.algorithm in SPLITFED else cfg.upload_every
+
+
 def smashed_budget(cfg: TrainConfig) -> int:
     """Smashed uploads a device makes in one round: steps 0, k, 2k, ... below h."""
-    return math.ceil(cfg.local_steps / cfg.upload_every)
+    return math.ceil(cfg.local_steps / upload_interval(cfg))
 
 
 def redelivery_slack(cfg: TrainConfig) -> int:
@@ -94,9 +102,10 @@ def redelivery_slack(cfg: TrainConfig) -> int:
 
 def check_smashed_step(step: int, cfg: TrainConfig) -> str | None:
     """Why a smashed upload's step cannot be one the round's config produces, or None."""
-    if not 0 <= step < cfg.local_steps or step % cfg.upload_every:
-        return (f"step {step} is not one of the round's upload steps (0, {cfg.upload_every}, "
-                f"... < {cfg.local_steps})")
+    k = upload_interval(cfg)
+    if not 0 <= step < cfg.local_steps or step % k:
+        return f"step {step} is not one of the round's upload steps (0, {k}, ... < " \
+               f"{cfg.local_steps})"
     return None
 
 

@@ -134,6 +134,15 @@ def test_smashed_budget_is_the_rounds_upload_steps() -> None:
         assert redelivery_slack(cfg) >= 2
 
 
+@pytest.mark.parametrize("alg", ["sflv1", "sflv2"])
+def test_splitfed_uploads_every_step(alg: str) -> None:
+    """A SplitFed device sends every step's activations and waits for the gradient."""
+    cfg = TrainConfig(algorithm=alg, local_steps=40, upload_every=4)
+    assert smashed_budget(cfg) == 40
+    assert all(check_smashed_step(s, cfg) is None for s in range(40))
+    assert check_smashed_step(40, cfg) is not None
+
+
 @pytest.mark.parametrize("step", [-2, 1, 3, 40, 42, 10**12])
 def test_a_step_the_round_never_uploads_is_refused(step: int) -> None:
     why = check_smashed_step(step, TrainConfig(local_steps=40, upload_every=2))
