@@ -11,9 +11,13 @@ every kind, nested telemetry, join profiles and the server's presence included, 
 into a typed record with explicit bounds (finite numbers in ranges, string lengths and
 character sets, array dtypes, shapes and sizes per kind) before any other code sees it.
 Anything else raises :class:`CodecError` naming the kind and the field, e.g.
-``update.telemetry.loss_mean: nan is not a finite number``. Senders are not checked (the
-receiver is the boundary), but the records below validate themselves when built, so a sender
-cannot build one that its receiver would refuse.
+``update.telemetry.loss_mean: nan is not a finite number``. Messages are not checked when
+built (the receiver is the boundary: a test must be able to send a NaN), but the nested
+records (Telemetry, JoinProfile, ServerInfo) validate themselves, so a sender cannot build one
+its receiver would refuse, and a message's free text is cut to what a receiver takes.
+
+Size limits are per kind (`Message.max_bytes`, `max_bytes(kind)`): checked by decode and, where
+the topic tells the kind, by the Reassembler on a message's first chunk.
 """
 
 from __future__ import annotations
