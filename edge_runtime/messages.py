@@ -768,7 +768,7 @@ def _read_arrays(view: memoryview, pos: int, table: Any, specs: Mapping[str, _Ar
         # into it (no second copy of a large bundle). A bytes payload is read-only and
         # shared with the MQTT client, so its arrays are copied.
         arr = arr.astype(dt.newbyteorder("="), copy=view.readonly or not dt.isnative)
-        if spec.finite and not np.isfinite(arr).all():
+        if spec.finite and not _all_finite(arr):
             raise CodecError(f"{where}: contains NaN or Inf")
         if spec.nonneg and arr.size and not (0 <= int(arr.min()) and
                                              int(arr.max()) <= MAX_LABEL):
@@ -779,6 +779,12 @@ def _read_arrays(view: memoryview, pos: int, table: Any, specs: Mapping[str, _Ar
         raise CodecError(f"{kind} message: {len(view) - pos} trailing bytes after the last "
                          "array")
     return {name: out[name] for name in specs}
+
+
+def _all_finite(arr: np.ndarray, block: int = 1 << 20) -> bool:
+    """np.isfinite a block at a time: a 256 MB update needs 1 MB of scratch, not 64 MB."""
+    flat = arr.reshape(-1)
+    return all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block))
 
 
 def _check_together(kind: str, arrays: dict[str, np.ndarray]) -> None:
