@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_runtime.messages import CodecError, Message, Reassembler, chunk, decode, encode
+from edge_runtime.topics import payload_kind
 
 QOS = 1
 
@@ -152,7 +153,7 @@ class MqttTransport:
         with self._lock:
             self.bytes_in += len(payload)
         try:
-            data = self._reassembler.add(msg.topic, payload)
+            data = self._reassembler.add(msg.topic, payload, kind=payload_kind(msg.topic))
             if data is None:
                 return
             self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
@@ -164,8 +165,9 @@ class MqttTransport:
 
     @property
     def incomplete_dropped(self) -> int:
-        """Chunked messages whose missing chunks never arrived (expired)."""
-        return self._reassembler.expired
+        """Chunked messages dropped incomplete: their missing chunks never arrived (expired),
+        or their sender went over its reassembly budget (evicted)."""
+        return self._reassembler.expired + self._reassembler.evicted
 
     # -- API ---------------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:

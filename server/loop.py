@@ -32,6 +32,7 @@ from edge_runtime.messages import (
     RoundStart,
     Smashed,
     Stop,
+    Telemetry,
     Update,
     server_info,
 )
@@ -94,7 +95,7 @@ class _RoundState:
     start: RoundStart
     min_devices: int | None = None
     updates: dict[str, DeviceUpdate] = field(default_factory=dict)
-    telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)
+    telemetry: dict[str, Telemetry] = field(default_factory=dict)
     server_losses: list[float] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
     copies: dict[str, ServerTrainer] = field(default_factory=dict)  # SplitFed V1: per device
@@ -345,7 +346,8 @@ class Server:
             self._reject(device_id, "duplicate update: already have this round's update")
         else:
             state.updates[device_id] = DeviceUpdate(device_id, msg.weights, msg.num_samples)
-            state.telemetry[device_id] = dict(msg.telemetry)
+            if msg.telemetry is not None:  # decoded and bounded: every field is there
+                state.telemetry[device_id] = msg.telemetry
 
     def _presence(self, device_id: str, msg: Presence, state: _RoundState | None) -> None:
         if msg.state == "online":
@@ -360,8 +362,9 @@ class Server:
 
     def _join(self, device_id: str, msg: Join) -> None:
         self.online.add(device_id)
-        runs = msg.profile.get("algorithms")
-        if isinstance(runs, list) and self.algorithm not in runs:
+        profile = msg.profile.to_json() if msg.profile is not None else {}
+        runs = list(msg.profile.algorithms) if msg.profile is not None else None
+        if runs is not None and self.algorithm not in runs:
             hint = "--torch" if self.algorithm not in ("heron", "frozen") else "no --torch"
             self._reject(device_id, f"wrong device kind: it runs {runs}, this server runs "
                                     f"{self.algorithm!r}; help: restart it with {hint}")
@@ -369,12 +372,12 @@ class Server:
         if msg.bundle_sha256 == self.bundle_sha:
             if device_id not in self.ready:
                 log.info("device %s ready (%s samples, %s, RSS %s MB, profile %s, measured "
-                         "%s MB at batch %s)", device_id, msg.profile.get("samples"),
-                         msg.profile.get("machine"), msg.profile.get("rss_mb"),
-                         msg.profile.get("profile"), msg.profile.get("memory_mb"),
-                         msg.profile.get("memory_batch"))
-            self.ready[device_id] = dict(msg.profile)
-            self.profiles[device_id] = dict(msg.profile)
+                         "%s MB at batch %s)", device_id, profile.get("samples"),
+                         profile.get("machine"), profile.get("rss_mb"),
+                         profile.get("profile"), profile.get("memory_mb"),
+                         profile.get("memory_batch"))
+            self.ready[device_id] = profile
+            self.profiles[device_id] = dict(profile)
         else:
             self._send_bundle(device_id)
 
@@ -426,7 +429,7 @@ class Server:
             load_server_flat(self.split.server, self.theta[n:])
         ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
         for dev, tel in state.telemetry.items():
-            self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), float(tel.get("peak_rss_mb", 0)))
+            self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), tel.peak_rss_mb)
         dropped = self.transport.incomplete_dropped - self.rejected.get("incomplete message", 0)
         if dropped > 0:
             self._reject("broker", f"incomplete message: {dropped} chunked messages expired")
@@ -438,7 +441,7 @@ class Server:
             "test_loss": ev.loss,
             "server_train_loss": statistics.fmean(state.server_losses)
             if state.server_losses else None,
-            "device_local_loss": statistics.fmean(t["loss_mean"] for t in tel) if tel else None,
+            "device_local_loss": statistics.fmean(t.loss_mean for t in tel) if tel else None,
             "participants": list(participants),
             "updates": sorted(state.updates),
             "dropped": sorted(state.gone - set(state.updates)),
@@ -447,8 +450,8 @@ class Server:
             "round_bytes_down": self.bytes_down - down0,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
-            "device_peak_rss_mb": {d: t.get("peak_rss_mb") for d, t in state.telemetry.items()},
-            "device_step_ms": {d: t.get("step_ms_median") for d, t in state.telemetry.items()},
+            "device_peak_rss_mb": {d: t.peak_rss_mb for d, t in state.telemetry.items()},
+            "device_step_ms": {d: t.step_ms_median for d, t in state.telemetry.items()},
             "device_memory_mb": {d: self.profiles.get(d, {}).get("memory_mb")
                                  for d in participants},  # measured by its dry run at join
             "rejected": dict(self.rejected),
