@@ -11,9 +11,13 @@ every kind, nested telemetry, join profiles and the server's presence included, 
 into a typed record with explicit bounds (finite numbers in ranges, string lengths and
 character sets, array dtypes, shapes and sizes per kind) before any other code sees it.
 Anything else raises :class:`CodecError` naming the kind and the field, e.g.
-``update.telemetry.loss_mean: nan is not a finite number``. Senders are not checked (the
-receiver is the boundary), but the records below validate themselves when built, so a sender
-cannot build one that its receiver would refuse.
+``update.telemetry.loss_mean: nan is not a finite number``. Messages are not checked when
+built (the receiver is the boundary: a test must be able to send a NaN), but the nested
+records (Telemetry, JoinProfile, ServerInfo) validate themselves, so a sender cannot build one
+its receiver would refuse, and a message's free text is cut to what a receiver takes.
+
+Size limits are per kind (`Message.max_bytes`, `max_bytes(kind)`): checked by decode and, where
+the topic tells the kind, by the Reassembler on a message's first chunk.
 """
 
 from __future__ import annotations
@@ -764,7 +768,7 @@ def _read_arrays(view: memoryview, pos: int, table: Any, specs: Mapping[str, _Ar
         # into it (no second copy of a large bundle). A bytes payload is read-only and
         # shared with the MQTT client, so its arrays are copied.
         arr = arr.astype(dt.newbyteorder("="), copy=view.readonly or not dt.isnative)
-        if spec.finite and not np.isfinite(arr).all():
+        if spec.finite and not _all_finite(arr):
             raise CodecError(f"{where}: contains NaN or Inf")
         if spec.nonneg and arr.size and not (0 <= int(arr.min()) and
                                              int(arr.max()) <= MAX_LABEL):
@@ -775,6 +779,12 @@ def _read_arrays(view: memoryview, pos: int, table: Any, specs: Mapping[str, _Ar
         raise CodecError(f"{kind} message: {len(view) - pos} trailing bytes after the last "
                          "array")
     return {name: out[name] for name in specs}
+
+
+def _all_finite(arr: np.ndarray, block: int = 1 << 20) -> bool:
+    """np.isfinite a block at a time: a 256 MB update needs 1 MB of scratch, not 64 MB."""
+    flat = arr.reshape(-1)
+    return all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block))
 
 
 def _check_together(kind: str, arrays: dict[str, np.ndarray]) -> None:
