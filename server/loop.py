@@ -192,6 +192,8 @@ class Server:
         self.online: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
         self.profiles: dict[str, dict[str, Any]] = {}  # every device that was ever ready
+        self.joined: set[str] = set()  # devices whose join was accepted (ready, or sent the
+        # bundle): their error reports are heard, e.g. why they refused the bundle
         self.rejected: dict[str, int] = {}
         self.guard = Guard(opts.limits)
         self.device_errors: dict[str, int] = {}  # error messages from members, per device
@@ -380,7 +382,7 @@ class Server:
         if isinstance(msg, Join):
             self._join(device_id, msg, state)
         elif isinstance(msg, DeviceError):
-            self._device_error(device_id, msg, member, state)
+            self._device_error(device_id, msg, member or device_id in self.joined, state)
         elif msg.run_id != self.run_id:
             self._refuse(device_id, msg, f"wrong run: {msg.kind} for run "
                                          f"{clip_text(msg.run_id, 40)}")
@@ -481,8 +483,9 @@ class Server:
 
     def _device_error(self, device_id: str, msg: DeviceError, member: bool,
                       state: _RoundState | None) -> None:
-        """Errors travel as messages: a member's is logged (cut short) and leaves the round;
-        anyone else's is a rejection, not a log line of its choosing."""
+        """Errors travel as messages: one from a device that joined is logged (cut short) and
+        takes it out of the round; anyone else's is a rejection, not a log line of its
+        choosing."""
         if not member:
             self._reject(device_id, f"error from non-member: "
                                     f"{clip_text(msg.error, NON_MEMBER_ERROR_CHARS)}")
@@ -518,6 +521,7 @@ class Server:
         if why:
             self._reject(device_id, f"bad join: {why}")
             return
+        self.joined.add(device_id)
         if msg.bundle_sha256 == self.bundle_sha:
             if device_id not in self.ready:
                 log.info("device %s ready (%s samples, %s, RSS %s MB, profile %s, measured "
