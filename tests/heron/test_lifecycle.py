@@ -80,8 +80,9 @@ def test_a_child_stops_when_its_parent_is_killed(fallback: bool, tmp_path: Path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(PARENT_ENV, None)
     marker = tmp_path / "stopped"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD.format(fallback=fallback, marker=str(marker))],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    child_code = CHILD.format(fallback=fallback, marker=str(marker))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, child_code], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         child = psutil.Process(int(parent.stdout.readline()))
