@@ -27,6 +27,9 @@ CHECKPOINT_KEYS = ("round", "run_id", "device_weights", "server_state", "server_
 class WriteError(OSError):
     """A result file could not be written; its previous contents are intact."""
 
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ...: filename"
+        return str(self.args[0])
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: unreadable, incomplete, or from another run."""
