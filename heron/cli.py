@@ -615,7 +615,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             terminate([p for p in (server, *devices) if p is not None], grace=SERVER_STOP_S)
             code = exit_code(exc.signum)
         finally:
-            device_codes = stop_all(devices, grace=20 if stopped is None else 0)
+            # after a finished run the devices got its stop message; otherwise none is coming
+            device_codes = stop_all(devices, grace=20) if code == 0 else \
+                terminate(devices, grace=10)
             if broker is not None:
                 broker.stop()
             if relay is not None:
