@@ -23,6 +23,7 @@ def test_exit_codes_follow_the_shell_convention() -> None:
 
 
 def test_the_first_stop_signal_raises_and_later_ones_are_ignored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as signals:
         with pytest.raises(Stopped) as caught:
             signal.raise_signal(signal.SIGTERM)
@@ -30,7 +31,7 @@ def test_the_first_stop_signal_raises_and_later_ones_are_ignored() -> None:
         assert caught.value.signum == signal.SIGTERM
         signal.raise_signal(signal.SIGINT)  # a second stop (e.g. `timeout` signals twice)
         assert signals.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
 
 
 def test_a_stop_inside_a_deferred_block_is_raised_when_the_block_ends() -> None:
