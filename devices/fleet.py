@@ -87,7 +87,6 @@ def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> list[int | N
     return [p.returncode for p in procs]
 
 
-
 def terminate(procs: list[subprocess.Popen], grace: float = 30.0) -> list[int | None]:
     """Stop now: SIGTERM to all at once (each stops cleanly: the server keeps its last
     checkpoint, a device says it is offline), SIGKILL whatever still runs after `grace`."""

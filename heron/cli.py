@@ -662,11 +662,14 @@ def _relay(stream: Any) -> None:
 
 
 def _completed_rounds(out: Path) -> int | None:
-    """Rounds a stopped run completed: its server's summary says so when it wrote one."""
+    """Rounds a stopped run completed: what its checkpoint holds (none: 0)."""
+    from server.records import CheckpointError, load_checkpoint
+
+    if not (out / "checkpoint.pt").exists():
+        return 0
     try:
-        summary = json.loads((out / "summary.json").read_text())
-        return int(summary["completed_rounds"]) if summary.get("interrupted") else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(load_checkpoint(out / "checkpoint.pt")["round"])
+    except CheckpointError:
         return None
 
 
