@@ -23,10 +23,11 @@ def test_aux_from_server_is_refused_where_it_cannot_apply(tmp_path: Path, extra:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (("--trim", "0.5"), "--trim is the fraction cut at each end"),
-    (("--clip-update-norm", "0"), "--clip-update-norm must be > 0"),
-    (("--max-update-norm", "-1"), "--max-update-norm must be > 0"),
-    (("--quarantine-after", "-1"), "--quarantine-after must be >= 0"),
+    (("--trim", "0.5"), "argument --trim: the fraction cut at each end must be in [0, 0.5)"),
+    (("--trim", "nan"), "argument --trim: the fraction cut at each end must be in [0, 0.5)"),
+    (("--clip-update-norm", "0"), "argument --clip-update-norm: must be a finite number > 0"),
+    (("--max-update-norm", "-1"), "argument --max-update-norm: must be a finite number > 0"),
+    (("--quarantine-after", "-1"), "argument --quarantine-after: must be >= 0"),
 ])
 def test_bad_robustness_options_are_refused(tmp_path: Path, extra: tuple[str, ...],
                                             message: str) -> None:
