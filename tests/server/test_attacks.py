@@ -48,7 +48,7 @@ from edge_runtime.transport import Credentials, MqttTransport
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 HONEST = ("dev-0", "dev-1", "dev-2")
-ROUNDS = 16  # attacks in rounds 2..10, then clean rounds whose accuracy is compared
+ROUNDS = 20  # attacks in rounds 2..10, then ten clean rounds whose accuracy is compared
 SETTLED = range(11, ROUNDS + 1)
 FEDERATION = ["--devices", "3", "--rounds", str(ROUNDS), "--seed", "0", "--round-timeout", "60",
               "--join-timeout", "120"]
@@ -412,9 +412,10 @@ def test_every_honest_update_is_applied_and_no_insiders(attacked: Run) -> None:
 
 def test_accuracy_is_within_a_point_of_the_run_without_insiders(attacked: Run,
                                                                 baseline: Run) -> None:
-    """Compared over the clean rounds after the last attack: two runs with the same seed and
-    no insiders differ by up to 2 points in a single round (the server trains on uploads in
-    the order they arrive, which the OS decides), by a few tenths over six rounds."""
+    """Compared over the ten clean rounds after the last attack: two runs with the same seed
+    and no insiders differ by up to 2 points in a single round, and by up to a point over
+    six rounds that are still converging (the server trains on uploads in the order they
+    arrive, which the OS decides); over rounds 11-20 by a few tenths."""
     got, want = (np.mean([r["test_accuracy"] for r in run.records if r["round"] in SETTLED])
                  for run in (attacked, baseline))
     assert abs(got - want) <= 0.01, (got, want, attacked.summary["test_accuracy_per_round"],
