@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import statistics
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ from server.trainer import (
 )
 
 log = logging.getLogger("heron.server")
+
+
+class Interrupted(Exception):
+    """`Server.stop` was set (SIGTERM/SIGINT): raised between messages, so the round in
+    progress is dropped and every completed round stays checkpointed."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class Server:
     def __init__(self, opts: ServerOptions) -> None:
         self.opts = opts
         self.run_id = uuid.uuid4().hex[:12]
+        self.stop = threading.Event()  # set from a signal handler: stop at the next message
         if opts.threads:
             torch.set_num_threads(opts.threads)
         if opts.rounds < 1 or opts.devices < 1:
@@ -240,6 +247,8 @@ class Server:
 
     def _poll(self, timeout: float, state: _RoundState | None, round_idx: int) -> None:
         """Handle one incoming message (or none within `timeout`); bad input never raises."""
+        if self.stop.is_set():
+            raise Interrupted(f"stopped after round {len(self.records)}/{self.opts.rounds}")
         inc: Incoming | None = self.transport.get(timeout)
         if inc is None:
             return
@@ -475,6 +484,7 @@ class Server:
         metrics_path = o.out / "metrics.jsonl"
         if not o.resume:
             metrics_path.unlink(missing_ok=True)
+        interrupted = False
         try:
             if self.first_round > o.rounds:
                 print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
@@ -494,14 +504,17 @@ class Server:
             self.transport.publish(topics.down_all("stop", o.prefix),
                                    Stop(self.run_id, o.rounds, "server", reason="finished"),
                                    wait=10.0)
+        except Interrupted as exc:  # the summary below matches the checkpoint
+            interrupted = True
+            print(f"run {self.run_id}: {exc}; continue with --resume", flush=True)
         finally:
             self.transport.publish(topics.server_status(o.prefix),
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)
             self.transport.stop()
-        return self._finish(t_start)
+        return self._finish(t_start, interrupted)
 
-    def _finish(self, t_start: float) -> dict[str, Any]:
+    def _finish(self, t_start: float, interrupted: bool = False) -> dict[str, Any]:
         o = self.opts
         accs = [r["test_accuracy"] for r in self.records]
         summary = {
@@ -513,6 +526,8 @@ class Server:
             "devices": sorted(self.ready) if self.ready else o.devices,
             "num_devices": o.devices,
             "rounds": o.rounds,
+            "completed_rounds": len(self.records),
+            "interrupted": interrupted,
             "final_test_accuracy": accs[-1] if accs else None,
             "test_accuracy_per_round": accs,
             "bytes_up": self.bytes_up,

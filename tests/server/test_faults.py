@@ -231,7 +231,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
     """A failure mid-write leaves the previous checkpoint intact and no stray file."""
     import torch
 
-    from server.records import load_checkpoint, save_checkpoint
+    from server.records import save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"round": 1, "w": torch.arange(3)})
@@ -242,5 +242,5 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         save_checkpoint(path, {"round": 2, "bad": Boom()})
-    assert load_checkpoint(path)["round"] == 1
+    assert torch.load(path, weights_only=True)["round"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
