@@ -339,11 +339,13 @@ class Reassembler:
 
     Keyed by (topic, message id) so one sender cannot complete another's message.
     Incomplete messages are dropped after `timeout_s`; completed ids are remembered so a
-    QoS 1 redelivery of a whole message is applied once.
+    QoS 1 redelivery of a whole message is applied once. A message whose declared total is
+    over `max_message_bytes` (a device's memory budget) is refused at its first chunk.
     """
 
     def __init__(self, timeout_s: float = 120.0, max_pending_bytes: int = MAX_MESSAGE_BYTES,
-                 remember: int = 4096) -> None:
+                 remember: int = 4096, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         self.timeout_s = timeout_s
         self.max_pending_bytes = max_pending_bytes
         self._pending: dict[tuple[str, bytes], _Partial] = {}
@@ -366,6 +368,9 @@ class Reassembler:
             raise CodecError("not a heron chunk (bad magic)")
         if count == 0 or index >= count or total > MAX_MESSAGE_BYTES:
             raise CodecError(f"bad chunk header (index {index}, count {count}, total {total})")
+        if total > self.max_message_bytes:
+            raise CodecError(f"message of {total} bytes is over the {self.max_message_bytes} "
+                             "bytes this receiver can hold; dropping chunk")
         key = (topic, mid)
         if key in self._done:
             self.duplicates += 1
