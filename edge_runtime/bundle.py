@@ -665,19 +665,17 @@ def default_bundle_cache() -> Path:
 def store_bundle_files(files: Mapping[str, bytes | memoryview], cache: str | Path) -> Path:
     """Write received bundle files into `cache`/<manifest sha256 prefix>/ and return it.
 
-    Nothing is written before the graphs and weights verify and the graphs are known to read
-    only GRAPH_DATA (GRAPH_DATA's own sha256 is checked on disk by `load_bundle`, so its
-    bytes are hashed once). Only plain names inside that one folder are written. The
-    directory appears whole (written beside it, then renamed), so devices sharing a
-    cache on one machine also share one page-cache copy of the mapped data; an existing
-    one is reused once it verifies, and replaced if it does not."""
+    An existing folder for this manifest is reused once it verifies (`load_bundle`), and
+    replaced if it does not. Otherwise nothing is written before every file matches its
+    sha256 and the graphs are known to read no external data but GRAPH_DATA's; then only
+    plain names inside that one folder are written. The directory appears whole (written
+    beside it, then renamed), so devices sharing a cache on one machine also share one
+    page-cache copy of the mapped data."""
     manifest = _parse_manifest(files)
     names = [MANIFEST, *(n for n in manifest.files if n != MANIFEST)]
     for name in names:
         if not _FILE_NAME.match(name) or name not in files:
             raise BundleError(f"bundle file {name!r} is missing or has a bad name")
-    data_size = len(files[GRAPH_DATA]) if GRAPH_DATA in files else None
-    _verify(manifest, files, [*_graph_files(manifest), WEIGHTS], data_size)
     cache = Path(cache)
     target = cache / sha256_bytes(files[MANIFEST])[:16]
     if target.is_dir():
@@ -686,6 +684,9 @@ def store_bundle_files(files: Mapping[str, bytes | memoryview], cache: str | Pat
             return target
         except BundleError:
             shutil.rmtree(target, ignore_errors=True)
+    data = [GRAPH_DATA] if GRAPH_DATA in manifest.files else []
+    _verify(manifest, files, [*_graph_files(manifest), WEIGHTS, *data],
+            len(files[GRAPH_DATA]) if data else None)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
