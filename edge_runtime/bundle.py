@@ -585,7 +585,7 @@ def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bund
     data = [GRAPH_DATA] if GRAPH_DATA in manifest.files and root is None else []
     data_size = None
     if GRAPH_DATA in manifest.files:
-        data_size = (len(files[GRAPH_DATA]) if root is None
+        data_size = (len(files.get(GRAPH_DATA, b"")) if root is None  # _verify: missing?
                      else _regular_file(root, GRAPH_DATA).st_size)
     _verify(manifest, files, [*_graph_files(manifest), WEIGHTS, *data], data_size)
     return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),

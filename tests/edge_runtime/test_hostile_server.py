@@ -12,6 +12,7 @@ a broker.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from edge_runtime.bundle import (
     external_refs,
     load_bundle,
     read_bundle_files,
+    sha256_bytes,
     store_bundle_files,
     write_bundle,
 )
@@ -63,6 +65,7 @@ from edge_runtime.messages import (
 )
 from edge_runtime.profiles import Profile
 from edge_runtime.runtime import LocalModel
+from exporter.export import export_split
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 C = np.array([0.5, -0.5, 1.0, 2.0], dtype="<f4")  # the frozen tensor, in train.onnx.data
@@ -365,6 +368,28 @@ def test_graphs_that_are_not_onnx_protobuf_are_refused(scene: Scene) -> None:
     for _ in range(30):
         shallow = field(1, field(5, field(6, shallow)))
     assert check_external_data(field(7, shallow), GRAPH, 16) == 0
+
+
+def test_a_real_exported_bundle_with_one_hostile_tensor_added_is_refused(
+        scene: Scene, sessions: list[Any]) -> None:
+    """The exporter's own graphs walk as protobuf reads them; a server that adds one tensor
+    pointing outside and re-hashes the manifest (as a hostile one would) is refused."""
+    export_split("cnn", (1, 8, 8), 10, scene.bundle)
+    files = read_bundle_files(scene.bundle)
+    for name, data in files.items():
+        if name.endswith(".onnx"):
+            assert found(data) == sorted(reference_refs(onnx.load_from_string(data))) == []
+    model = onnx.load_from_string(files[GRAPH])
+    model.graph.initializer.append(external("unused", "../secret"))
+    graph = model.SerializeToString()
+    (scene.bundle / GRAPH).write_bytes(graph)
+    manifest = json.loads((scene.bundle / MANIFEST).read_text())
+    manifest["files"][GRAPH] = sha256_bytes(graph)
+    (scene.bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="train.onnx: tensor 'unused' asks for external data "
+                                          "from '../secret'"):
+        load_bundle(scene.bundle)
+    assert sessions == []
 
 
 # -- symlinks -------------------------------------------------------------------------------------
