@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import ROOT, heron
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -65,6 +68,7 @@ from edge_runtime.messages import (
 )
 from edge_runtime.profiles import Profile
 from edge_runtime.runtime import LocalModel
+from edge_runtime.transport import MqttTransport
 from exporter.export import export_split
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
@@ -801,3 +805,57 @@ def test_any_bytes_are_walked_or_refused_as_malformed(data: bytes) -> None:
         check_external_data(data, GRAPH, 16)
     except BundleError as exc:
         assert "train.onnx" in str(exc)
+
+
+# -- the whole device process against a hostile server on a real broker ---------------------------
+@pytest.mark.broker
+def test_a_device_process_refuses_a_hostile_server_over_mosquitto(scene: Scene,
+                                                                   mosquitto: str) -> None:
+    """`heron device` run in a folder holding a secret, against a server that first sends a
+    good bundle for another run (ignored), then one asking for ../secret: the device reports
+    the refusal to the server and exits 4; the secret never leaves, the cache stays empty."""
+    good, bad = scene.root / "good", scene.root / "bad"
+    write(good, train_graph(external("c", GRAPH_DATA)))
+    write(bad, train_graph(external("c", "../secret")))
+    shard = scene.root / "shard.npz"
+    np.savez(shard, x=np.ones((8, 4), np.float32), y=(np.arange(8) % 2).astype(np.int64))
+    server = MqttTransport(mosquitto, "hostile-server", topics.server_subscriptions(P))
+    server.start()
+    cache = scene.root / "cache"
+    device = subprocess.Popen(
+        heron("device", "--broker", mosquitto, "--id", DEV, "--data", str(shard),
+              "--threads", "1", "--bundle-cache", str(cache)),
+        cwd=scene.work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    got: list[tuple[str, Message, int]] = []
+
+    def until(kind: str, timeout: float = 60.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            inc = server.get(timeout=0.5)
+            if inc is not None and inc.message is not None:
+                got.append((inc.topic, inc.message, inc.nbytes))
+                if inc.message.kind == kind:
+                    return inc.message
+        raise AssertionError(f"no {kind} from the device; it said: {device.stdout}")
+    try:
+        server.publish(topics.server_status(P),
+                       Presence("run-1", -1, "server", state="online"), retain=True)
+        until("join")
+        server.publish(BUNDLE_TOPIC, bundle_message(read_bundle_files(good), run="run-0"))
+        server.publish(BUNDLE_TOPIC, bundle_message(read_bundle_files(bad), run="run-1"))
+        error = until("error")
+        output, _ = device.communicate(timeout=60)
+    finally:
+        if device.poll() is None:
+            device.kill()
+            device.communicate()
+        server.clear_retained(topics.server_status(P))
+        server.stop()
+    assert device.returncode == 4, output[-3000:]
+    assert "asks for external data from '../secret'" in error.error  # type: ignore[attr-defined]
+    assert "ignoring bundle for another run" in output
+    # never ready with either bundle: one join (without a bundle), then the error
+    assert [m.kind for t, m, _ in got if topics.parse_up(t, P)] == ["join", "error"]
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+    assert all(SECRET_BYTES not in encode(m) for _, m, _ in got)
