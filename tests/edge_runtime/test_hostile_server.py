@@ -837,7 +837,9 @@ def test_a_device_process_refuses_a_hostile_server_over_mosquitto(scene: Scene,
                 got.append((inc.topic, inc.message, inc.nbytes))
                 if inc.message.kind == kind:
                     return inc.message
-        raise AssertionError(f"no {kind} from the device; it said: {device.stdout}")
+        device.kill()
+        raise AssertionError(f"no {kind} from the device; it said: "
+                             f"{device.communicate()[0][-3000:]}")
     try:
         server.publish(topics.server_status(P),
                        Presence("run-1", -1, "server", state="online"), retain=True)
