@@ -72,15 +72,19 @@ class BundleError(ValueError):
 
 # -- external data: the one file a bundle's graphs may read from --------------------------------
 # An ONNX tensor can keep its bytes in a file named by its `external_data` entry "location".
-# ONNX Runtime resolves a relative location against the model's folder, or, for a model
-# loaded from bytes (as the device loads every graph), against the folder set in
-# EXTERNAL_FOLDER_KEY, else the process's working directory; only recent releases (1.24 on)
-# refuse absolute, escaping or symlinked locations themselves. So a graph from a hostile
-# server could otherwise make a device read any file it can open (its credentials, its shard)
-# and upload the bytes as smashed data. The device therefore (1) refuses, before any session
-# exists, a graph whose tensors name any location but the bundle's own GRAPH_DATA, or a range
-# outside it (`check_external_data`), and (2) sets EXTERNAL_FOLDER_KEY to the bundle's folder
-# on every session (`Bundle.data_folder`), so that a relative name can resolve nowhere else.
+# For a model loaded from bytes (as the device loads every graph) ONNX Runtime resolves a
+# relative location against the folder set in EXTERNAL_FOLDER_KEY, or the process's working
+# directory; and only recent releases refuse locations that leave that folder. Measured with
+# a graph whose tensor names a planted file: 1.17.3 to 1.20.1 ignore the folder and read
+# "secret" and "../secret" from the working directory; 1.22.0 honours the folder but still
+# reads "../secret", absolute paths and symlinks out of it; 1.32.0 refuses all of them. So a
+# graph from a hostile server could make a device read any file it can open (its
+# credentials, its shard) and upload the bytes as smashed data. The device therefore
+# (1) refuses, before any session exists, a graph whose tensors name any location but the
+# bundle's own GRAPH_DATA, or a range outside it (`check_external_data`), whatever its ONNX
+# Runtime, and (2) sets EXTERNAL_FOLDER_KEY to the bundle's folder on every session
+# (`Bundle.session_config`), so that where ONNX Runtime honours it a relative name can
+# resolve nowhere else.
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # ...and every session parses its bytes as an ONNX protobuf, never as ONNX Runtime's own
 # flatbuffer format, which `check_external_data` does not read
