@@ -413,6 +413,8 @@ def test_a_bundle_file_that_is_a_symlink_is_refused_not_followed(scene: Scene,
 # -- defence in depth: with the check switched off, ONNX Runtime still looks nowhere else ------
 def test_without_the_check_a_relative_name_resolves_only_in_the_bundle_folder(
         scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second layer, ONNX Runtime's external-data folder: honoured from about 1.21 on
+    (1.20.1 still reads from the working directory), which is why the check comes first."""
     monkeypatch.setattr(bundle_mod, "check_external_data", lambda *args: 0)
     write(scene.bundle, train_graph(external("c", "decoy")))
     decoy = np.full(4, 9.0, dtype="<f4")
