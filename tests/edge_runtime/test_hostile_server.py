@@ -617,7 +617,8 @@ def test_the_device_obeys_only_the_run_it_joined_and_counts_the_rest(
         (topics.down_all("round", P), RoundStart("run-2", 1, "server", weights=weights,
                                                  participants=(DEV,))),
         (topics.down_all("stop", P), Stop("run-2", 1, "server", reason="forged")),
-        (topics.down_device(DEV, "grad", P), Gradient("run-2", 1, "server", step=0)),
+        (topics.down_device(DEV, "grad", P), Gradient("run-2", 1, "server", step=0,
+                                                       grad=np.zeros((1, 4), np.float32))),
         # the run id is learnt only from the server's presence topic, with sender "server"
         (topics.down_all("round", P), Presence("run-2", -1, "server", state="online")),
         (BUNDLE_TOPIC, Presence("run-2", -1, "server", state="online")),
