@@ -889,7 +889,9 @@ class Reassembler:
 
     def __init__(self, timeout_s: float = 120.0, max_pending_bytes: int = 2 * MAX_MESSAGE_BYTES,
                  remember: int = 256, *, max_topic_messages: int = 4,
-                 max_pending_messages: int = 1024, max_topics_remembered: int = 16_384) -> None:
+                 max_pending_messages: int = 1024, max_topics_remembered: int = 16_384,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = min(max_message_bytes, MAX_MESSAGE_BYTES)
         self.timeout_s = timeout_s
         self.max_pending_bytes = max_pending_bytes
         self.max_topic_messages = max_topic_messages
@@ -917,6 +919,9 @@ class Reassembler:
             raise CodecError("not a heron chunk (bad magic)")
         if count == 0 or index >= count or total > MAX_MESSAGE_BYTES:
             raise CodecError(f"bad chunk header (index {index}, count {count}, total {total})")
+        if total > self.max_message_bytes:
+            raise CodecError(f"message of {total} bytes is over the {self.max_message_bytes} "
+                             "bytes this receiver can hold; dropping chunk")
         limit = max_bytes(kind)
         if total > limit:
             raise CodecError(f"{kind} message of {total} bytes exceeds the {kind} limit of "

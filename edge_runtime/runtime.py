@@ -163,12 +163,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def open_session(bundle: Bundle, opts: ort.SessionOptions | None = None
                  ) -> ort.InferenceSession:
     """An ONNX Runtime session over the bundle's training graph. External graph data
-    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory."""
+    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory, and
+    no other folder is searched (`Bundle.session_config`)."""
     opts = opts or ort.SessionOptions()
-    data = bundle.external_data
-    if data is not None:
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                      str(data.parent))
+    for key, value in bundle.session_config().items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(bundle.graph, sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 

@@ -16,7 +16,15 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.messages import CodecError, Message, Reassembler, chunk, decode, encode
+from edge_runtime.messages import (
+    MAX_MESSAGE_BYTES,
+    CodecError,
+    Message,
+    Reassembler,
+    chunk,
+    decode,
+    encode,
+)
 from edge_runtime.topics import payload_kind
 
 QOS = 1
@@ -88,7 +96,10 @@ class MqttTransport:
         credentials: Credentials | None = None,
         keepalive: int = 15,
         persistent: bool = True,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """`max_message_bytes`: larger incoming messages are refused at their first chunk
+        (a device passes what its memory budget can hold)."""
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
@@ -97,7 +108,7 @@ class MqttTransport:
         self.bytes_out = 0
         self.connected = threading.Event()
         self._refused: str | None = None
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(max_message_bytes=max_message_bytes)
         self._lock = threading.Lock()
         self._keepalive = keepalive
         self.connects = 0
