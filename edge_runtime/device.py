@@ -346,6 +346,8 @@ class Device:
         stops (`_refuse_bundle`)."""
         want = self.kinds.get(inc.topic)
         msg = inc.message
+        if inc.duplicate:  # a QoS 1 redelivery of what was already applied
+            return None
         if msg is None:
             if want is BundleFiles and self.run_id is not None:
                 self._refuse_bundle(f"its message was refused ({inc.error}); this device "

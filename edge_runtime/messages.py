@@ -903,6 +903,7 @@ class Reassembler:
         self.duplicates = 0
         self.expired = 0
         self.evicted = 0
+        self._dropped: dict[str, int] = {}  # topic -> incomplete messages dropped (take_dropped)
 
     def add(self, topic: str, payload: bytes, now: float | None = None,
             kind: str | None = None) -> memoryview | None:
@@ -959,6 +960,12 @@ class Reassembler:
         plus overheads, never the sizes their headers declare."""
         return sum(p.booked for (t, _), p in self._pending.items() if topic in (None, t))
 
+    def pending_by_topic(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t, _ in self._pending:
+            counts[t] = counts.get(t, 0) + 1
+        return counts
+
     def pending_messages(self, topic: str | None = None) -> int:
         return sum(1 for t, _ in self._pending if topic in (None, t))
 
@@ -989,6 +996,17 @@ class Reassembler:
             raise CodecError(f"incomplete messages pending on {topic} exceed {budget}; "
                              "dropping this message")
         self.evicted += 1
+        self._note_dropped(topic)
+
+    def _note_dropped(self, topic: str) -> None:
+        if len(self._dropped) < self._max_topics or topic in self._dropped:
+            self._dropped[topic] = self._dropped.get(topic, 0) + 1
+
+    def take_dropped(self) -> dict[str, int]:
+        """Incomplete messages dropped (expired or evicted) per topic since the last call,
+        so that the receiver can count them against their sender."""
+        dropped, self._dropped = self._dropped, {}
+        return dropped
 
     def _remember_done(self, topic: str, mid: bytes) -> None:
         done = self._done.pop(topic, None) or OrderedDict()
@@ -1003,3 +1021,4 @@ class Reassembler:
         for key in [k for k, p in self._pending.items() if now - p.first_seen > self.timeout_s]:
             del self._pending[key]
             self.expired += 1
+            self._note_dropped(key[0])

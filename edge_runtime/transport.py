@@ -80,6 +80,7 @@ class Incoming:
     message: Message | None
     nbytes: int
     error: str | None = None
+    duplicate: bool = False  # a redelivered chunk or message id: already applied, dropped
 
 
 RECONNECTED = "$heron/reconnected"
@@ -164,8 +165,14 @@ class MqttTransport:
         with self._lock:
             self.bytes_in += len(payload)
         try:
-            data = self._reassembler.add(msg.topic, payload, kind=payload_kind(msg.topic))
+            with self._lock:  # the loop takes the per-topic drop counts from another thread
+                seen = self._reassembler.duplicates
+                data = self._reassembler.add(msg.topic, payload, kind=payload_kind(msg.topic))
             if data is None:
+                if self._reassembler.duplicates > seen:  # the receiver counts it, per topic
+                    self.inbox.put(Incoming(msg.topic, None, len(payload),
+                                            error="a chunk or message id already received",
+                                            duplicate=True))
                 return
             self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
         except CodecError as exc:
@@ -173,6 +180,16 @@ class MqttTransport:
         except Exception as exc:  # noqa: BLE001 - never let a payload kill paho's thread
             self.inbox.put(Incoming(msg.topic, None, len(payload),
                                     error=f"undecodable payload ({type(exc).__name__}: {exc})"))
+
+    def take_dropped_by_topic(self) -> dict[str, int]:
+        """Chunked messages dropped incomplete per topic since the last call."""
+        with self._lock:
+            return self._reassembler.take_dropped()
+
+    def pending_by_topic(self) -> dict[str, int]:
+        """Chunked messages still incomplete, per topic (at the end of a run: never finished)."""
+        with self._lock:
+            return self._reassembler.pending_by_topic()
 
     @property
     def incomplete_dropped(self) -> int:

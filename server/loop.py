@@ -369,6 +369,9 @@ class Server:
             kind = route[1] if route else "presence"
             if kind != "smashed" and not self._within_rate(sender, kind):
                 return
+        if inc.duplicate:
+            self._reject(sender, f"duplicate message: {inc.error}")
+            return
         if inc.message is None:
             self._reject(sender, f"malformed payload: {inc.error}")
             return
@@ -605,11 +608,8 @@ class Server:
         ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), tel.peak_rss_mb)
-        dropped = self.transport.incomplete_dropped - self.rejected.get("incomplete message", 0)
-        if dropped > 0:
-            self._reject("broker", f"incomplete message: {dropped} chunked messages expired",
-                         device=False)
-            self.rejected["incomplete message"] = self.transport.incomplete_dropped
+        self._count_incomplete(self.transport.take_dropped_by_topic(),
+                               "dropped incomplete (expired, or over its sender's budget)")
         tel = state.telemetry.values()
         return {
             "round": r,
@@ -691,8 +691,20 @@ class Server:
             self.transport.stop()
         return self._finish(t_start, interrupted)
 
+    def _count_incomplete(self, by_topic: dict[str, int], what: str) -> None:
+        """Chunked messages that never completed, each a rejection of its sender."""
+        for topic, n in sorted(by_topic.items()):
+            route = topics.parse_up(topic, self.opts.prefix)
+            sender = route[0] if route else topics.parse_status(topic, self.opts.prefix)
+            for _ in range(n):
+                self._reject(sender or topic, f"incomplete message: {what}",
+                             device=sender is not None)
+
     def _finish(self, t_start: float, interrupted: bool = False) -> dict[str, Any]:
         o = self.opts
+        self._count_incomplete(self.transport.take_dropped_by_topic(),
+                               "dropped incomplete (expired, or over its sender's budget)")
+        self._count_incomplete(self.transport.pending_by_topic(), "still incomplete at the end")
         accs = [r["test_accuracy"] for r in self.records]
         summary = {
             "run_id": self.run_id,

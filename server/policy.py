@@ -15,10 +15,11 @@ from edge_runtime.runtime import SPLITFED, TrainConfig
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run
 # or a round the server no longer has after a restart, a redelivered update or smashed step,
-# a bundle it asked for too often while crash-looping. They are counted but never quarantine.
+# a bundle it asked for too often while crash-looping, a redelivered chunk, an upload cut off
+# when it died. They are counted but never quarantine.
 LENIENT = frozenset({"stale round", "wrong run", "unknown device", "not a participant",
-                     "duplicate update", "duplicate smashed", "bundle resend refused",
-                     "update norm"})
+                     "duplicate update", "duplicate smashed", "duplicate message",
+                     "bundle resend refused", "update norm", "incomplete message"})
 
 MAX_DECLARED_SAMPLES = 100_000_000  # a join declaring more samples is refused
 ERROR_CHARS = 500  # a member's error text is cut to this many characters
