@@ -367,7 +367,11 @@ class Server:
                 self.rejected["quarantined"] = self.rejected.get("quarantined", 0) + 1
                 return
             kind = route[1] if route else "presence"
-            if kind != "smashed" and not self._within_rate(sender, kind):
+            # a participant's first error of a round (why it leaves it) is always heard:
+            # rounds can be faster than the error rate
+            leaving = kind == "error" and state is not None and \
+                sender in state.participants and sender not in state.gone
+            if kind != "smashed" and not leaving and not self._within_rate(sender, kind):
                 return
         if inc.duplicate:
             self._reject(sender, f"duplicate message: {inc.error}")
