@@ -373,8 +373,10 @@ class Server:
                 sender in state.participants and sender not in state.gone
             if kind != "smashed" and not leaving and not self._within_rate(sender, kind):
                 return
-        if inc.duplicate:
-            self._reject(sender, f"duplicate message: {inc.error}")
+        if inc.duplicate:  # a replay on an upload topic counts against its sender; a
+            # retained presence arrives once per matching subscription and is not a replay
+            if route:
+                self._reject(sender, f"duplicate message: {inc.error}")
             return
         if inc.message is None:
             self._reject(sender, f"malformed payload: {inc.error}")
