@@ -36,6 +36,10 @@ CIFAR10_SUBDIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
 
+# Classes a dataset may have: the largest label sizes the classifier (and the device's aux
+# head), so a stray label like 10**9 must be an error, not a 10**9-wide output layer.
+MAX_CLASSES = 10_000
+
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
 
@@ -68,6 +72,9 @@ class Dataset:
             raise DatasetError(f"{self.name}: x_dev and y_dev must be given together")
         if self.x_dev is not None and self.y_dev is not None:
             splits.append(("dev", self.x_dev, self.y_dev))
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise DatasetError(f"{self.name}: {self.num_classes} classes; labels must be "
+                               f"0..K-1 with K <= {MAX_CLASSES}; help: remap the labels")
         for split, x, y in splits:
             if x.dtype not in (np.float32, np.int64) or y.dtype != np.int64:
                 raise DatasetError(f"{self.name} {split}: expected x float32 or int64 and y "
@@ -78,6 +85,9 @@ class Dataset:
             if y.ndim != 1 or x.shape[0] != y.shape[0]:
                 raise DatasetError(f"{self.name} {split}: x has shape {x.shape} but y has "
                                    f"shape {y.shape}")
+            if y.size and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise DatasetError(f"{self.name} {split}: labels {int(y.min())}..{int(y.max())}"
+                                   f" outside 0..{self.num_classes - 1}")
             if x.shape[1:] != self.x_train.shape[1:]:
                 raise DatasetError(f"{self.name}: train samples have shape "
                                    f"{self.x_train.shape[1:]} but {split} samples "
@@ -165,6 +175,17 @@ def _limit(ds: Dataset, limit: int | None, seed: int) -> Dataset:
 
     return Dataset(ds.name, *pick(ds.x_train, ds.y_train), *pick(ds.x_test, ds.y_test),
                    ds.num_classes)
+
+
+def class_count(where: object, *labels: np.ndarray) -> int:
+    """K for integer labels 0..K-1 (the largest label + 1), bounded by MAX_CLASSES; the
+    error names the offending label and where it is."""
+    top = max(int(y.max()) for y in labels)
+    if top >= MAX_CLASSES:
+        raise DatasetError(f"{where}: label {top} would make {top + 1} classes; labels must "
+                           f"be 0..K-1 with K <= {MAX_CLASSES}; help: remap the labels to "
+                           "consecutive integers from 0")
+    return top + 1
 
 
 def _finish(
@@ -274,7 +295,7 @@ def _load_mnist(root: Path) -> Dataset:
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DatasetError(f"MNIST files in {root}: train images are {x_train.shape[2:]} but "
                            f"test images {x_test.shape[2:]}")
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    num_classes = class_count(f"MNIST files in {root}", y_train, y_test)
     return _finish("mnist", x_train, y_train, x_test, y_test, num_classes)
 
 
@@ -425,7 +446,7 @@ def _load_npz(root: Path) -> Dataset:
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DatasetError(f"npz data in {root}: train samples have shape {x_train.shape[1:]} "
                            f"but test samples {x_test.shape[1:]}")
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    num_classes = class_count(f"npz data in {root}", y_train, y_test)
     return _finish("npz", x_train, y_train, x_test, y_test, num_classes)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from devices.datasets import load_dataset
 from devices.partition import partition, write_shards
+from heron.lifecycle import child_env
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ def _heron(*args: str) -> list[str]:
 def start_devices(opts: FleetOptions, broker: str, shards: list[Path]) -> list[subprocess.Popen]:
     logs = opts.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(opts.device_env or {})}
+    # each device stops by itself if this process dies without warning (die_with_parent)
+    env = child_env({**os.environ, **(opts.device_env or {})})
     procs = []
     for i, shard in enumerate(shards):
         dev = f"dev-{i}"
@@ -84,3 +86,18 @@ def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> list[int | N
             p.wait()
     return [p.returncode for p in procs]
 
+
+def terminate(procs: list[subprocess.Popen], grace: float = 30.0) -> list[int | None]:
+    """Stop now: SIGTERM to all at once (each stops cleanly: the server keeps its last
+    checkpoint, a device says it is offline), SIGKILL whatever still runs after `grace`."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return [p.returncode for p in procs]

@@ -286,6 +286,8 @@ Restart=on-failure
 RestartSec=15
 # exit status 5: the model does not fit this board's memory budget; a restart cannot help
 RestartPreventExitStatus=5
+# `systemctl stop` sends SIGTERM: the device says it is offline and exits 143 (128 + 15)
+SuccessExitStatus=143
 # if memory runs out anyway, the kernel picks this process before sshd
 OOMScoreAdjust=500
 

@@ -107,10 +107,9 @@ class SegmentChain:
             h[:, 1] = 1
         else:
             h = rng.standard_normal((2, *m.input_shape)).astype(np.float32)
-        data = bundle.external_data  # frozen tensors the segments map from the bundle's data
-        if data is not None:
-            opts.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(data.parent))
+        # frozen tensors the segments map from the bundle's data, and from nowhere else
+        for key, value in bundle.session_config().items():
+            opts.add_session_config_entry(key, value)
         y = np.zeros(2, dtype=np.int64)
         for i, (spec, graph) in enumerate(zip(m.segments, bundle.segments, strict=True)):
             last = i == len(m.segments) - 1

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +68,178 @@ INPUT_DTYPES = ("float32", "int64")  # images / token ids + attention mask
 
 class BundleError(ValueError):
     """A bundle is missing, malformed or does not match its manifest."""
+
+
+# -- external data: the one file a bundle's graphs may read from --------------------------------
+# An ONNX tensor can keep its bytes in a file named by its `external_data` entry "location".
+# For a model loaded from bytes (as the device loads every graph) ONNX Runtime resolves a
+# relative location against the folder set in EXTERNAL_FOLDER_KEY, or the process's working
+# directory; and only recent releases refuse locations that leave that folder. Measured with
+# a graph whose tensor names a planted file: 1.17.3 to 1.20.1 ignore the folder and read
+# "secret" and "../secret" from the working directory; 1.22.0 honours the folder but still
+# reads "../secret", absolute paths and symlinks out of it; 1.32.0 refuses all of them. So a
+# graph from a hostile server could make a device read any file it can open (its
+# credentials, its shard) and upload the bytes as smashed data. The device therefore
+# (1) refuses, before any session exists, a graph whose tensors name any location but the
+# bundle's own GRAPH_DATA, or a range outside it (`check_external_data`), whatever its ONNX
+# Runtime, and (2) sets EXTERNAL_FOLDER_KEY to the bundle's folder on every session
+# (`Bundle.session_config`), so that where ONNX Runtime honours it a relative name can
+# resolve nowhere else.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# ...and every session parses its bytes as an ONNX protobuf, never as ONNX Runtime's own
+# flatbuffer format, which `check_external_data` does not read
+MODEL_FORMAT_KEY, MODEL_FORMAT = "session.load_model_format", "ONNX"
+# a bundle held only in memory has no external data (checked); its sessions get a folder that
+# cannot exist, a path below the null device, so nothing can resolve against the cwd either
+NO_DATA_FOLDER = Path(os.devnull) / "heron-bundle-has-no-external-data"
+EXTERNAL_KEYS = ("location", "offset", "length", "checksum")  # what ONNX defines
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_MAX_NESTING = 100  # protobuf's default recursion limit: ONNX Runtime parses no deeper
+
+# The protobuf field numbers (onnx/onnx.proto3) on every path from a ModelProto to a
+# TensorProto, and nothing else: message -> {field number: message it holds}. Tensors hide in
+# graph initializers, sparse initializers, node attributes (t, tensors, sparse tensors) and in
+# the subgraphs of attributes (If, Loop, Scan), training-info graphs and model functions.
+_MODEL, _GRAPH, _NODE, _ATTR, _SPARSE, _TRAINING, _FUNCTION, _TENSOR = range(8)
+_HOLDS: dict[int, dict[int, int]] = {
+    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},  # graph, training_info, functions
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
+    _NODE: {5: _ATTR},  # attribute
+    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},  # initialization, algorithm
+    _FUNCTION: {7: _NODE, 11: _ATTR},  # node, attribute_proto
+}
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2  # StringStringEntryProto
+_DECIMAL = re.compile(r"^[0-9]{1,19}$")
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> list[tuple[int, int | memoryview]]:
+    """(field number, value) of one protobuf message: an int for a varint, a view for a
+    length-delimited field; fixed-width fields are skipped. No groups: ONNX has none."""
+    out: list[tuple[int, int | memoryview]] = []
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            out.append((number, value))
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > len(buf):
+                raise ValueError("a length-delimited field runs past its message")
+            out.append((number, buf[pos:pos + size]))
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(buf):
+                raise ValueError("a fixed-width field runs past its message")
+        else:
+            raise ValueError(f"wire type {wire} (groups are not used by ONNX)")
+    return out
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """One tensor's external-data reference, as ONNX Runtime would read it."""
+
+    tensor: str
+    external: bool  # data_location == EXTERNAL
+    entries: tuple[tuple[str, str], ...]  # (key, value) in order
+
+
+def external_refs(graph: bytes | memoryview) -> list[ExternalRef]:
+    """Every tensor of a serialized ModelProto that names external data, found by walking
+    the protobuf wire format over the fields in `_HOLDS` (the device has no `onnx`
+    package). Raises ValueError for bytes that are not a well-formed protobuf message.
+
+    A message field given twice is merged by protobuf, so every occurrence is walked; a
+    scalar given twice keeps its last value, as here."""
+    refs: list[ExternalRef] = []
+    stack: list[tuple[int, memoryview, int]] = [(_MODEL, memoryview(graph).cast("B"), 0)]
+    while stack:
+        kind, buf, depth = stack.pop()
+        if depth > _MAX_NESTING:
+            raise ValueError(f"messages nested more than {_MAX_NESTING} deep")
+        fields = _fields(buf)
+        if kind != _TENSOR:
+            holds = _HOLDS[kind]
+            stack.extend((holds[n], v, depth + 1) for n, v in reversed(fields)
+                         if n in holds and isinstance(v, memoryview))
+            continue
+        name, external, entries = "", False, []
+        for number, value in fields:
+            if number == _TENSOR_NAME and isinstance(value, memoryview):
+                name = bytes(value).decode("utf-8", "replace")
+            elif number == _TENSOR_DATA_LOCATION and isinstance(value, int):
+                external = value == _EXTERNAL
+            elif number == _TENSOR_EXTERNAL_DATA and isinstance(value, memoryview):
+                key = val = b""
+                for n, v in _fields(value):
+                    if isinstance(v, memoryview) and n in (_ENTRY_KEY, _ENTRY_VALUE):
+                        key, val = (bytes(v), val) if n == _ENTRY_KEY else (key, bytes(v))
+                entries.append((key.decode("utf-8", "replace"), val.decode("utf-8", "replace")))
+        if external or entries:
+            refs.append(ExternalRef(name, external, tuple(entries)))
+    return refs
+
+
+def check_external_data(graph: bytes | memoryview, file: str, data_size: int | None) -> int:
+    """Refuse a graph that would make ONNX Runtime read anything but `data_size` bytes of
+    the bundle's own GRAPH_DATA (None: the bundle has none, so no tensor may be external).
+    Returns how many tensors are external. Runs before any session is made."""
+    if bytes(graph[4:8]) == b"ORTM":  # the flatbuffer format's file identifier
+        raise BundleError(f"{file} is in ONNX Runtime's own format, not ONNX; help: re-export "
+                          "the bundle")
+    try:
+        refs = external_refs(graph)
+    except ValueError as exc:
+        raise BundleError(f"{file} is not a well-formed ONNX model ({exc}); help: re-export "
+                          "the bundle, or check that the server is the one you joined") from exc
+    for ref in refs:
+        where = f"{file}: tensor {ref.tensor!r}"
+        keys = [k for k, _ in ref.entries]
+        entries = dict(ref.entries)
+        unknown = sorted(set(keys) - set(EXTERNAL_KEYS))
+        if unknown or len(set(keys)) != len(keys):
+            raise BundleError(f"{where} has external-data keys {keys}; only one each of "
+                              f"{', '.join(EXTERNAL_KEYS)} are allowed")
+        location = entries.get("location")
+        if location != GRAPH_DATA:
+            raise BundleError(
+                f"{where} asks for external data from {location!r}; a bundle's graphs may read "
+                f"only the bundle's own {GRAPH_DATA}, so this one is refused before ONNX "
+                "Runtime opens anything; help: the server sent a hostile or corrupt bundle, "
+                "check that it is the one you joined, or re-export the bundle")
+        if data_size is None:
+            raise BundleError(f"{where} keeps its data in {GRAPH_DATA}, which this bundle's "
+                              "manifest does not list; help: re-export the bundle")
+        offset, length = entries.get("offset", "0"), entries.get("length")
+        if length is None or not _DECIMAL.match(offset) or not _DECIMAL.match(length):
+            raise BundleError(f"{where} has external-data offset {offset!r} and length "
+                              f"{length!r}; both must be decimal byte counts")
+        if int(offset) + int(length) > data_size:
+            raise BundleError(f"{where} reads bytes {offset}..{int(offset) + int(length)} of "
+                              f"{GRAPH_DATA}, which holds {data_size}; help: re-export the "
+                              "bundle")
+    return len(refs)
 
 
 @dataclass(frozen=True)
@@ -322,6 +495,22 @@ class Bundle:
     root: Path | None = None  # the directory it was verified in (load_bundle), if on disk
 
     @property
+    def data_folder(self) -> Path:
+        """The one folder ONNX Runtime may read external tensors from (EXTERNAL_FOLDER_KEY):
+        the bundle's own, or NO_DATA_FOLDER for a bundle held only in memory, whose graphs
+        were checked to have no external tensors. Raises BundleError where `external_data`
+        does."""
+        data = self.external_data
+        if data is not None:
+            return data.parent
+        return self.root if self.root is not None else NO_DATA_FOLDER
+
+    def session_config(self) -> dict[str, str]:
+        """The ONNX Runtime session config entries every session over this bundle's graphs
+        gets: external data from `data_folder` only, and ONNX format only."""
+        return {EXTERNAL_FOLDER_KEY: str(self.data_folder), MODEL_FORMAT_KEY: MODEL_FORMAT}
+
+    @property
     def external_data(self) -> Path | None:
         """Where train.onnx's external data lies, if it has any (None: all in the graph).
 
@@ -367,15 +556,16 @@ def _parse_manifest(files: Mapping[str, bytes | memoryview]) -> Manifest:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
 
 
-def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bundle:
-    """Verify raw file contents (from disk or from MQTT) against the manifest's sha256.
+def _graph_files(manifest: Manifest) -> list[str]:
+    """The ONNX graphs of a bundle: the training graph and every segment (NCHWc too)."""
+    return [GRAPH, *(f for s in manifest.segments for f in (s.file, s.nchwc_file) if f)]
 
-    GRAPH_DATA is checked here when it is in `files`; `load_bundle` hashes it on disk
-    instead (`root`), so its bytes never enter the process."""
-    manifest = _parse_manifest(files)
-    segment_files = [f for s in manifest.segments for f in (s.file, s.nchwc_file) if f]
-    data = [GRAPH_DATA] if GRAPH_DATA in manifest.files and root is None else []
-    for name in (GRAPH, WEIGHTS, *segment_files, *data):
+
+def _verify(manifest: Manifest, files: Mapping[str, bytes | memoryview], names: list[str],
+            data_size: int | None) -> None:
+    """sha256 of `names` against the manifest, then the graphs' external-data references:
+    a graph may read only `data_size` bytes of GRAPH_DATA (None: there is none)."""
+    for name in names:
         if name not in manifest.files:
             raise BundleError(f"manifest lists no sha256 for {name}")
         if name not in files:
@@ -383,6 +573,25 @@ def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bund
         got = sha256_bytes(files[name])
         if got != manifest.files[name]:
             raise _mismatch(name, got, manifest.files[name])
+    if GRAPH_DATA not in manifest.files:
+        data_size = None
+    for name in _graph_files(manifest):
+        check_external_data(files[name], name, data_size)
+
+
+def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bundle:
+    """Verify raw file contents (from disk or from MQTT) against the manifest's sha256, and
+    that its graphs read external data from nowhere but the bundle's GRAPH_DATA.
+
+    GRAPH_DATA is checked here when it is in `files`; `load_bundle` hashes it on disk
+    instead (`root`), so its bytes never enter the process."""
+    manifest = _parse_manifest(files)
+    data = [GRAPH_DATA] if GRAPH_DATA in manifest.files and root is None else []
+    data_size = None
+    if GRAPH_DATA in manifest.files:
+        data_size = (len(files.get(GRAPH_DATA, b"")) if root is None  # _verify: missing?
+                     else _regular_file(root, GRAPH_DATA).st_size)
+    _verify(manifest, files, [*_graph_files(manifest), WEIGHTS, *data], data_size)
     return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),
                   tuple(files[s.file] for s in manifest.segments),
                   tuple(files[s.nchwc_file] if s.nchwc_file else None
@@ -398,9 +607,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _regular_file(root: Path, name: str) -> os.stat_result:
+    """A bundle file's stat; BundleError if it is missing, or not a regular file of the
+    folder itself (a symbolic link could point anywhere, so it is never followed)."""
+    try:
+        st = os.lstat(root / name)
+    except OSError as exc:
+        raise BundleError(f"bundle is missing {name}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise BundleError(f"bundle file {name} is a symbolic link; a bundle's files must lie "
+                          f"in its own folder {root}; help: copy the real file there")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"bundle file {name} is not a regular file")
+    return st
+
+
 def read_bundle_files(path: str | Path, *, data: bool = True) -> dict[str, bytes]:
     """The bundle's files as bytes (to verify, or to ship over MQTT); GRAPH_DATA only
-    with `data`."""
+    with `data`. A file that is a symbolic link is refused, not followed."""
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist; help: run `heron export`")
@@ -413,7 +637,10 @@ def read_bundle_files(path: str | Path, *, data: bool = True) -> dict[str, bytes
         pass
     if not data and GRAPH_DATA in names:
         names.remove(GRAPH_DATA)
-    return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
+    present = [n for n in names if os.path.lexists(root / n)]
+    for name in present:
+        _regular_file(root, name)
+    return {name: (root / name).read_bytes() for name in present}
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -422,8 +649,7 @@ def load_bundle(path: str | Path) -> Bundle:
     bundle = bundle_from_files(read_bundle_files(root, data=False), root=root)
     want = bundle.manifest.files.get(GRAPH_DATA)
     if want is not None:
-        if not (root / GRAPH_DATA).is_file():
-            raise BundleError(f"bundle is missing {GRAPH_DATA}")
+        _regular_file(root, GRAPH_DATA)
         got = sha256_file(root / GRAPH_DATA)
         if got != want:
             raise _mismatch(GRAPH_DATA, got, want)
@@ -443,11 +669,14 @@ def default_bundle_cache() -> Path:
 def store_bundle_files(files: Mapping[str, bytes | memoryview], cache: str | Path) -> Path:
     """Write received bundle files into `cache`/<manifest sha256 prefix>/ and return it.
 
-    The directory appears whole (written beside it, then renamed), so devices sharing a
-    cache on one machine also share one page-cache copy of the mapped data; an existing
-    one is reused once it verifies, and replaced if it does not."""
+    An existing folder for this manifest is reused once it verifies (`load_bundle`), and
+    replaced if it does not. Otherwise nothing is written before every file matches its
+    sha256 and the graphs are known to read no external data but GRAPH_DATA's; then only
+    plain names inside that one folder are written. The directory appears whole (written
+    beside it, then renamed), so devices sharing a cache on one machine also share one
+    page-cache copy of the mapped data."""
     manifest = _parse_manifest(files)
-    names = [MANIFEST, *manifest.files]
+    names = [MANIFEST, *(n for n in manifest.files if n != MANIFEST)]
     for name in names:
         if not _FILE_NAME.match(name) or name not in files:
             raise BundleError(f"bundle file {name!r} is missing or has a bad name")
@@ -459,6 +688,9 @@ def store_bundle_files(files: Mapping[str, bytes | memoryview], cache: str | Pat
             return target
         except BundleError:
             shutil.rmtree(target, ignore_errors=True)
+    data = [GRAPH_DATA] if GRAPH_DATA in manifest.files else []
+    _verify(manifest, files, [*_graph_files(manifest), WEIGHTS, *data],
+            len(files[GRAPH_DATA]) if data else None)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))

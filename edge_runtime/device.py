@@ -2,6 +2,33 @@
 
 All MQTT traffic of a device goes through this one loop; training itself is
 `runtime.train_round`, which knows nothing about the network.
+
+Whom a device obeys. It acts only on the kinds the server sends, each on its own topic
+(`server_kinds`: the retained server presence, ``down/{own id}/bundle|grad``,
+``down/all/round|stop``) with sender "server", and only for the run it joined: the run id
+comes from the server's online presence on the retained server status topic and from nowhere
+else. A bundle, round, gradient or stop for another run, a kind on the wrong topic or a
+payload that does not decode is ignored, counted in `Device.ignored` and logged, never a
+crash (only a bundle of the joined run that cannot be received or verified ends the device:
+it reports why to the server and exits 4). What that proves about the sender depends on the
+broker:
+
+- provisioned (`heron devices provision`): the broker refuses anonymous clients, its ACL
+  lets only the server's account write under ``down/`` and ``server/status`` while each
+  device writes only its own ``up/`` and ``status/`` topics, and client ids are the user
+  names (`tests/test_security.py` checks each against a real Mosquitto). So whatever a
+  device acts on was published with the server's credentials, and the run is the one that
+  account announced last: that is the server's identity. With ``--tls`` the device also
+  checks the broker's certificate against the fleet's CA; without TLS a machine on the
+  network path could pose as the broker.
+- an open broker: anyone who connects can publish as the server (the run id is in its
+  retained presence for all to read); the run-id check then only keeps stale and other
+  runs' traffic out.
+
+Either way a bundle cannot make the device read or write outside the bundle's folder
+(`edge_runtime.bundle`: external data confinement, checked before any session exists), and
+a message larger than the device's memory budget can hold is refused at its first chunk
+(`message_limit`).
 """
 
 from __future__ import annotations
@@ -17,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 
 from edge_runtime import topics
 from edge_runtime.bundle import (
@@ -30,10 +58,13 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.data import load_shard
 from edge_runtime.messages import (
+    MAX_CHUNK_PAYLOAD,
+    MAX_MESSAGE_BYTES,
     BundleFiles,
     DeviceError,
     Gradient,
     Join,
+    Message,
     Presence,
     RoundStart,
     Smashed,
@@ -42,7 +73,13 @@ from edge_runtime.messages import (
     announced_train,
     new_msg_id,
 )
-from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict, Profile, check_bundle_memory
+from edge_runtime.profiles import (
+    MEMORY_EXIT_CODE,
+    MemoryVerdict,
+    Profile,
+    check_bundle_memory,
+    memory_budget,
+)
 from edge_runtime.runtime import (
     DEVICE_ALGORITHMS,
     LocalModel,
@@ -52,7 +89,7 @@ from edge_runtime.runtime import (
     train_round,
     use_process_pool,
 )
-from edge_runtime.transport import RECONNECTED, Credentials, MqttTransport
+from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
 from edge_runtime.zo import BlockSampler
 
 log = logging.getLogger("heron.device")
@@ -103,6 +140,26 @@ def announced_config(info: object) -> TrainConfig | None:
         return None
 
 
+def message_limit(profile: Profile | None) -> int:
+    """The largest message, in bytes, this device takes: half of what its memory budget
+    (`profiles.memory_budget`) leaves above what the process holds now, since a bundle
+    verified in memory is held twice for a moment (the message and its files); at least one
+    chunk, so presences and small rounds always pass, and at most the codec's limit. A
+    bundle over it is refused at its first chunk, before any of it is held."""
+    budget_mb, _ = memory_budget(profile)
+    room = int(budget_mb * 2**20) - psutil.Process().memory_info().rss
+    return max(MAX_CHUNK_PAYLOAD, min(MAX_MESSAGE_BYTES, room // 2))
+
+
+def server_kinds(device_id: str, prefix: str) -> dict[str, type[Message]]:
+    """topic -> the one message kind the server sends there (module doc)."""
+    return {topics.server_status(prefix): Presence,
+            topics.down_device(device_id, "bundle", prefix): BundleFiles,
+            topics.down_device(device_id, "grad", prefix): Gradient,
+            topics.down_all("round", prefix): RoundStart,
+            topics.down_all("stop", prefix): Stop}
+
+
 def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, object]:
     return {"samples": n, "python": platform.python_version(), "machine": platform.machine(),
             "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads,
@@ -133,12 +190,15 @@ class Device:
         self.run_id: str | None = None
         self.rounds_done = 0
         self.last_update: Update | None = None  # resent if the server asks for its round again
-        self.pending: list[object] = []  # messages that arrived while a round was busy
+        self.pending: list[Message] = []  # messages that arrived while a round was busy
+        self.ignored: dict[str, int] = {}  # why -> how many server messages were not acted on
         p, dev = opts.prefix, opts.device_id
+        self.kinds = server_kinds(dev, p)
+        self.max_message_bytes = message_limit(opts.profile)
         self.transport = MqttTransport(
             opts.broker, f"heron-{dev}", topics.device_subscriptions(dev, p),
             will=(topics.device_status(dev, p), Presence("", -1, dev, state="offline")),
-            credentials=opts.credentials)
+            credentials=opts.credentials, max_message_bytes=self.max_message_bytes)
 
     # -- model hooks (overridden by the torch device) ------------------------------------
     @staticmethod
@@ -242,18 +302,14 @@ class Device:
                             time.monotonic() - last_seen > self.opts.wait_server_s:
                         raise DeviceExit("no server appeared; giving up", 3)
                     continue
-                if inc.topic == RECONNECTED:
-                    self._reannounce()
-                    continue
-                if inc.message is None:
-                    log.warning("%s: rejected payload on %s: %s", dev, inc.topic, inc.error)
-                    continue
-                last_seen = time.monotonic()
-                self._handle(inc.message)
+                if self._receive(inc):
+                    last_seen = time.monotonic()
         except DeviceExit as exc:
             log.info("%s: %s", dev, exc)
             return exc.code
         finally:
+            if self.ignored:
+                log.warning("%s: ignored server messages: %s", dev, self.ignored)
             t.publish(topics.device_status(dev, p), Presence("", -1, dev, state="offline"),
                       retain=True, wait=5.0)
             t.stop()
@@ -267,9 +323,57 @@ class Device:
         if self.run_id is not None:
             self._join()
 
-    def _handle(self, msg: object) -> None:
+    def _receive(self, inc: Incoming) -> bool:
+        """One item from the transport: act on it if the server sent it; whether it did."""
+        if inc.topic == RECONNECTED:
+            self._reannounce()
+            return False
+        msg = self._accept(inc)
+        if msg is not None:
+            self._handle(msg)
+        return msg is not None
+
+    def _ignore(self, why: str, detail: str) -> None:
+        """Count a server message not acted on; log the 1st, 2nd, 4th, ... of each kind."""
+        n = self.ignored[why] = self.ignored.get(why, 0) + 1
+        if n & (n - 1) == 0:
+            log.warning("%s: ignoring %s (%s; %d so far)", self.opts.device_id, why, detail, n)
+
+    def _accept(self, inc: Incoming) -> Message | None:
+        """The message if it is the kind the server sends on its topic, from "server";
+        else None, counted. A bundle that cannot be received (over `max_message_bytes`, or
+        undecodable) while in a run is refused as a bad bundle is: reported, and the device
+        stops (`_refuse_bundle`)."""
+        want = self.kinds.get(inc.topic)
+        msg = inc.message
+        if inc.duplicate:  # a QoS 1 redelivery of what was already applied
+            return None
+        if msg is None:
+            if want is BundleFiles and self.run_id is not None:
+                self._refuse_bundle(f"its message was refused ({inc.error}); this device "
+                                    f"takes messages of at most {self.max_message_bytes} "
+                                    "bytes, from its memory budget; help: a --profile with "
+                                    "a larger budget, or an earlier cut")
+            self._ignore("undecodable payload", f"on {inc.topic}: {inc.error}")
+            return None
+        if want is None or not isinstance(msg, want) or msg.sender != "server":
+            self._ignore("message on the wrong topic",
+                         f"{msg.kind} from {msg.sender!r} on {inc.topic}")
+            return None
+        return msg
+
+    def _other_run(self, msg: Message) -> bool:
+        """Whether `msg` is for a run other than the one joined (then it is counted)."""
+        if self.run_id is not None and msg.run_id == self.run_id:
+            return False
+        self._ignore(f"{msg.kind} for another run",
+                     f"run {msg.run_id!r}, joined {self.run_id!r}")
+        return True
+
+    def _handle(self, msg: Message) -> None:
+        """Act on a message `_accept` let through."""
         dev = self.opts.device_id
-        if isinstance(msg, Presence) and msg.sender == "server":
+        if isinstance(msg, Presence):
             if msg.state == "online":  # a new server session (or a resumed one): (re)join
                 self.run_id = msg.run_id
                 announced = announced_config(msg.info)
@@ -277,13 +381,15 @@ class Device:
                     self.announced, self.memory_verdict = announced, None
                 log.info("%s: server online, run %s; joining", dev, msg.run_id)
                 self._join()
-            elif msg.state == "offline":
+            elif msg.state == "offline" and self.run_id is not None and \
+                    msg.run_id == self.run_id:
                 log.info("%s: server went offline; waiting for it to come back", dev)
                 self.run_id = None
         elif isinstance(msg, BundleFiles):
-            self._on_bundle(msg)
+            if not self._other_run(msg):
+                self._on_bundle(msg)
         elif isinstance(msg, RoundStart):
-            if dev not in msg.participants or msg.run_id != self.run_id:
+            if self._other_run(msg) or dev not in msg.participants:
                 return
             last = self.last_update
             if last is not None and (last.run_id, last.round) == (msg.run_id, msg.round):
@@ -294,9 +400,16 @@ class Device:
                                        replace(last, msg_id=new_msg_id()))
                 return
             self._on_round(msg)
-        elif isinstance(msg, Stop) and msg.run_id == self.run_id:
+        elif isinstance(msg, Stop) and not self._other_run(msg):
             raise DeviceExit(f"server ended the run ({msg.reason}) after "
                              f"{self.rounds_done} rounds here", 0)
+        elif isinstance(msg, Gradient) and not self._other_run(msg):
+            log.debug("%s: a gradient for round %d step %d came after its round", dev,
+                      msg.round, msg.step)
+
+    def _refuse_bundle(self, why: str) -> None:
+        self._report(f"bundle rejected: {why}")
+        raise DeviceExit(f"cannot use the server's bundle: {why}", 4)
 
     def _on_bundle(self, msg: BundleFiles) -> None:
         try:
@@ -311,8 +424,7 @@ class Device:
                 bundle = bundle_from_files(msg.files())
             self._load_model(bundle)
         except (BundleError, ValueError) as exc:
-            self._report(f"bundle rejected: {exc}")
-            raise DeviceExit(f"cannot use the server's bundle: {exc}", 4) from exc
+            self._refuse_bundle(str(exc))
         self.bundle = bundle
         self._join()  # a join that names our bundle's sha means "ready"
 
@@ -371,9 +483,14 @@ class Device:
             "threads": self.threads, "algorithm": cfg.algorithm,
             "bytes_in": t.bytes_in - bytes_in0, "bytes_out": t.bytes_out - bytes_out0,
         }
-        self.last_update = Update(msg.run_id, msg.round, dev, weights=result.theta,
-                                  num_samples=len(self.y), telemetry=telemetry,
-                                  zo_seeds=result.seeds, zo_grads=result.projected)
+        try:  # the codec's bounds hold on the way out too (a NaN loss, say)
+            update = Update(msg.run_id, msg.round, dev, weights=result.theta,
+                            num_samples=len(self.y), telemetry=telemetry,
+                            zo_seeds=result.seeds, zo_grads=result.projected)
+        except ValueError as exc:
+            self._report(f"round {msg.round} failed: its update is not valid: {exc}")
+            return
+        self.last_update = update
         t.publish(topics.up(dev, "update", p), self.last_update, wait=30.0)
         self.rounds_done += 1
         log.info("%s: round %d done: local loss %.4f -> %.4f, %.1f ms/step, peak RSS %.1f MB",
@@ -401,21 +518,28 @@ class Device:
             if inc.topic == RECONNECTED:
                 self._reannounce()
                 continue
-            msg = inc.message
-            if isinstance(msg, Gradient) and msg.sender == "server" and \
-                    (msg.run_id, msg.round, msg.step) == (self.run_id, round_idx, step):
+            msg = self._accept(inc)
+            if msg is None:
+                continue
+            if isinstance(msg, Presence):
+                if msg.state == "offline" and msg.run_id == self.run_id:
+                    self.run_id = None
+                    raise RoundAborted("the server went offline mid-round")
+                if msg.state == "online" and msg.run_id != self.run_id:
+                    self.pending.append(msg)  # a new run: joined by the main loop
+                    raise RoundAborted(f"the server started run {msg.run_id}")
+                continue
+            if self._other_run(msg):
+                continue
+            if isinstance(msg, Gradient) and (msg.round, msg.step) == (round_idx, step):
                 return msg
-            if isinstance(msg, Stop) and msg.run_id == self.run_id:
+            if isinstance(msg, Stop):
                 raise DeviceExit(f"server ended the run ({msg.reason}) after "
                                  f"{self.rounds_done} rounds here", 0)
-            if isinstance(msg, Presence) and msg.sender == "server" and msg.state == "offline":
-                self.run_id = None
-                raise RoundAborted("the server went offline mid-round")
             if isinstance(msg, RoundStart) and msg.round != round_idx:
                 self.pending.append(msg)  # handled by the main loop once this round ends
                 raise RoundAborted(f"the server moved on to round {msg.round}")
-            log.debug("%s: ignoring %s while waiting for a gradient", dev,
-                      type(msg).__name__ if msg else inc.error)
+            log.debug("%s: ignoring %s while waiting for a gradient", dev, msg.kind)
 
 
 def run_device(opts: DeviceOptions, device_cls: type[Device] = Device) -> int:

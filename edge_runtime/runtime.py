@@ -6,6 +6,7 @@ smashed data leaves through a callback and the result is returned.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -51,12 +52,23 @@ class TrainConfig:
         default_factory=lambda: zo.OptimizerConfig(name="adam", lr=0.01))
 
     def __post_init__(self) -> None:
-        for name in ("local_steps", "upload_every", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # Bounded as well as typed: a config also arrives over the network (RoundStart.config,
+        # the server's presence), and one out of range must fail here, not deep in training.
+        for name, (lo, hi) in _INT_BOUNDS.items():
+            _check_int(name, getattr(self, name), lo, hi)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        if not isinstance(self.zo, zo.ZOConfig) or \
+                not isinstance(self.optimizer, zo.OptimizerConfig):
+            raise ValueError("zo and optimizer must be a ZOConfig and an OptimizerConfig")
+        _check_int("zo.q", self.zo.q, 1, 4096)
+        _check_real("zo.mu", self.zo.mu, 0.0, 1e3, open_low=True)
+        _check_real("optimizer.lr", self.optimizer.lr, 0.0, 1e3, open_low=True)
+        _check_real("optimizer.beta1", self.optimizer.beta1, 0.0, 1.0, open_high=True)
+        _check_real("optimizer.beta2", self.optimizer.beta2, 0.0, 1.0, open_high=True)
+        _check_real("optimizer.eps", self.optimizer.eps, 0.0, 1.0, open_low=True)
+        _check_real("optimizer.weight_decay", self.optimizer.weight_decay, 0.0, 1e3)
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
@@ -66,16 +78,40 @@ class TrainConfig:
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> TrainConfig:
+        """The config a server sent (strict: unknown keys, wrong types and out-of-range
+        values raise ValueError or TypeError)."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a training config is an object, not {type(obj).__name__}")
         known = set(TrainConfig.__dataclass_fields__)
         unknown = set(obj) - known
         if unknown:
             raise ValueError(f"unknown training config keys {sorted(unknown)}")
         fields = dict(obj)
-        if "zo" in fields:
-            fields["zo"] = zo.ZOConfig(**fields["zo"])
-        if "optimizer" in fields:
-            fields["optimizer"] = zo.OptimizerConfig(**fields["optimizer"])
+        for name, cls in (("zo", zo.ZOConfig), ("optimizer", zo.OptimizerConfig)):
+            if name in fields:
+                if not isinstance(fields[name], dict):
+                    raise ValueError(f"{name} must be an object, got {fields[name]!r}")
+                fields[name] = cls(**fields[name])
         return TrainConfig(**fields)
+
+
+_INT_BOUNDS = {"local_steps": (1, 1_000_000), "upload_every": (1, 1_000_000),
+               "batch_size": (1, 1 << 20), "seed": (0, 2**63 - 1)}
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+
+
+def _check_real(name: str, v: Any, lo: float, hi: float, *, open_low: bool = False,
+                open_high: bool = False) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) \
+        and math.isfinite(v) and lo <= v <= hi and not (open_low and v == lo) \
+        and not (open_high and v == hi)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in {'(' if open_low else '['}{lo:g}, "
+                         f"{hi:g}{')' if open_high else ']'}, got {v!r}")
 
 
 _POOL: list[int] = []  # the process-wide intra-op pool's size, once use_process_pool ran
@@ -127,12 +163,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def open_session(bundle: Bundle, opts: ort.SessionOptions | None = None
                  ) -> ort.InferenceSession:
     """An ONNX Runtime session over the bundle's training graph. External graph data
-    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory."""
+    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory, and
+    no other folder is searched (`Bundle.session_config`)."""
     opts = opts or ort.SessionOptions()
-    data = bundle.external_data
-    if data is not None:
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                      str(data.parent))
+    for key, value in bundle.session_config().items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(bundle.graph, sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 

@@ -111,6 +111,21 @@ def parse_status(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
     return None
 
 
+def payload_kind(topic: str) -> str | None:
+    """The message kind one of our topics carries, read from its last levels whatever the
+    prefix; None for any other topic. Lets a receiver apply a kind's size limit while it
+    reassembles; the decoded message's kind is still checked against the topic."""
+    parts = topic.split("/")
+    if len(parts) >= 3 and parts[-3] == "up" and parts[-1] in UP_KINDS:
+        return parts[-1]
+    if len(parts) >= 3 and parts[-3] == "down" and \
+            parts[-1] in (*DOWN_DEVICE_KINDS, *DOWN_ALL_KINDS):
+        return parts[-1]
+    if len(parts) >= 2 and (parts[-2] == "status" or parts[-2:] == ["server", "status"]):
+        return "presence"
+    return None
+
+
 def matches(pattern: str, topic: str) -> bool:
     """MQTT wildcard match ('+' one level, '#' the rest), used to test subscriptions."""
     p, t = pattern.split("/"), topic.split("/")

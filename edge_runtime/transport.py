@@ -16,7 +16,16 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.messages import CodecError, Message, Reassembler, chunk, decode, encode
+from edge_runtime.messages import (
+    MAX_MESSAGE_BYTES,
+    CodecError,
+    Message,
+    Reassembler,
+    chunk,
+    decode,
+    encode,
+)
+from edge_runtime.topics import payload_kind
 
 QOS = 1
 
@@ -71,6 +80,7 @@ class Incoming:
     message: Message | None
     nbytes: int
     error: str | None = None
+    duplicate: bool = False  # a redelivered chunk or message id: already applied, dropped
 
 
 RECONNECTED = "$heron/reconnected"
@@ -87,7 +97,10 @@ class MqttTransport:
         credentials: Credentials | None = None,
         keepalive: int = 15,
         persistent: bool = True,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """`max_message_bytes`: larger incoming messages are refused at their first chunk
+        (a device passes what its memory budget can hold)."""
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
@@ -96,7 +109,7 @@ class MqttTransport:
         self.bytes_out = 0
         self.connected = threading.Event()
         self._refused: str | None = None
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(max_message_bytes=max_message_bytes)
         self._lock = threading.Lock()
         self._keepalive = keepalive
         self.connects = 0
@@ -152,8 +165,14 @@ class MqttTransport:
         with self._lock:
             self.bytes_in += len(payload)
         try:
-            data = self._reassembler.add(msg.topic, payload)
+            with self._lock:  # the loop takes the per-topic drop counts from another thread
+                seen = self._reassembler.duplicates
+                data = self._reassembler.add(msg.topic, payload, kind=payload_kind(msg.topic))
             if data is None:
+                if self._reassembler.duplicates > seen:  # the receiver counts it, per topic
+                    self.inbox.put(Incoming(msg.topic, None, len(payload),
+                                            error="a chunk or message id already received",
+                                            duplicate=True))
                 return
             self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
         except CodecError as exc:
@@ -162,10 +181,21 @@ class MqttTransport:
             self.inbox.put(Incoming(msg.topic, None, len(payload),
                                     error=f"undecodable payload ({type(exc).__name__}: {exc})"))
 
+    def take_dropped_by_topic(self) -> dict[str, int]:
+        """Chunked messages dropped incomplete per topic since the last call."""
+        with self._lock:
+            return self._reassembler.take_dropped()
+
+    def pending_by_topic(self) -> dict[str, int]:
+        """Chunked messages still incomplete, per topic (at the end of a run: never finished)."""
+        with self._lock:
+            return self._reassembler.pending_by_topic()
+
     @property
     def incomplete_dropped(self) -> int:
-        """Chunked messages whose missing chunks never arrived (expired)."""
-        return self._reassembler.expired
+        """Chunked messages dropped incomplete: their missing chunks never arrived (expired),
+        or their sender went over its reassembly budget (evicted)."""
+        return self._reassembler.expired + self._reassembler.evicted
 
     # -- API ---------------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
-import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edge_runtime import topics
 
@@ -59,6 +60,65 @@ def _credentials(args: argparse.Namespace) -> Any:
     return Credentials(username, password, tls["ca_file"], tls["cert_file"], tls["key_file"])
 
 
+# -- argument types: a bad value is refused by argparse (exit 2) before anything starts ------
+def positive_int(text: str) -> int:
+    """An integer >= 1 (rounds, steps, batch sizes, device counts, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (seeds: numpy refuses negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, mu, timeouts, norms): never nan or inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def trim_fraction(text: str) -> float:
+    """--trim: the fraction cut at each end of a trimmed mean, in [0, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {text!r}") from None
+    if not 0.0 <= value < 0.5:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"the fraction cut at each end must be in [0, 0.5), "
+                                         f"got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
+
+
+def _usage(command: str, message: str) -> NoReturn:
+    """An invalid option found after parsing: the same exit code as argparse's own errors."""
+    print(f"heron {command}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 # -- options shared by several subcommands --------------------------------------------------
 def _add_broker(p: argparse.ArgumentParser, required: bool,
                 default: str = " (default: start an embedded broker)") -> None:
@@ -81,8 +141,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="digits (ships with scikit-learn), mnist (idx files), cifar10 "
                    "(python batches) or npz (default digits)")
     g.add_argument("--data-dir", help="directory (or .npz file) holding the dataset's files")
-    g.add_argument("--seed", type=int, default=0, help="seed for splits, init and sampling")
-    g.add_argument("--limit", type=int, default=None,
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed for splits, init and sampling")
+    g.add_argument("--limit", type=positive_int, default=None,
                    help="keep a seeded random subset of at most this many samples per split")
     t = p.add_argument_group("text data (--dataset tsv | sst2)")
     t.add_argument("--text-column", default=None,
@@ -91,7 +151,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="column name or 0-based index of the label (label); integer or "
                    "string labels, strings numbered in sorted order")
     t.add_argument("--no-header", action="store_true", help="the TSV files have no header row")
-    t.add_argument("--max-length", type=int, default=None,
+    t.add_argument("--max-length", type=positive_int, default=None,
                    help="tokens per sentence after truncation/padding (64)")
     t.add_argument("--minilm-dir", default=None,
                    help="directory with all-MiniLM-L6-v2's tokenizer.json, config.json and "
@@ -110,32 +170,41 @@ def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _takes_text(args: argparse.Namespace) -> bool:
+    """--model minilm, or no --model on a text data set (zoo.default_model picks minilm)."""
+    if getattr(args, "model", None) is not None:
+        return bool(args.model == "minilm")
+    from devices.datasets import TEXT_DATASETS
+
+    return getattr(args, "dataset", None) in TEXT_DATASETS
+
+
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     """build_split keywords for minilm (LoRA rank/alpha, server training, model files)."""
     opts: dict[str, Any] = {k: getattr(args, k) for k in ("lora_rank", "lora_alpha",
                                                           "server_train")
                             if getattr(args, k, None) is not None}
-    if opts and getattr(args, "model", None) != "minilm":
-        raise SystemExit(f"heron: --{', --'.join(k.replace('_', '-') for k in opts)} only "
-                         "apply to --model minilm")
-    if getattr(args, "model", None) == "minilm" and getattr(args, "minilm_dir", None):
+    if opts and not _takes_text(args):
+        _usage(args.command, f"--{', --'.join(k.replace('_', '-') for k in opts)} only "
+               "apply to --model minilm")
+    if _takes_text(args) and getattr(args, "minilm_dir", None):
         opts["model_dir"] = args.minilm_dir
     return opts
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("minilm (--model minilm)")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on q and v (8)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (16)")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank on q and v (8)")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (16)")
     g.add_argument("--server-train", default=None, choices=("lora", "full"),
                    help="server layers trained through LoRA or fully (lora)")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("federation")
-    g.add_argument("--devices", type=int, default=3, help="devices in the federation (3)")
-    g.add_argument("--rounds", type=int, default=20, help="rounds R (20)")
-    g.add_argument("--per-round", type=int, default=None,
+    g.add_argument("--devices", type=positive_int, default=3, help="devices in the federation (3)")
+    g.add_argument("--rounds", type=positive_int, default=20, help="rounds R (20)")
+    g.add_argument("--per-round", type=positive_int, default=None,
                    help="devices picked per round (default: all)")
     g.add_argument("--model", default=None,
                    help="cnn, fedcnn, resnet18 (images) or minilm (text: pretrained "
@@ -155,26 +224,40 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "stem|layer1|layer2, default layer1; minilm: layer1..layer5, default layer3)")
     g.add_argument("--weighting", default="samples", choices=("samples", "uniform"),
                    help="how device weights are averaged (samples)")
-    g.add_argument("--round-timeout", type=float, default=600.0,
+    g.add_argument("--round-timeout", type=positive_float, default=600.0,
                    help="seconds before a round closes with the updates it has (600)")
-    g.add_argument("--join-timeout", type=float, default=300.0,
+    g.add_argument("--join-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for --devices devices to join (300)")
-    g.add_argument("--min-devices", type=int, default=None,
+    g.add_argument("--min-devices", type=positive_int, default=None,
                    help="close a round as soon as this many updates arrived, and start once "
                    "this many devices are ready (default: all participants)")
-    g.add_argument("--max-update-norm", type=float, default=None,
+    g.add_argument("--max-update-norm", type=positive_float, default=None,
                    help="reject device updates farther than this (L2) from the global weights")
+    g.add_argument("--clip-update-norm", type=positive_float, default=None,
+                   help="pull device updates farther than this (L2) from the global weights "
+                   "back to this distance before aggregating (default: off)")
+    g.add_argument("--aggregate", default="mean", choices=("mean", "median", "trimmed-mean"),
+                   help="mean (FedAvg, by --weighting), or coordinate-wise median or trimmed "
+                   "mean, which bound what one device can do to the average and ignore "
+                   "sample counts (mean)")
+    g.add_argument("--trim", type=trim_fraction, default=0.2,
+                   help="trimmed-mean: fraction of the updates dropped at each end of every "
+                   "coordinate, rounded down (0.2: one of 5; with 3 devices it takes >= 0.34)")
+    g.add_argument("--quarantine-after", type=nonneg_int, default=10,
+                   help="rejected messages after which a device is quarantined for the run: "
+                   "its messages dropped, no more rounds (0: never) (10)")
     g.add_argument("--aux-from-server", action="store_true",
                    help="start each round's aux head as a copy of the server's first layers "
                    "and classifier (every aux tensor with a same-named server tensor; minilm), "
                    "instead of the devices' average")
     z = p.add_argument_group("device (zeroth-order) training")
-    z.add_argument("--local-steps", type=int, default=40, help="h: ZO steps per round (40)")
-    z.add_argument("--upload-every", type=int, default=2,
+    z.add_argument("--local-steps", type=positive_int, default=40,
+                   help="h: ZO steps per round (40)")
+    z.add_argument("--upload-every", type=positive_int, default=2,
                    help="k: upload smashed data every k steps (2)")
-    z.add_argument("--batch-size", type=int, default=32, help="device batch size (32)")
-    z.add_argument("--mu", type=float, default=1e-3, help="ZO smoothing mu (1e-3)")
-    z.add_argument("--q", type=int, default=1, help="ZO directions per step (1)")
+    z.add_argument("--batch-size", type=positive_int, default=32, help="device batch size (32)")
+    z.add_argument("--mu", type=positive_float, default=1e-3, help="ZO smoothing mu (1e-3)")
+    z.add_argument("--q", type=positive_int, default=1, help="ZO directions per step (1)")
     z.add_argument("--scheme", default="forward", choices=("forward", "central"),
                    help="finite difference (forward)")
     z.add_argument("--distribution", default="gaussian", choices=("gaussian", "sphere"),
@@ -185,14 +268,16 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "(beyond the paper, cheaper steps; BENCHMARKS.md) (full)")
     z.add_argument("--device-optimizer", default="adam", choices=("sgd", "adam"),
                    help="optimizer fed with the ZO estimate (adam)")
-    z.add_argument("--device-lr", type=float, default=None,
+    z.add_argument("--device-lr", type=positive_float, default=None,
                    help="device learning rate (heron 3e-4, the paper's order of magnitude: "
                    "larger rates turn Adam on ZO estimates into a random walk that hurts "
                    "accuracy; first-order baselines 1e-3)")
     s = p.add_argument_group("server (first-order) training")
     s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))
-    s.add_argument("--server-lr", type=float, default=1e-3, help="server learning rate (1e-3)")
-    s.add_argument("--server-threads", type=int, default=None, help="torch threads on the server")
+    s.add_argument("--server-lr", type=positive_float, default=1e-3,
+                   help="server learning rate (1e-3)")
+    s.add_argument("--server-threads", type=positive_int, default=None,
+                   help="torch threads on the server")
 
 
 def _default_model(args: argparse.Namespace, command: str) -> str:
@@ -202,8 +287,8 @@ def _default_model(args: argparse.Namespace, command: str) -> str:
 
     try:
         ds = load_dataset(args.dataset, args.data_dir, seed=args.seed, **_dataset_options(args))
-    except DatasetError as exc:
-        raise SystemExit(f"{command}: {exc}") from exc
+    except (DatasetError, ValueError) as exc:
+        _usage(command, str(exc))
     return default_model(ds.input_shape, ds.input_dtype)
 
 
@@ -230,6 +315,7 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
     for name in ("algorithm", "dataset", "data_dir", "seed", "devices", "rounds", "per_round",
                  "model", "cut",
                  "weighting", "round_timeout", "join_timeout", "min_devices", "max_update_norm",
+                 "clip_update_norm", "aggregate", "trim", "quarantine_after",
                  "local_steps", "upload_every",
                  "batch_size", "mu", "q", "scheme", "distribution", "zo_perturb",
                  "device_optimizer",
@@ -283,11 +369,19 @@ def cmd_device(args: argparse.Namespace) -> int:
             raise SystemExit(f"heron device --torch: {exc}; help: the baseline devices need "
                              "torch: pip install 'heron[server]' (torch==2.13.0)") from exc
         device_cls = TorchDevice
-    return run_device(DeviceOptions(
+    from heron.lifecycle import Stopped, StopSignals, exit_code
+
+    opts = DeviceOptions(
         broker=args.broker, device_id=args.id, data=Path(args.data), prefix=args.prefix,
         bundle=Path(args.bundle) if args.bundle else None, threads=threads,
         credentials=_credentials(args), profile=profile,
-        bundle_cache=Path(args.bundle_cache) if args.bundle_cache else None), device_cls)
+        bundle_cache=Path(args.bundle_cache) if args.bundle_cache else None)
+    with StopSignals():  # SIGTERM/SIGINT: the device's own cleanup says "offline" on the way out
+        try:
+            return run_device(opts, device_cls)
+        except Stopped as exc:
+            print(f"heron device {args.id}: {exc}", file=sys.stderr, flush=True)
+            return exit_code(exc.signum)
 
 
 def _device_dry_run(args: argparse.Namespace, profile: Any, threads: int | None) -> int:
@@ -338,55 +432,182 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_federation(args)
     _need_server_extra()
+    args.model = args.model or _default_model(args, "server")
+    _check_model(args)
+    if args.resume:
+        _check_resume(args, out)
+    _check_writable(args.command, out)
     _logging(args.verbose)
     from devices.datasets import DatasetError
     from edge_runtime.transport import BrokerError
+    from heron.lifecycle import Stopped, StopSignals, exit_code
     from server.loop import Server, ServerOptions
+    from server.policy import Limits
+    from server.records import WriteError
 
-    args.model = args.model or _default_model(args, "heron server")
-    try:
-        server = Server(ServerOptions(
-            broker=args.broker, out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir,
-            model=args.model, cut=args.cut, devices=args.devices, rounds=args.rounds,
-            per_round=args.per_round, train=_train_config(args),
-            dataset_options=_dataset_options(args), model_options=_model_options(args),
-            server_optimizer=args.server_optimizer, server_lr=args.server_lr,
-            weighting=args.weighting, seed=args.seed, prefix=args.prefix,
-            threads=args.server_threads, join_timeout=args.join_timeout,
-            round_timeout=args.round_timeout, min_devices=args.min_devices,
-            max_update_norm=args.max_update_norm, resume=args.resume,
-            aux_from_server=args.aux_from_server,
-            credentials=_credentials(args)))
-        summary = server.run()
-    except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:
-        print(f"heron server: {exc}", file=sys.stderr)
-        return 2
+    server: Server | None = None
+
+    def on_stop(signum: int) -> None:
+        if server is None:  # still loading and exporting: nothing to keep, stop at once
+            raise Stopped(signum)
+        server.stop.set()  # the loop stops between messages, summary matching checkpoint
+
+    with StopSignals(on_stop) as signals:
+        try:
+            server = Server(ServerOptions(
+                broker=args.broker, out=out, dataset=args.dataset, data_dir=args.data_dir,
+                model=args.model, cut=args.cut, devices=args.devices, rounds=args.rounds,
+                per_round=args.per_round, train=_train_config(args),
+                dataset_options=_dataset_options(args), model_options=_model_options(args),
+                server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+                weighting=args.weighting, seed=args.seed, prefix=args.prefix,
+                threads=args.server_threads, join_timeout=args.join_timeout,
+                round_timeout=args.round_timeout, min_devices=args.min_devices,
+                max_update_norm=args.max_update_norm, clip_update_norm=args.clip_update_norm,
+                aggregate=args.aggregate, trim=args.trim,
+                limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
+                aux_from_server=args.aux_from_server,
+                credentials=_credentials(args)))
+            summary = server.run()
+        except Stopped as exc:
+            print(f"heron server: {exc} before the first round", file=sys.stderr, flush=True)
+            return exit_code(exc.signum)
+        except WriteError as exc:  # before BrokerError: both are OSErrors
+            print(f"heron server: {exc}", file=sys.stderr, flush=True)
+            return 1
+        except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:
+            print(f"heron server: {exc}", file=sys.stderr)
+            return 2
+    if summary.get("interrupted"):
+        assert signals.signum is not None
+        print(f"heron server: stopped by {_signame(signals.signum)} after round "
+              f"{summary['completed_rounds']}/{summary['rounds']}; every completed round is in "
+              f"{out / 'checkpoint.pt'}; continue with `heron server --resume`",
+              file=sys.stderr, flush=True)
+        return exit_code(signals.signum)
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} after "
           f"{summary['rounds']} rounds in {summary['wall_seconds']:.1f} s; "
-          f"files in {Path(args.out).resolve()}", flush=True)
+          f"files in {out.resolve()}", flush=True)
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    _need_server_extra()
-    from devices.datasets import DatasetError
-    from devices.fleet import FleetOptions, make_shards, start_devices, stop_all
-    from server.broker import EmbeddedBroker
+def _signame(signum: int) -> str:
+    from heron.lifecycle import signal_name
 
+    return signal_name(signum)
+
+
+# -- checks made before anything starts (exit 2, nothing written) ---------------------------
+def _check_federation(args: argparse.Namespace) -> None:
+    """Options that argparse's types cannot judge alone: how they go together."""
+    cmd = args.command
+    if args.per_round is not None and args.per_round > args.devices:
+        _usage(cmd, f"--per-round {args.per_round} is more than --devices {args.devices}")
+    if args.min_devices is not None and args.min_devices > args.devices:
+        _usage(cmd, f"--min-devices {args.min_devices} is more than --devices {args.devices}")
+    try:
+        _train_config(args)
+    except (ValueError, TypeError) as exc:
+        _usage(cmd, str(exc))
+    from devices.datasets import DATASETS, TEXT_DATASETS
+    from edge_runtime.runtime import AUX_ALGORITHMS
+
+    if args.dataset not in DATASETS:
+        _usage(cmd, f"unknown --dataset {args.dataset!r}; help: choose one of "
+               f"{', '.join(DATASETS)}")
+    if args.aux_from_server and args.algorithm not in AUX_ALGORITHMS:
+        _usage(cmd, f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} (the "
+               f"algorithms that train an aux head), not {args.algorithm}")
+    _model_options(args)
+    text = _takes_text(args)
+    if text != (args.dataset in TEXT_DATASETS):
+        _usage(cmd, f"--model {args.model} takes {'text' if text else 'images'} but --dataset "
+               f"{args.dataset} holds {'images' if text else 'text'}; help: --model minilm with "
+               f"--dataset {' or '.join(TEXT_DATASETS)}, cnn, fedcnn or resnet18 with image "
+               "datasets")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """Model and cut names (needs the exporter, so torch: after `_need_server_extra`)."""
+    from exporter.zoo import MODELS
+
+    if args.model not in MODELS:
+        _usage(args.command, f"unknown --model {args.model!r}; help: choose one of "
+               f"{', '.join(MODELS)}")
+    if args.cut is not None and args.cut not in MODELS[args.model]:
+        _usage(args.command, f"unknown --cut {args.cut!r} for --model {args.model}; help: "
+               f"choose one of {', '.join(MODELS[args.model])}")
+
+
+def _check_resume(args: argparse.Namespace, out: Path) -> None:
+    """A checkpoint to resume must be readable and written by a run with these options."""
+    from server.records import CheckpointError, check_checkpoint_matches, load_checkpoint
+
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return  # killed before its first round: the server starts at round 1 and says so
+    try:
+        ckpt = load_checkpoint(path)
+        check_checkpoint_matches(ckpt, path, model=args.model, cut=args.cut,
+                                 algorithm=args.algorithm)
+    except CheckpointError as exc:
+        _usage(args.command, f"cannot resume: {exc}")
+
+
+def _check_writable(cmd: str, out: Path) -> None:
+    """The run directory must take files: found now, not when the first round ends."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        _usage(cmd, f"cannot write to --out {out}: {exc.strerror or exc}; help: choose a "
+               "directory you can write to, on a disk with free space")
+
+
+SERVER_STOP_S = 30.0  # a signalled server stops between messages; minilm evaluates longer
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
         args = _saved_run_args(Path(args.resume), args)
-    if args.model is None:  # resolved once here, so run.json and the server agree
-        args.model = _default_model(args, "heron run")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if not resume and (out / "metrics.jsonl").exists() and not args.overwrite:
-        raise SystemExit(f"heron run: {out} already holds a run; help: pass --resume {out} to "
-                         "continue it, --overwrite to replace it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+        _usage("run", f"{out} already holds a run; help: pass --resume {out} to continue it, "
+               "--overwrite to replace it, or another --out")
+    if args.credentials_dir:
+        missing = [n for n in ["server", *(f"dev-{i}" for i in range(args.devices))]
+                   if not (Path(args.credentials_dir) / f"{n}.json").is_file()]
+        if missing:
+            _usage("run", f"{args.credentials_dir} has no credentials for {missing}; help: "
+                   f"`heron devices provision --out DIR server dev-0 ... "
+                   f"dev-{args.devices - 1}` writes DIR/credentials/")
+    _check_federation(args)
+    _need_server_extra()
+    if args.model is None:  # resolved once here, so run.json and the server agree
+        args.model = _default_model(args, "run")
+    _check_model(args)
+    if resume:
+        _check_resume(args, out)
+    _check_writable("run", out)
+    from devices.datasets import DatasetError
+    from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
+    from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
+    from server.broker import EmbeddedBroker
+    from server.records import WriteError, write_json
+
     saved = {k: v for k, v in vars(args).items()
              if k not in ("func", "resume", "overwrite", "password")}  # no secrets on disk
-    (out / "run.json").write_text(json.dumps(saved, indent=2) + "\n")
+    try:
+        write_json(out / "run.json", saved)
+    except WriteError as exc:
+        _usage("run", str(exc))
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
@@ -395,53 +616,78 @@ def cmd_run(args: argparse.Namespace) -> int:
                          credentials_dir=Path(args.credentials_dir) if args.credentials_dir
                          else None)
     if args.credentials_dir:
-        missing = [n for n in ["server", *(f"dev-{i}" for i in range(args.devices))]
-                   if not (Path(args.credentials_dir) / f"{n}.json").is_file()]
-        if missing:
-            raise SystemExit(f"heron run: {args.credentials_dir} has no credentials for "
-                             f"{missing}; help: `heron devices provision --out DIR server "
-                             f"dev-0 ... dev-{args.devices - 1}` writes DIR/credentials/")
         args.credentials = str(Path(args.credentials_dir) / "server.json")
     t0 = time.monotonic()
-    try:
-        existing = sorted((out / "shards").glob("dev-*.npz"), key=lambda p: int(p.stem[4:]))
-        shards = existing if resume and len(existing) == args.devices else \
-            make_shards(fleet, out / "shards")
-    except (DatasetError, ValueError) as exc:
-        raise SystemExit(f"heron run: {exc}") from exc
-    print(f"heron run: {args.devices} devices, {args.rounds} rounds, {args.dataset} "
-          f"({args.partition}), model {args.model}; files in {out.resolve()}", flush=True)
-    broker = None
-    url = args.broker
-    if url is None:
-        broker = EmbeddedBroker(port=args.broker_port).start()
-        url = broker.url
-        print(f"embedded MQTT broker on {url}", flush=True)
     logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "heron", "server", "--broker", url, "--out", str(out),
-         *_server_argv(args), *_auth_argv(args), *(["--resume"] if resume else [])],
-        stdout=subprocess.PIPE, stderr=(logs / "server.log").open("a"), text=True,
-        stdin=subprocess.DEVNULL)
-    devices = start_devices(fleet, url, shards)
+    broker = None
+    server: subprocess.Popen | None = None
+    devices: list[subprocess.Popen] = []
+    relay: threading.Thread | None = None
+    stopped: Stopped | None = None
     code = 1
-    try:
-        assert server.stdout is not None
-        for line in server.stdout:
-            print(line, end="", flush=True)
-        code = server.wait()
-    except KeyboardInterrupt:
-        print("\nheron run: interrupted; stopping server and devices", flush=True)
-        server.send_signal(signal.SIGINT)
-        stop_all([server], grace=10)
-    finally:
-        device_codes = stop_all(devices, grace=20)
-        if broker is not None:
-            broker.stop()
+    # Until every child is reaped, SIGTERM/SIGINT/SIGHUP raise Stopped here; starting a child
+    # is deferred()-guarded, so none escapes the list that is stopped below. Each child also
+    # stops by itself if this process dies without warning (lifecycle.die_with_parent).
+    with StopSignals() as signals:
+        try:
+            try:
+                existing = sorted((out / "shards").glob("dev-*.npz"),
+                                  key=lambda p: int(p.stem[4:]))
+                shards = existing if resume and len(existing) == args.devices else \
+                    make_shards(fleet, out / "shards")
+            except (DatasetError, ValueError) as exc:
+                _usage("run", str(exc))
+            except OSError as exc:
+                print(f"heron run: cannot write the shards in {out / 'shards'}: {exc}",
+                      file=sys.stderr)
+                return 1
+            print(f"heron run: {args.devices} devices, {args.rounds} rounds, {args.dataset} "
+                  f"({args.partition}), model {args.model}; files in {out.resolve()}",
+                  flush=True)
+            url = args.broker
+            with signals.deferred():
+                if url is None:
+                    broker = EmbeddedBroker(port=args.broker_port).start()
+                    url = broker.url
+            if broker is not None:
+                print(f"embedded MQTT broker on {url}", flush=True)
+            logs.mkdir(exist_ok=True)
+            with signals.deferred():
+                server = subprocess.Popen(
+                    [sys.executable, "-m", "heron", "server", "--broker", url, "--out",
+                     str(out), *_server_argv(args), *_auth_argv(args),
+                     *(["--resume"] if resume else [])],
+                    stdout=subprocess.PIPE, stderr=(logs / "server.log").open("a"), text=True,
+                    stdin=subprocess.DEVNULL, env=child_env())
+                relay = threading.Thread(target=_relay, args=(server.stdout,),
+                                         name="heron-server-stdout", daemon=True)
+                relay.start()
+                devices.extend(start_devices(fleet, url, shards))
+            code = server.wait()
+        except Stopped as exc:
+            stopped = exc
+            print(f"\nheron run: {_signame(exc.signum)}: stopping the server (every completed "
+                  f"round stays in checkpoint.pt) and {len(devices)} devices", flush=True)
+            terminate([p for p in (server, *devices) if p is not None], grace=SERVER_STOP_S)
+            code = exit_code(exc.signum)
+        finally:
+            # after a finished run the devices got its stop message; otherwise none is coming
+            device_codes = stop_all(devices, grace=20) if code == 0 else \
+                terminate(devices, grace=10)
+            if broker is not None:
+                broker.stop()
+            if relay is not None:
+                relay.join(10)
+    if stopped is not None:
+        done = _completed_rounds(out)
+        print(f"heron run: stopped by {_signame(stopped.signum)}"
+              + (f" after round {done}/{args.rounds}" if done is not None else "")
+              + f" (exit code {code}); continue with `heron run --resume {out}`",
+              file=sys.stderr, flush=True)
+        return code
     if code != 0:
-        print(f"heron run: the server exited with code {code}; see {logs / 'server.log'} and "
-              f"{logs}/dev-*.log", file=sys.stderr)
+        print(f"heron run: the server exited with code {code}{_last_error(logs / 'server.log')}"
+              f"; see {logs / 'server.log'} and {logs}/dev-*.log", file=sys.stderr)
         return code
     bad = [f"dev-{i}" for i, c in enumerate(device_codes) if c != 0]
     if bad:
@@ -450,9 +696,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_seconds"] = round(time.monotonic() - t0, 3)
     summary["partition"] = args.partition
-    from server.records import write_json
-
-    write_json(out / "summary.json", summary)
+    try:
+        write_json(out / "summary.json", summary)
+    except WriteError as exc:
+        print(f"heron run: {exc}", file=sys.stderr)
+        return 1
     print(f"done: final test accuracy {summary['final_test_accuracy']:.4f}, "
           f"{summary['bytes_up'] / 1e6:.2f} MB up / {summary['bytes_down'] / 1e6:.2f} MB down, "
           f"{summary['wall_seconds']:.1f} s; metrics {out / 'metrics.jsonl'}, summary "
@@ -460,19 +708,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(stream: Any) -> None:
+    """Copy the server's stdout to ours; keep draining it even if our console is gone."""
+    for line in stream:
+        try:
+            print(line, end="", flush=True)
+        except (OSError, ValueError):
+            pass
+
+
+def _completed_rounds(out: Path) -> int | None:
+    """Rounds a stopped run completed: what its checkpoint holds (none: 0)."""
+    from server.records import CheckpointError, load_checkpoint
+
+    if not (out / "checkpoint.pt").exists():
+        return 0
+    try:
+        return int(load_checkpoint(out / "checkpoint.pt")["round"])
+    except CheckpointError:
+        return None
+
+
+def _last_error(log_path: Path) -> str:
+    """The server's own last `heron server: ...` line, so the console shows why."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    mine = [line for line in lines if line.startswith("heron server: ")]
+    return f": {mine[-1][len('heron server: '):]}" if mine else ""
+
+
 def _saved_run_args(out: Path, given: argparse.Namespace) -> argparse.Namespace:
     """The options an interrupted `heron run` was started with (its DIR/run.json)."""
     try:
         saved = json.loads((out / "run.json").read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"heron run: cannot resume {out}: no readable run.json ({exc}); help: "
-                         "--resume takes the --out directory of an earlier `heron run`") from exc
+        _usage("run", f"cannot resume {out}: no readable run.json ({exc}); help: --resume takes "
+               "the --out directory of an earlier `heron run`")
+    if not isinstance(saved, dict):
+        _usage("run", f"cannot resume {out}: {out / 'run.json'} is not a JSON object")
     merged = vars(given).copy()
     merged.update({k: v for k, v in saved.items() if k in merged})
     merged["out"] = str(out)
     if given.broker:  # the broker may legitimately live elsewhere now
         merged["broker"] = given.broker
+    _check_saved_types(merged, out / "run.json")
     return argparse.Namespace(**merged)
+
+
+def _check_saved_types(values: dict[str, Any], path: Path) -> None:
+    """Saved options get the command line's checks again: the file may have been edited."""
+    run_parser = next(a for a in build_parser()._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    for action in run_parser._actions:
+        value = values.get(action.dest)
+        if action.type in (positive_int, nonneg_int, positive_float, port_number) and \
+                value is not None:
+            try:
+                action.type(str(value))
+            except argparse.ArgumentTypeError as exc:
+                _usage("run", f"cannot resume: {path} has {action.option_strings[0]} {value!r}: "
+                       f"{exc}")
 
 
 def _auth_argv(args: argparse.Namespace) -> list[str]:
@@ -553,17 +850,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     _need_server_extra()
+    from heron.lifecycle import Stopped, StopSignals
     from server.broker import EmbeddedBroker
 
-    broker = EmbeddedBroker(args.host, args.port).start()
-    print(f"embedded MQTT broker listening on {broker.url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
+    with StopSignals():
+        broker = EmbeddedBroker(args.host, args.port).start()
+        print(f"embedded MQTT broker listening on {broker.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except Stopped:
+            pass
+        finally:
+            broker.stop()
     return 0
 
 
@@ -706,20 +1005,20 @@ def _add_profile_options(p: argparse.ArgumentParser, steps: int) -> None:
                    help="cnn, fedcnn, resnet18 or minilm (profile, cost bench: resnet18; "
                    "accuracy bench: each data set's `heron run` default)")
     p.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="device batch size (64; minilm: 16)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="ONNX Runtime intra-op / torch threads, the same for every algorithm "
                    "(default: all cores)")
-    p.add_argument("--steps", type=int, default=steps,
+    p.add_argument("--steps", type=positive_int, default=steps,
                    help=f"timed steps ({steps or '20; bench progress: local steps, 400'})")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=nonneg_int, default=None,
                    help="untimed steps first (default: as many as --steps)")
     p.add_argument("--input-shape", type=_shape_arg, default=None,
                    help="C,H,W of the random input (3,32,32: CIFAR-shaped; images only)")
-    p.add_argument("--max-length", type=int, default=32,
+    p.add_argument("--max-length", type=positive_int, default=32,
                    help="minilm: tokens per sequence of the random batch (32)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (10; minilm: 2)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classes (10; minilm: 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -741,10 +1040,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", default=None,
                      help="continue an interrupted run in DIR with its saved options")
     run.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
-    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
-    run.add_argument("--device-threads", type=int, default=1,
+    run.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
+    run.add_argument("--device-threads", type=positive_int, default=1,
                      help="ONNX Runtime threads per device process (1)")
-    run.add_argument("--broker-port", type=int, default=None,
+    run.add_argument("--broker-port", type=port_number, default=None,
                      help="port of the embedded broker (default: a free one)")
     run.set_defaults(func=cmd_run)
 
@@ -769,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to store a server's bundle whose frozen tensors ONNX Runtime "
                      "memory-maps from disk (minilm) (default: $HERON_BUNDLE_CACHE, else "
                      "~/.cache/heron/bundles)")
-    dev.add_argument("--threads", type=int, default=None,
+    dev.add_argument("--threads", type=positive_int, default=None,
                      help="ONNX Runtime threads (default: the profile's, else all cores)")
     dev.add_argument("--profile", help="board profile: rpi4, rpi-zero-2w, jetson-nano, "
                      "generic, or a .toml file; sets the memory budget the device checks "
@@ -780,16 +1079,16 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dry-run", action="store_true",
                      help="only measure memory: real training steps on --bundle and --data "
                      "at batch sizes up to --batch-size, checked against the profile")
-    dev.add_argument("--batch-size", type=int, default=32, help="for --dry-run (32)")
+    dev.add_argument("--batch-size", type=positive_int, default=32, help="for --dry-run (32)")
     dev.set_defaults(func=cmd_device, prefix=None)  # prefix: None = from --config or heron
 
     devs = sub.add_parser("devices", help="fleet tools")
     dsub = devs.add_subparsers(dest="devices_command", required=True)
     part = dsub.add_parser("partition", help="split a dataset into one shard per device")
     _add_data(part)
-    part.add_argument("--devices", type=int, default=3)
+    part.add_argument("--devices", type=positive_int, default=3)
     part.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
-    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
+    part.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
     part.add_argument("--out", required=True, help="directory for dev-N.npz shards")
     part.set_defaults(func=cmd_partition)
     pack = dsub.add_parser("pack", help="an offline install pack for boards: wheels, "
@@ -812,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "device and one for the server")
     prov.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="e.g. dev-0 dev-1")
     prov.add_argument("--out", required=True, help="directory for everything it writes")
-    prov.add_argument("--port", type=int, default=None,
+    prov.add_argument("--port", type=port_number, default=None,
                       help="broker port (default 1883, 8883 with --tls)")
     prov.add_argument("--prefix", default=topics.DEFAULT_PREFIX,
                       help="topic prefix (default heron)")
@@ -828,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--broker-user", default=None,
                       help="account the broker drops to when started as root (default: the "
                       "current user; as root e.g. mosquitto)")
-    prov.add_argument("--days", type=int, default=825, help="certificate lifetime (825)")
+    prov.add_argument("--days", type=positive_int, default=825, help="certificate lifetime (825)")
     prov.add_argument("--force", action="store_true",
                       help="replace existing credentials in --out (old passwords stop working)")
     prov.set_defaults(func=cmd_provision)
@@ -840,14 +1139,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(exp)
     exp.add_argument("--cut", default=None, help="cut layer (default: the model's default)")
     exp.add_argument("--input-shape", help="C,H,W instead of taking it from --dataset")
-    exp.add_argument("--num-classes", type=int, default=10)
-    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--num-classes", type=positive_int, default=10)
+    exp.add_argument("--opset", type=positive_int, default=17)
     exp.add_argument("--out", required=True, help="bundle directory")
     exp.set_defaults(func=cmd_export)
 
     brk = sub.add_parser("broker", help="run the embedded (pure Python) MQTT broker")
     brk.add_argument("--host", default="127.0.0.1")
-    brk.add_argument("--port", type=int, default=1883)
+    brk.add_argument("--port", type=port_number, default=1883)
     brk.set_defaults(func=cmd_broker)
 
     prof = sub.add_parser("profile", help="measure one device training step of an algorithm "
@@ -873,7 +1172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory for the report: cost.{json,md,png} or "
                        "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
     _add_profile_options(bench, steps=None)
-    bench.add_argument("--repeats", type=int, default=1,
+    bench.add_argument("--repeats", type=positive_int, default=1,
                        help="cost: run the sweep this many times, alternating the order; each "
                        "algorithm keeps its fastest run (1)")
     acc = bench.add_argument_group("accuracy workload")
@@ -884,17 +1183,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MNIST idx files for mnist-format (default: generate digits-28, "
                      "sklearn digits drawn 28x28, as idx files; no download)")
     acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
-    acc.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (0.5)")
+    acc.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
     acc.add_argument("--algorithms",
                      default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen,centralized",
                      help="comma-separated (all six, and centralized: the same network trained "
                      "by torch on the union of the devices' data for as many samples as the "
                      "devices process, the ceiling)")
     acc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
-    acc.add_argument("--devices", type=int, default=5, help="devices per federation (5)")
-    acc.add_argument("--rounds", type=int, default=20, help="rounds, equal for all (20)")
-    acc.add_argument("--local-steps", type=int, default=40, help="local steps per round (40)")
-    acc.add_argument("--device-threads", type=int, default=1, help="threads per device (1)")
+    acc.add_argument("--devices", type=positive_int, default=5, help="devices per federation (5)")
+    acc.add_argument("--rounds", type=positive_int, default=20, help="rounds, equal for all (20)")
+    acc.add_argument("--local-steps", type=positive_int, default=40,
+                     help="local steps per round (40)")
+    acc.add_argument("--device-threads", type=positive_int, default=1,
+                     help="threads per device (1)")
     acc.add_argument("--run-arg", action="append", metavar="OPT",
                      help="one more option for every `heron run`, e.g. --run-arg=--device-lr=0.005"
                      " (repeatable)")
@@ -904,7 +1205,7 @@ def build_parser() -> argparse.ArgumentParser:
     prog.add_argument("--from", dest="run_from", metavar="RUN_DIR", default=None,
                       help="a finished `heron run` directory (bundle, shards, run.json, "
                       "checkpoint.pt)")
-    prog.add_argument("--every", type=int, default=None,
+    prog.add_argument("--every", type=positive_int, default=None,
                       help="steps between evaluations and optimizer restarts (the run's "
                       "--local-steps)")
     prog.add_argument("--device", default="dev-0", help="whose shard trains (dev-0)")
@@ -912,22 +1213,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop)")
     prog.add_argument("--aux-from-server", action="store_true",
                       help="first copy the server's same-named tensors into the aux head")
-    prog.add_argument("--heron-lr", type=float, default=None,
+    prog.add_argument("--heron-lr", type=positive_float, default=None,
                       help="heron's device lr (default: the run's)")
-    prog.add_argument("--heron-q", type=int, default=None,
+    prog.add_argument("--heron-q", type=positive_int, default=None,
                       help="heron's ZO directions per step (default: the run's)")
-    prog.add_argument("--heron-mu", type=float, default=None,
+    prog.add_argument("--heron-mu", type=positive_float, default=None,
                       help="heron's ZO smoothing mu (default: the run's)")
     prog.add_argument("--heron-optimizer", default=None, choices=("adam", "sgd"),
                       help="heron's device optimizer (default: the run's)")
-    prog.add_argument("--fo-lr", type=float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
-    prog.add_argument("--eval-samples", type=int, default=None,
+    prog.add_argument("--fo-lr", type=positive_float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
+    prog.add_argument("--eval-samples", type=positive_int, default=None,
                       help="test samples per evaluation (default: all)")
     bench.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from heron.lifecycle import die_with_parent
+
+    die_with_parent()  # a child of `heron run` stops when that parent dies
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return int(args.func(args) or 0)

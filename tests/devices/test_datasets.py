@@ -399,3 +399,35 @@ def test_npz_non_finite_and_object_arrays(tmp_path: Path) -> None:
              x_test=np.zeros((1, 1)), y_test=np.zeros(1, np.int64))
     with pytest.raises(DatasetError, match="not a readable .npz"):
         load_dataset("npz", path)
+
+
+# --- class count ----------------------------------------------------------------------------
+
+
+def test_a_huge_label_is_refused_before_it_sizes_the_classifier(tmp_path: Path) -> None:
+    x = np.zeros((3, 4, 4), np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 10**9]), x_test=x[:1],
+             y_test=np.array([1]))
+    with pytest.raises(DatasetError, match=r"label 1000000000 .*K <= 10000.*remap"):
+        load_dataset("npz", str(path))
+
+
+def test_the_class_bound_is_inclusive(tmp_path: Path) -> None:
+    from devices.datasets import MAX_CLASSES
+
+    x = np.zeros((2, 4, 4), np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x, y_train=np.array([0, MAX_CLASSES - 1]), x_test=x[:1],
+             y_test=np.array([0]))
+    assert load_dataset("npz", str(path)).num_classes == MAX_CLASSES
+
+
+def test_a_dataset_record_checks_its_labels_against_its_class_count() -> None:
+    from devices.datasets import Dataset
+
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    with pytest.raises(DatasetError, match="outside 0..1"):
+        Dataset("d", x, np.array([0, 2]), x, np.array([0, 1]), 2)
+    with pytest.raises(DatasetError, match="K <= 10000"):
+        Dataset("d", x, np.array([0, 1]), x, np.array([0, 1]), 10**9)

@@ -6,13 +6,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper
 
 from edge_runtime.bundle import MANIFEST, BundleError, Manifest, load_bundle, write_bundle
 
+# a real (if unrelated) ONNX model: load_bundle parses every graph it verifies
+GRAPH = helper.make_model(helper.make_graph(
+    [helper.make_node("Identity", ["x"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])).SerializeToString()
+
 
 def _write(out: Path, input_dtype: str) -> Manifest:
-    return write_bundle(out, onnx_bytes=b"graph", params=[("client.w", np.ones((2, 3)), "client")],
+    return write_bundle(out, onnx_bytes=GRAPH, params=[("client.w", np.ones((2, 3)), "client")],
                         model="minilm", cut="layer3", input_shape=(2, 16), num_classes=2,
                         smashed_shape=(16, 385), opset=17, input_dtype=input_dtype)
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from server.aggregate import DeviceUpdate, aggregate, check_update, plan_round
+from server.aggregate import (
+    DeviceUpdate,
+    aggregate,
+    check_update,
+    clip_update,
+    plan_round,
+    trimmed_count,
+)
 
 # --- aggregate ------------------------------------------------------------------------------
 
@@ -80,6 +88,79 @@ def test_aggregate_refuses_updates_of_different_shapes() -> None:
         for pair in ([_u("a", A, 1), _u("b", other, 1)], [_u("b", other, 1), _u("a", A, 1)]):
             with pytest.raises(ValueError, match="shape"):
                 aggregate(pair)
+
+
+# --- robust aggregation: checked against numpy's median and scipy's trimmed mean -----------
+
+def _stack(n: int, d: int = 257, seed: int = 0) -> list[DeviceUpdate]:
+    rng = np.random.default_rng(seed)
+    return [_u(f"d{i}", rng.standard_normal(d).astype(np.float32), int(rng.integers(1, 99)))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_median_is_numpys_coordinate_wise_median(n: int) -> None:
+    ups = _stack(n)
+    want = np.median(np.stack([u.weights for u in ups]).astype(np.float64), axis=0)
+    out = aggregate(ups, method="median")
+    assert out.dtype == np.float32 and out.shape == (257,)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("n", "trim"), [(1, 0.2), (3, 0.2), (3, 0.34), (5, 0.2), (5, 0.4),
+                                         (8, 0.1), (8, 0.25), (10, 0.0)])
+def test_trimmed_mean_is_scipys_trim_mean(n: int, trim: float) -> None:
+    ups = _stack(n, seed=n)
+    want = stats.trim_mean(np.stack([u.weights for u in ups]).astype(np.float64), trim, axis=0)
+    np.testing.assert_allclose(aggregate(ups, method="trimmed-mean", trim=trim), want,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_trimmed_count_rounds_down_like_scipy() -> None:
+    assert [trimmed_count(n, 0.2) for n in (1, 3, 4, 5, 9, 10)] == [0, 0, 0, 1, 1, 2]
+    assert trimmed_count(3, 0.34) == 1
+    for bad in (-0.1, 0.5, 0.7):
+        with pytest.raises(ValueError, match="--trim"):
+            trimmed_count(5, bad)
+
+
+def test_robust_aggregates_ignore_sample_counts() -> None:
+    ups = _stack(5)
+    louder = [_u(u.device_id, u.weights, 10**9 if i == 0 else 1) for i, u in enumerate(ups)]
+    for method in ("median", "trimmed-mean"):
+        np.testing.assert_array_equal(aggregate(ups, method=method),
+                                      aggregate(louder, method=method))
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_one_hostile_update_moves_robust_aggregates_by_a_bounded_amount(method: str) -> None:
+    """The mean follows an update of 1e6 anywhere; median and trimmed mean (one trimmed at
+    each end of 5) stay inside the honest updates' range in every coordinate."""
+    honest = _stack(4)
+    hostile = _u("evil", np.full(257, 1e6, np.float32), 1)
+    lo = np.min([u.weights for u in honest], axis=0)
+    hi = np.max([u.weights for u in honest], axis=0)
+    out = aggregate([*honest, hostile], method=method, trim=0.2)
+    assert np.all(out >= lo) and np.all(out <= hi)
+    assert float(aggregate([*honest, hostile], "uniform").max()) > 1e5
+
+
+def test_unknown_aggregate_is_refused() -> None:
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        aggregate([_u("a", A, 1)], method="krum")
+
+
+def test_clip_update_pulls_a_far_update_back_to_the_bound() -> None:
+    ref = np.array([1.0, 1.0, 1.0], np.float32)
+    far = ref + np.array([3.0, 4.0, 0.0], np.float32)  # 5 away
+    out, norm = clip_update(far, ref, 2.5)
+    assert norm == pytest.approx(5.0)
+    np.testing.assert_allclose(out, ref + np.array([1.5, 2.0, 0.0]), rtol=1e-6)
+    assert out.dtype == np.float32
+    near, norm = clip_update(far, ref, 5.5)  # within the bound: returned as is
+    assert near is far and norm == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="> 0"):
+        clip_update(far, ref, 0.0)
 
 
 # --- check_update ---------------------------------------------------------------------------

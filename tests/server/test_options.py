@@ -20,3 +20,37 @@ def test_aux_from_server_is_refused_where_it_cannot_apply(tmp_path: Path, extra:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--trim", "0.5"), "argument --trim: the fraction cut at each end must be in [0, 0.5)"),
+    (("--trim", "nan"), "argument --trim: the fraction cut at each end must be in [0, 0.5)"),
+    (("--clip-update-norm", "0"), "argument --clip-update-norm: must be a finite number > 0"),
+    (("--max-update-norm", "-1"), "argument --max-update-norm: must be a finite number > 0"),
+    (("--quarantine-after", "-1"), "argument --quarantine-after: must be >= 0"),
+])
+def test_bad_robustness_options_are_refused(tmp_path: Path, extra: tuple[str, ...],
+                                            message: str) -> None:
+    proc = subprocess.run(heron("server", "--broker", "mqtt://127.0.0.1:1", "--out",
+                                str(tmp_path), *extra),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_heron_run_forwards_the_robustness_options_to_its_server() -> None:
+    from heron.cli import _server_argv, build_parser
+
+    parser = build_parser()
+    run = parser.parse_args(["run", "--aggregate", "trimmed-mean", "--trim", "0.3",
+                             "--clip-update-norm", "2.5", "--max-update-norm", "9",
+                             "--quarantine-after", "4"])
+    server = parser.parse_args(["server", "--broker", "mqtt://x", "--out", "o",
+                                *_server_argv(run)])
+    for name, value in (("aggregate", "trimmed-mean"), ("trim", 0.3),
+                        ("clip_update_norm", 2.5), ("max_update_norm", 9.0),
+                        ("quarantine_after", 4)):
+        assert getattr(server, name) == value, name
+    defaults = parser.parse_args(["server", "--broker", "mqtt://x", "--out", "o",
+                                  *_server_argv(parser.parse_args(["run"]))])
+    assert (defaults.aggregate, defaults.trim, defaults.quarantine_after) == ("mean", 0.2, 10)
