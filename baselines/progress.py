@@ -36,7 +36,8 @@ from devices.datasets import load_dataset
 from edge_runtime.bundle import Manifest, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, train_round
 from edge_runtime.zo import OptimizerConfig
-from exporter.export import aux_from_server, load_flat_into
+from exporter.export import aux_from_server as aux_from_server_fn
+from exporter.export import load_flat_into
 from exporter.zoo import SplitModel
 
 ARMS = ("heron", "cse-fsl")
@@ -116,11 +117,32 @@ def _moved(manifest: Manifest, theta0: np.ndarray, theta: np.ndarray) -> dict[st
     return out
 
 
-def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
-                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    run_dir = Path(cfg.run_dir)
+@dataclass
+class Setting:
+    """A finished federation opened for a server-fixed experiment: the split with the
+    server's final weights, the device's starting vector, one device's shard, the test
+    set and the held-out rows (``dev``) no device received."""
+
+    run: dict[str, Any]
+    bundle: Any
+    manifest: Manifest
+    split: SplitModel
+    theta0: np.ndarray
+    copied: list[str]
+    base: TrainConfig
+    x: np.ndarray  # the device's shard
+    y: np.ndarray
+    xe: torch.Tensor  # the test set (eval_samples of it)
+    ye: torch.Tensor
+    x_dev: np.ndarray | None  # held-out rows (SST-2: dev.tsv), the guide set's pool
+    y_dev: np.ndarray | None
+
+
+def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server: bool = False,
+                 threads: int = 1, eval_samples: int | None = None) -> Setting:
+    run_dir = Path(run_dir)
     run, ckpt = _load_run(run_dir)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     bundle = load_bundle(run_dir / "bundle")
     manifest = bundle.manifest
     split = split_for(manifest)
@@ -129,27 +151,39 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
         m.eval()
     theta0 = np.asarray(ckpt["device_weights"], dtype=np.float32)[:manifest.num_params]
     copied: list[str] = []
-    if cfg.aux_from_server:
-        theta0, copied = aux_from_server(split.server, manifest, theta0)
+    if aux_from_server:
+        theta0, copied = aux_from_server_fn(split.server, manifest, theta0)
         if not copied:
             raise ValueError(f"--aux-from-server: no aux tensor of {manifest.model} has a "
                              "same-named server tensor")
     base = TrainConfig.from_json(ckpt["train_config"])
-    every = cfg.every or base.local_steps
     opts = {kw: run[k] for k, kw in _DATASET_KEYS.items() if run.get(k) is not None}
     if run.get("no_header"):
         opts["no_header"] = True
     data = load_dataset(run["dataset"], run.get("data_dir"), seed=int(run["seed"]), **opts)
-    n_eval = len(data.y_test) if cfg.eval_samples is None else min(cfg.eval_samples,
-                                                                   len(data.y_test))
+    n_eval = len(data.y_test) if eval_samples is None else min(eval_samples, len(data.y_test))
     xe = torch.from_numpy(np.ascontiguousarray(data.x_test[:n_eval]))
     ye = torch.from_numpy(data.y_test[:n_eval].astype(np.int64))
-    shard_path = run_dir / "shards" / f"{cfg.device}.npz"
+    shard_path = run_dir / "shards" / f"{device}.npz"
     if not shard_path.exists():
         raise ValueError(f"no shard {shard_path}; help: --device names one of "
                          f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))}")
     with np.load(shard_path) as shard:
         x, y = shard["x"], shard["y"].astype(np.int64)
+    y_dev = None if data.y_dev is None else data.y_dev.astype(np.int64)
+    return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
+                   data.x_dev, y_dev)
+
+
+def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
+                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=cfg.aux_from_server,
+                      threads=cfg.threads, eval_samples=cfg.eval_samples)
+    run, bundle, manifest, split = st.run, st.bundle, st.manifest, st.split
+    theta0, copied, base = st.theta0, st.copied, st.base
+    x, y, xe, ye = st.x, st.y, st.xe, st.ye
+    n_eval = len(ye)
+    every = cfg.every or base.local_steps
     model = LocalModel(bundle, threads=cfg.threads) if "heron" in cfg.arms else None
 
     load_flat_into(split, manifest, theta0)

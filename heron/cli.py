@@ -652,6 +652,32 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_screen(args: argparse.Namespace) -> int:
+    from baselines.screen import DEFAULT_SETS, ScreenConfig, run_screen
+
+    if not args.run_from:
+        raise SystemExit("heron bench: --workload screen needs --from RUN_DIR (the --out "
+                         "directory of a finished `heron run`)")
+    try:
+        cfg = ScreenConfig(
+            run_dir=args.run_from, steps=args.steps or 200, eval_every=args.eval_every or 40,
+            device=args.device, sets=_csv(args.sets) if args.sets else DEFAULT_SETS,
+            lrs=tuple(float(v) for v in _csv(args.lrs)),
+            moves=tuple(float(v) for v in _csv(args.moves)),
+            guide_size=args.guide_size, guide_batch=args.guide_batch,
+            guide_every=args.guide_every or 50, seed=args.seed or 0,
+            threads=args.threads or 1, eval_samples=args.eval_samples)
+        print(f"heron bench: screen workload, {cfg.steps} backprop steps per set and lr "
+              f"({', '.join(cfg.sets)}) from {cfg.run_dir}; files in "
+              f"{Path(args.out).resolve()}", flush=True)
+        run_screen(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
+                   progress=lambda line: print(line, flush=True))
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"heron bench: {type(exc).__name__}: {exc}") from exc
+    print((Path(args.out) / "screen.md").read_text(), end="", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _need_server_extra()
     from baselines.bench import run_cost
@@ -661,6 +687,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_accuracy(args)
     if args.workload == "progress":
         return cmd_bench_progress(args)
+    if args.workload == "screen":
+        return cmd_bench_screen(args)
     args.steps = args.steps or 20
     args.model = args.model or "resnet18"
     _text_profile_defaults(args)
@@ -841,12 +869,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
                            "JSON and plots into --out")
-    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress"),
+    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress",
+                                                           "screen"),
                        help="cost: every algorithm's device step time, peak RSS, FLOPs and "
                        "bytes on one model (resnet18 by default); accuracy: every algorithm "
                        "federated over data sets, partitions and seeds (cnn by default); "
                        "progress: from a finished run, ZO vs first-order device steps with the "
-                       "server held fixed (--from) (cost)")
+                       "server held fixed (--from); screen: from a finished run, backprop "
+                       "restricted to candidate sets of device weights, the ceiling ZO could "
+                       "reach (cost)")
     bench.add_argument("--out", required=True,
                        help="directory for the report: cost.{json,md,png} or "
                        "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
@@ -898,6 +929,25 @@ def build_parser() -> argparse.ArgumentParser:
     prog.add_argument("--fo-lr", type=float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
     prog.add_argument("--eval-samples", type=int, default=None,
                       help="test samples per evaluation (default: all)")
+    scr = bench.add_argument_group("screen workload (and guided ZO in progress)")
+    scr.add_argument("--sets", default=None,
+                     help="screen: comma-separated candidate sets: lora-all, lora-lastN, lora-B, "
+                     "lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, random-K (a default list)")
+    scr.add_argument("--lrs", default="1e-3,3e-3",
+                     help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
+    scr.add_argument("--moves", default="0.03,0.1",
+                     help="screen: subspaces' Adam lr grid as lr*sqrt(K) (0.03,0.1)")
+    scr.add_argument("--eval-every", type=int, default=None,
+                     help="steps between test-set evaluations (screen: 40; progress: --every)")
+    scr.add_argument("--seed", type=int, default=None,
+                     help="batch order, ZO directions and guide draw (screen: 0; progress: "
+                     "the run's seed)")
+    scr.add_argument("--guide-size", type=int, default=256,
+                     help="held-out rows (dev.tsv) in the server's guide set (256)")
+    scr.add_argument("--guide-batch", type=int, default=16,
+                     help="guide rows per guide gradient (16)")
+    scr.add_argument("--guide-every", type=int, default=None,
+                     help="steps between guide recomputations (screen: 50; progress: --every)")
     bench.set_defaults(func=cmd_bench)
     return p
 
