@@ -35,12 +35,12 @@ from baselines.torch_device import split_for, train_round_torch
 from devices.datasets import load_dataset
 from edge_runtime.bundle import Manifest, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, train_round
-from edge_runtime.zo import OptimizerConfig
+from edge_runtime.zo import DIRECTIONS, OptimizerConfig
 from exporter.export import aux_from_server as aux_from_server_fn
 from exporter.export import load_flat_into
 from exporter.zoo import SplitModel
 
-ARMS = ("heron", "cse-fsl")
+ARMS = ("heron", "cse-fsl", "noise", "guide-only")
 FO_LR = 1e-3  # heron run's default device lr for the first-order baselines
 # run.json key -> load_dataset keyword (the text options `heron run` forwards)
 _DATASET_KEYS = {"limit": "limit", "text_column": "text_column", "label_column": "label_column",
@@ -62,6 +62,19 @@ class ProgressConfig:
     fo_lr: float = FO_LR
     threads: int = 1
     eval_samples: int | None = None  # default: the whole test set
+    # issue 15: a trained subset and guided directions (baselines.race); None: as a round
+    train_set: str | None = None  # lora-all | lora-lastN: only these client tensors train
+    heron_directions: tuple[str, ...] = ("random",)  # one heron arm per mode
+    guided_lr: float | None = None  # default: heron lr x (d_set + 2) / (guide_rank + 2)
+    guide_size: int = 256
+    guide_rank: int = 16
+    guide_batch: int = 16
+    guide_every: int | None = None  # default: every
+    guide_alpha: float = 0.0
+    seed: int | None = None  # default: the run's
+    seeds: tuple[int, ...] = ()  # several: the race, paired over them (baselines.race)
+    eval_every: int | None = None  # default: every
+    fo_steps: int | None = None  # cse-fsl / guide-only stop here (default: steps)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.every is not None and self.every < 1):
@@ -69,6 +82,33 @@ class ProgressConfig:
         bad = sorted(set(self.arms) - set(ARMS))
         if bad or not self.arms:
             raise ValueError(f"arms must be among {', '.join(ARMS)}, got {list(self.arms)}")
+        bad = sorted(set(self.heron_directions) - set(DIRECTIONS))
+        if bad or not self.heron_directions:
+            raise ValueError(f"--heron-directions must be among {', '.join(DIRECTIONS)}, got "
+                             f"{list(self.heron_directions)}")
+        subset_only = sorted({"noise", "guide-only"} & set(self.arms)) + (
+            ["--heron-directions guided"] if "guided" in self.heron_directions else []) + (
+            ["--race-seeds"] if self.seeds else [])
+        if self.train_set is None and subset_only:
+            raise ValueError(f"{', '.join(subset_only)} need --train-set (lora-all or "
+                             "lora-lastN, with --aux-from-server)")
+        if self.train_set is not None:
+            from baselines.race import check_train_set
+
+            check_train_set(self.train_set)
+            if not self.aux_from_server:
+                raise ValueError("--train-set trains against the aux head as the server's "
+                                 "copy; help: add --aux-from-server")
+        if "noise" in self.arms and not ("heron" in self.arms and "guided" in
+                                         self.heron_directions and self.arms.index("heron")
+                                         < self.arms.index("noise")):
+            raise ValueError("the noise arm replays the guided heron arm; help: --arms "
+                             "heron,noise,... with --heron-directions guided")
+        for name in ("guide_size", "guide_rank", "guide_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.guide_alpha < 1.0:
+            raise ValueError(f"--guide-alpha must be in [0, 1), got {self.guide_alpha}")
 
 
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -177,6 +217,19 @@ def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server:
 
 def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    if cfg.seeds:  # the race: one subset progress per seed, then paired statistics
+        from baselines.race import write_race
+
+        reports = []
+        for seed in cfg.seeds:
+            progress(f"--- seed {seed}")
+            reports.append(run_progress(Path(out) / f"seed-{seed}",
+                                        replace(cfg, seeds=(), seed=seed),
+                                        command=command, progress=progress))
+        summary = write_race(Path(out), reports)
+        return {"workload": "progress", "race": summary, "seeds": reports}
+    if cfg.train_set is not None:
+        return _run_subset_progress(out, cfg, command=command, progress=progress)
     st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=cfg.aux_from_server,
                       threads=cfg.threads, eval_samples=cfg.eval_samples)
     run, bundle, manifest, split = st.run, st.bundle, st.manifest, st.split
@@ -234,6 +287,31 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
                       "num_params": manifest.num_params, "every": every,
                       "train_config": base.to_json(), "aux_copied": copied,
                       "test_samples": n_eval, "shard_samples": len(y)},
+              "step_ms": {k: round(v, 2) for k, v in ms.items()}, "curves": curves}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "progress.md").write_text(progress_markdown(report))
+    return report
+
+
+def _run_subset_progress(out: str | Path, cfg: ProgressConfig, *, command: str,
+                         progress: Callable[[str], None]) -> dict[str, Any]:
+    from baselines.race import run_subset
+
+    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=True,
+                      threads=cfg.threads, eval_samples=cfg.eval_samples)
+    every = cfg.every or st.base.local_steps
+    curves, ms, used = run_subset(st, cfg, st.base, every, progress)
+    manifest = st.manifest
+    report = {"workload": "progress", "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "heron_config": None, "subset": used,
+              "run": {"model": manifest.model, "cut": manifest.cut,
+                      "dataset": st.run["dataset"], "num_params": manifest.num_params,
+                      "every": every, "train_config": st.base.to_json(),
+                      "aux_copied": st.copied, "test_samples": len(st.ye),
+                      "shard_samples": len(st.y)},
               "step_ms": {k: round(v, 2) for k, v in ms.items()}, "curves": curves}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

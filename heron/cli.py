@@ -640,7 +640,15 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
                              arms=_csv(args.arms), heron_lr=args.heron_lr, fo_lr=args.fo_lr,
                              heron_q=args.heron_q, heron_mu=args.heron_mu,
                              heron_optimizer=args.heron_optimizer,
-                             threads=args.threads or 1, eval_samples=args.eval_samples)
+                             threads=args.threads or 1, eval_samples=args.eval_samples,
+                             train_set=args.train_set,
+                             heron_directions=_csv(args.heron_directions),
+                             guided_lr=args.guided_lr, guide_size=args.guide_size,
+                             guide_rank=args.guide_rank, guide_batch=args.guide_batch,
+                             guide_every=args.guide_every, guide_alpha=args.guide_alpha,
+                             seed=args.seed, eval_every=args.eval_every,
+                             seeds=tuple(int(v) for v in _csv(args.seeds_race or "")),
+                             fo_steps=args.fo_steps)
         print(f"heron bench: progress workload, {cfg.steps} local steps per arm "
               f"({', '.join(cfg.arms)}) from {cfg.run_dir}; files in "
               f"{Path(args.out).resolve()}", flush=True)
@@ -648,7 +656,8 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
                      progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"heron bench: {type(exc).__name__}: {exc}") from exc
-    print((Path(args.out) / "progress.md").read_text(), end="", flush=True)
+    report = Path(args.out) / ("race.md" if cfg.seeds else "progress.md")
+    print(report.read_text(), end="", flush=True)
     return 0
 
 
@@ -926,7 +935,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heron's ZO smoothing mu (default: the run's)")
     prog.add_argument("--heron-optimizer", default=None, choices=("adam", "sgd"),
                       help="heron's device optimizer (default: the run's)")
-    prog.add_argument("--fo-lr", type=float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
+    prog.add_argument("--fo-lr", type=float, default=1e-3,
+                      help="cse-fsl's and guide-only's Adam lr (1e-3)")
+    prog.add_argument("--train-set", default=None,
+                      help="train only these client tensors, from cached inputs: lora-all or "
+                      "lora-lastN (needs --aux-from-server; enables the arms noise and "
+                      "guide-only, guided directions and --race-seeds) (default: client + aux)")
+    prog.add_argument("--heron-directions", default="random",
+                      help="comma-separated: random (isotropic, today's), guided (in the "
+                      "server's guide basis); one heron arm each (random)")
+    prog.add_argument("--guided-lr", type=float, default=None,
+                      help="guided heron's lr (default: heron lr x (d+2)/(rank+2))")
+    prog.add_argument("--guide-rank", type=int, default=16,
+                      help="directions in the server's guide basis (16)")
+    prog.add_argument("--guide-alpha", type=float, default=0.0,
+                      help="isotropic share of a guided direction, Guided ES's alpha (0)")
+    prog.add_argument("--race-seeds", dest="seeds_race", default=None,
+                      help="comma-separated: repeat per seed and report paired differences "
+                      "with 95%% t-intervals (race.md)")
+    prog.add_argument("--fo-steps", type=int, default=None,
+                      help="cse-fsl and guide-only stop after this many steps (--steps)")
     prog.add_argument("--eval-samples", type=int, default=None,
                       help="test samples per evaluation (default: all)")
     scr = bench.add_argument_group("screen workload (and guided ZO in progress)")
