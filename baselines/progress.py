@@ -54,7 +54,7 @@ class ProgressConfig:
     every: int | None = None  # steps between evaluations and optimizer restarts (run's h)
     device: str = "dev-0"  # whose shard trains
     aux_from_server: bool = False
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = ("heron", "cse-fsl")
     heron_lr: float | None = None  # default: the run's device lr
     heron_q: int | None = None  # ZO directions per step (default: the run's q)
     heron_mu: float | None = None  # ZO smoothing (default: the run's mu)

@@ -924,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "--local-steps)")
     prog.add_argument("--device", default="dev-0", help="whose shard trains (dev-0)")
     prog.add_argument("--arms", default="heron,cse-fsl",
-                      help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop)")
+                      help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop); with "
+                      "--train-set also noise, guide-only (heron,cse-fsl)")
     prog.add_argument("--aux-from-server", action="store_true",
                       help="first copy the server's same-named tensors into the aux head")
     prog.add_argument("--heron-lr", type=float, default=None,
