@@ -42,6 +42,11 @@ from exporter.zoo import SplitModel
 
 ARMS = ("heron", "cse-fsl", "noise", "guide-only")
 FO_LR = 1e-3  # heron run's default device lr for the first-order baselines
+# --device heldout: the last HELDOUT_ROWS held-out rows (dev.tsv) as the shard of a device
+# the server never trained on (a federation's devices' shards are what it fit); the guide
+# set is drawn from the other held-out rows
+HELDOUT = "heldout"
+HELDOUT_ROWS = 500
 # run.json key -> load_dataset keyword (the text options `heron run` forwards)
 _DATASET_KEYS = {"limit": "limit", "text_column": "text_column", "label_column": "label_column",
                  "max_length": "max_length", "minilm_dir": "model_dir"}
@@ -204,15 +209,25 @@ def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server:
     n_eval = len(data.y_test) if eval_samples is None else min(eval_samples, len(data.y_test))
     xe = torch.from_numpy(np.ascontiguousarray(data.x_test[:n_eval]))
     ye = torch.from_numpy(data.y_test[:n_eval].astype(np.int64))
+    x_dev = data.x_dev
+    y_dev = None if data.y_dev is None else data.y_dev.astype(np.int64)
+    if device == HELDOUT:  # a device whose data the server never trained on
+        if x_dev is None or y_dev is None or len(y_dev) < 2 * HELDOUT_ROWS:
+            raise ValueError(f"--device {HELDOUT} needs at least {2 * HELDOUT_ROWS} held-out "
+                             "rows (SST-2: dev.tsv next to train.tsv)")
+        x, y = x_dev[-HELDOUT_ROWS:], y_dev[-HELDOUT_ROWS:]
+        x_dev, y_dev = x_dev[:-HELDOUT_ROWS], y_dev[:-HELDOUT_ROWS]  # the guide's pool
+        return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
+                       x_dev, y_dev)
     shard_path = run_dir / "shards" / f"{device}.npz"
     if not shard_path.exists():
         raise ValueError(f"no shard {shard_path}; help: --device names one of "
-                         f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))}")
+                         f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))} or "
+                         f"{HELDOUT}")
     with np.load(shard_path) as shard:
         x, y = shard["x"], shard["y"].astype(np.int64)
-    y_dev = None if data.y_dev is None else data.y_dev.astype(np.int64)
     return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
-                   data.x_dev, y_dev)
+                   x_dev, y_dev)
 
 
 def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
@@ -222,9 +237,16 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
 
         reports = []
         for seed in cfg.seeds:
+            one = replace(cfg, seeds=(), seed=seed)
+            done = Path(out) / f"seed-{seed}" / "progress.json"
+            if done.exists():  # reuse a seed finished with the same settings
+                old = json.loads(done.read_text())
+                if old.get("config") == json.loads(json.dumps(asdict(one))):
+                    progress(f"--- seed {seed}: reusing {done}")
+                    reports.append(old)
+                    continue
             progress(f"--- seed {seed}")
-            reports.append(run_progress(Path(out) / f"seed-{seed}",
-                                        replace(cfg, seeds=(), seed=seed),
+            reports.append(run_progress(Path(out) / f"seed-{seed}", one,
                                         command=command, progress=progress))
         summary = write_race(Path(out), reports)
         return {"workload": "progress", "race": summary, "seeds": reports}

@@ -922,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     prog.add_argument("--every", type=int, default=None,
                       help="steps between evaluations and optimizer restarts (the run's "
                       "--local-steps)")
-    prog.add_argument("--device", default="dev-0", help="whose shard trains (dev-0)")
+    prog.add_argument("--device", default="dev-0",
+                      help="whose shard trains; heldout: 500 held-out rows the server never "
+                      "trained on (dev-0)")
     prog.add_argument("--arms", default="heron,cse-fsl",
                       help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop); with "
                       "--train-set also noise, guide-only (heron,cse-fsl)")
