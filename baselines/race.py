@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import guide
-from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_logits
+from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_grads, tail_logits
 from edge_runtime import zo
 from edge_runtime.blockzo import SegmentChain
 from edge_runtime.data import BatchSampler
@@ -132,24 +132,9 @@ def subset_basis(st: Setting, sub: Subset, theta: np.ndarray, k: int, batch: int
     if len(sub.yg) < k * batch:
         raise ValueError(f"--guide-size {len(sub.yg)} gives fewer guide batches of {batch} "
                          f"than --guide-rank {k}; help: at least {k * batch} rows")
-    guide.load_device(st.split, st.manifest, theta)
-    tensors = _set_tensors(st, sub)
-    yg = torch.from_numpy(sub.yg)
-    cols = []
-    with guide.grads_for(st.split, [p for _, p in tensors]):
-        for i in range(0, len(yg), batch):
-            for _, p in tensors:
-                p.grad = None
-            logits = tail_logits(st.split, sub.start, sub.hg[i:i + batch],
-                                 sub.mask_g[i:i + batch])
-            F.cross_entropy(logits, yg[i:i + batch]).backward()
-            col = np.zeros(sub.hi - sub.lo, dtype=np.float32)
-            for spec, p in tensors:
-                if p.grad is not None:
-                    o = spec.offset - sub.lo
-                    col[o:o + spec.size] = p.grad.numpy().ravel()
-            cols.append(col)
-    return zo.orthonormal_basis(np.stack(cols, axis=1), k)
+    grads = tail_grads(st.split, st.manifest, theta, sub.start, sub.hg, sub.mask_g, sub.yg,
+                       sub.lo, sub.hi, batch)
+    return zo.orthonormal_basis(grads, k)
 
 
 @dataclass

@@ -17,7 +17,9 @@ Sets (minilm; d_S in brackets at layer5):
 - ``guided-K``: the span of the top-K directions of the full model's gradients on a guide
   set of held-out rows (``dev.tsv``) no device sees (`baselines.guide`), recomputed every
   ``guide_every`` steps at the current weights; trained as θ = θ_base + U w, Adam on w;
-- ``random-K``: the same with a random orthonormal basis (the control).
+- ``random-K``: the same with a random orthonormal basis (the control);
+- ``guided-K-lastN``, ``random-K-lastN``: the same inside the LoRA of the last N layers
+  (what the race trains, `baselines.race`).
 
 Why ρ² matters (ZO-METHODS.md): ZO-SGD with q=1 in an n-dimensional set makes progress
 per step ∝ ρ²/(n+2) of a first-order step, so 5,000·ρ²/(n+2) is roughly how many
@@ -47,13 +49,14 @@ from torch import nn
 
 from baselines import guide
 from baselines.progress import Setting, open_setting
+from edge_runtime import zo
 from edge_runtime.data import BatchSampler
 
 DEFAULT_SETS = ("lora-all", "lora-last1", "lora-last2", "lora-B", "lnbias-last1",
                 "lnbias-last2", "lnbias-all", "guided-1", "guided-4", "guided-16", "random-16")
 GUIDE_KEY = 0x6775696465  # "guide": the guide draw's stream, apart from the batches'
 _SET = re.compile(r"^(lora-all|lora-B|lnbias-all|(lora|lora-B|lnbias)-last(\d+)|"
-                  r"(guided|random)-(\d+))$")
+                  r"(guided|random)-(\d+)(-last(\d+))?)$")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class ScreenConfig:
         if bad or not self.sets:
             raise ValueError(f"unknown screen set(s) {bad}; help: lora-all, lora-lastN, "
                              "lora-B, lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, "
-                             "random-K")
+                             "random-K, guided-K-lastN, random-K-lastN")
         if not self.lrs or not self.moves or min(*self.lrs, *self.moves) <= 0:
             raise ValueError("learning rates must be positive")
         if self.guide_size < 1 or self.guide_batch < 1:
@@ -137,6 +140,32 @@ def tail_logits(split: Any, start: int, h: torch.Tensor, mask: torch.Tensor) -> 
     for layer in _layers(split)[start:]:
         h = layer(h, add)
     return split.server(torch.cat([h, mask.to(h.dtype).unsqueeze(-1)], dim=-1))
+
+
+def tail_grads(split: Any, manifest: Any, theta: np.ndarray, start: int, h: torch.Tensor,
+               mask: torch.Tensor, y: np.ndarray, lo: int, hi: int, batch: int) -> np.ndarray:
+    """(hi - lo, m): the full loss's gradient on θ[lo:hi] (client tensors of layers >=
+    `start`) for each batch of the cached inputs h (the guide set's, for a guide basis)."""
+    guide.load_device(split, manifest, theta)
+    owned = guide.manifest_params(split, manifest)
+    tensors = [(spec, p) for spec, p in zip(manifest.params, owned, strict=True)
+               if p is not None and lo <= spec.offset < hi]
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    cols = []
+    with guide.grads_for(split, [p for _, p in tensors]):
+        for i in range(0, len(yt), batch):
+            for _, p in tensors:
+                p.grad = None
+            logits = tail_logits(split, start, h[i:i + batch], mask[i:i + batch])
+            F.cross_entropy(logits, yt[i:i + batch]).backward()
+            col = np.zeros(hi - lo, dtype=np.float32)
+            for spec, p in tensors:
+                if p.grad is not None:
+                    col[spec.offset - lo:spec.offset - lo + spec.size] = p.grad.numpy().ravel()
+            cols.append(col)
+        for _, p in tensors:
+            p.grad = None
+    return np.stack(cols, axis=1)
 
 
 @dataclass
@@ -336,24 +365,44 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
         m = _SET.match(name)
         assert m is not None
         kind = m.group(4)
-        if kind:  # a subspace of all LoRA
+        if kind:  # a subspace of all LoRA, or of the LoRA of the last N layers
             k = int(m.group(5))
             rng = np.random.default_rng([cfg.seed, GUIDE_KEY, k])
+            if m.group(7):
+                inside = {n for n, _ in set_params(split, f"lora-last{m.group(7)}")}
+            else:
+                inside = set(names_in_manifest)
+            start = _start_of(sorted(inside))
+            sel = np.zeros(manifest.num_params, dtype=bool)
+            for spec in manifest.params:
+                if spec.role == "client" and spec.name[len("client."):] in inside:
+                    sel[spec.offset:spec.offset + spec.size] = True
+            lo, hi = int(np.flatnonzero(sel)[0]), int(np.flatnonzero(sel)[-1]) + 1
             if kind == "guided":
                 assert gx is not None and gy is not None
+                gc = _Cached(start, prefix(split, gx, start),
+                             torch.from_numpy(np.ascontiguousarray(gx[:, 1])),
+                             torch.zeros(0), torch.zeros(0))
 
-                def basis_fn(theta: np.ndarray, k: int = k) -> np.ndarray:
-                    assert gx is not None and gy is not None
-                    return guide.guide_basis(split, manifest, theta, gx, gy, k,
-                                             cfg.guide_batch)
+                def basis_fn(theta: np.ndarray, k: int = k, gc: _Cached = gc, lo: int = lo,
+                             hi: int = hi) -> np.ndarray:
+                    assert gy is not None
+                    grads = tail_grads(split, manifest, theta, gc.start, gc.h, gc.mask, gy,
+                                       lo, hi, cfg.guide_batch)
+                    if grads.shape[1] < k:
+                        raise ValueError(f"--guide-size {len(gy)} gives {grads.shape[1]} "
+                                         f"guide batches, fewer than the rank {k}")
+                    out = np.zeros((manifest.num_params, k), dtype=np.float32)
+                    out[lo:hi] = zo.orthonormal_basis(grads, k)
+                    return out
             else:
-                def basis_fn(theta: np.ndarray, k: int = k,
-                             rng: np.random.Generator = rng) -> np.ndarray:
-                    return guide.random_basis(mask, k, rng)
+                def basis_fn(theta: np.ndarray, k: int = k, rng: np.random.Generator = rng,
+                             sel: np.ndarray = sel) -> np.ndarray:
+                    return guide.random_basis(sel, k, rng)
             basis0 = basis_fn(st.theta0)
             guide.load_device(split, manifest, st.theta0)
             energy = float(np.sum((basis0.T.astype(np.float64) @ g_flat) ** 2))
-            d_set, start = k, _start_of(names_in_manifest)
+            d_set = k
             lrs = tuple(mv / math.sqrt(k) for mv in cfg.moves)
             fn: Callable[[np.ndarray], np.ndarray] | None = basis_fn
         else:

@@ -82,15 +82,20 @@ def test_screen_reports_each_set_with_its_size_and_energy_share(
         layer5_run: Path, tmp_path: Path) -> None:
     report = run_screen(tmp_path, ScreenConfig(
         run_dir=str(layer5_run), steps=2, eval_every=1,
-        sets=("lora-last1", "lora-B-last1", "lnbias-last1", "guided-2", "random-2"),
+        sets=("lora-last1", "lora-B-last1", "lnbias-last1", "guided-2", "random-2",
+              "guided-2-last1", "random-2-last1"),
         lrs=(1e-3,), moves=(0.1,), guide_size=16, guide_batch=8, guide_every=1))
     rows = {r["set"]: r for r in report["rows"]}
-    assert [rows[s]["d"] for s in rows] == [12_288, 6_144, 4_992, 2, 2]
-    for name in ("lora-last1", "lora-B-last1", "guided-2", "random-2"):
+    assert [rows[s]["d"] for s in rows] == [12_288, 6_144, 4_992, 2, 2, 2, 2]
+    for name in ("lora-last1", "lora-B-last1", "guided-2", "random-2", "guided-2-last1",
+                 "random-2-last1"):
         assert 0.0 < rows[name]["rho2"] <= 1.0 + 1e-6, name
     # a fresh adapter has B = 0, so dl/dA = 0: all of its gradient energy is in B
     assert rows["lora-B-last1"]["rho2"] == pytest.approx(rows["lora-last1"]["rho2"])
     assert rows["guided-2"]["rho2"] > rows["random-2"]["rho2"]  # 2 of 61,440 directions
+    # inside the last layer: never more than that layer's own share
+    assert rows["guided-2-last1"]["rho2"] <= rows["lora-last1"]["rho2"] + 1e-6
+    assert rows["guided-2-last1"]["rho2"] > rows["random-2-last1"]["rho2"]
     for r in rows.values():
         assert [p["step"] for p in r["runs"][0]["curve"]] == [0, 1, 2]
     table = (tmp_path / "screen.md").read_text()
