@@ -310,6 +310,43 @@ def _train(st: Setting, cfg: ScreenConfig, name: str, lr: float, cache: _Cached,
     return {"lr": lr, "curve": curve, "ms_per_step": 1000.0 * spent / cfg.steps}
 
 
+def signal_check(st: Setting, gx: np.ndarray | None, gy: np.ndarray | None,
+                 layers: int = 1) -> dict[str, float]:
+    """How much of the shard's gradient generalises: cosines between the mean gradients
+    (LoRA of the last `layers` layers) of the shard, the guide set and the test set. A
+    diagnostic only: the test set never trains anything. A federation's shards are data
+    the server already fit; their gradient can point away from held-out data's."""
+    split, manifest = st.split, st.manifest
+    n = len(_layers(split))
+    start = n - layers
+    names = {nm for nm, _ in set_params(split, f"lora-last{layers}")}
+    offs = [spec.offset for spec in manifest.params
+            if spec.role == "client" and spec.name[len("client."):] in names]
+    sizes = {spec.offset: spec.size for spec in manifest.params}
+    lo, hi = min(offs), max(offs) + sizes[max(offs)]
+
+    def mean(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        h = prefix(split, x, start)
+        mask = torch.from_numpy(np.ascontiguousarray(x[:, 1]))
+        cols = tail_grads(split, manifest, st.theta0, start, h, mask, y, lo, hi, 100)
+        w = np.asarray([min(100, len(y) - i) for i in range(0, len(y), 100)], np.float64)
+        return (cols.astype(np.float64) @ w) / w.sum()
+
+    out: dict[str, float] = {}
+    grads = {"shard": mean(st.x, st.y), "test": mean(st.xe.numpy(), st.ye.numpy())}
+    if gx is not None and gy is not None:
+        grads["guide"] = mean(gx, gy)
+    for k, g in grads.items():
+        out[f"norm_{k}"] = float(np.linalg.norm(g))
+    keys = list(grads)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            out[f"cos_{a}_{b}"] = float(grads[a] @ grads[b] / (
+                np.linalg.norm(grads[a]) * np.linalg.norm(grads[b])))
+    guide.load_device(split, manifest, st.theta0)
+    return out
+
+
 def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
                progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=True,
@@ -347,6 +384,9 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
             g_guide @ g_flat / (np.linalg.norm(g_guide) * np.linalg.norm(g_flat)))}
         progress(f"cos(guide mean gradient, shard gradient) {guide_info['cos_guide_shard']:.3f}")
 
+    signal = signal_check(st, gx, gy)
+    progress("mean-gradient cosines (LoRA of the last layer): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in signal.items()))
     caches: dict[int, _Cached] = {}
 
     def cache_for(start: int) -> _Cached:
@@ -426,6 +466,7 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
                       "test_samples": len(st.ye), "shard_samples": len(st.y),
                       "batch_size": st.base.batch_size},
               "start": start_eval, "shard_grad_energy_lora": e_lora, **guide_info,
+              "signal": signal,
               "rows": rows}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,6 +516,11 @@ def screen_markdown(report: dict[str, Any]) -> str:
                   f"{c['guide_batch']}, basis recomputed every {c['guide_every']} steps; "
                   f"cos(guide mean gradient, shard gradient) = "
                   f"{report['cos_guide_shard']:.3f}", ""]
+    sig = report.get("signal", {})
+    if sig:
+        lines += ["mean gradients on the LoRA of the last device layer (a diagnostic; the test "
+                  "set trains nothing): " + ", ".join(
+                      f"{k.replace('_', ' ')} {v:.3f}" for k, v in sig.items()), ""]
     lines += ["| set | d | rho2 | merit | lr | best Δ loss (step) | best Δ acc pts (step) | "
               "last Δ loss / Δ acc | ms/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [_row_md(row) for row in report["rows"]]

@@ -100,6 +100,7 @@ def test_screen_reports_each_set_with_its_size_and_energy_share(
         assert [p["step"] for p in r["runs"][0]["curve"]] == [0, 1, 2]
     table = (tmp_path / "screen.md").read_text()
     assert "| guided-2 | 2 |" in table and json.loads((tmp_path / "screen.json").read_text())
+    assert -1.0 <= report["signal"]["cos_shard_test"] <= 1.0 and "cos shard guide" in table
 
 
 @pytest.mark.slow
