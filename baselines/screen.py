@@ -71,6 +71,7 @@ class ScreenConfig:
     guide_size: int = 256
     guide_batch: int = 16
     guide_every: int = 50
+    optimizer: str = "adam"  # adam | sgd (subspaces: lr = move / sqrt(K) either way)
     seed: int = 0
     threads: int = 1
     eval_samples: int | None = None
@@ -85,6 +86,8 @@ class ScreenConfig:
                              "random-K, guided-K-lastN, random-K-lastN")
         if not self.lrs or not self.moves or min(*self.lrs, *self.moves) <= 0:
             raise ValueError("learning rates must be positive")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"--screen-optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.guide_size < 1 or self.guide_batch < 1:
             raise ValueError("--guide-size and --guide-batch must be >= 1")
 
@@ -255,6 +258,12 @@ def shard_gradient(st: Setting, names: list[str], batch: int = 50) -> dict[str, 
     return {n: (v / len(st.y)).astype(np.float32) for n, v in total.items()}
 
 
+def _optimizer(cfg: ScreenConfig, params: list[Any], lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
 def _train(st: Setting, cfg: ScreenConfig, name: str, lr: float, cache: _Cached,
            start_eval: dict[str, float], basis_fn: Callable[[np.ndarray], np.ndarray] | None,
            progress: Callable[[str], None]) -> dict[str, Any]:
@@ -271,13 +280,13 @@ def _train(st: Setting, cfg: ScreenConfig, name: str, lr: float, cache: _Cached,
     owned = guide.manifest_params(split, manifest)
     if basis_fn is None:
         params = [p for _, p in set_params(split, name)]
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
+        opt: torch.optim.Optimizer = _optimizer(cfg, params, lr)
     else:
         params = [p for p in owned if p is not None]
         theta_base = st.theta0.copy()
         basis = basis_fn(theta_base)
         w = torch.zeros(basis.shape[1], requires_grad=True)
-        opt = torch.optim.Adam([w], lr=lr)
+        opt = _optimizer(cfg, [w], lr)
     with guide.grads_for(split, params):
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -285,7 +294,7 @@ def _train(st: Setting, cfg: ScreenConfig, name: str, lr: float, cache: _Cached,
                 theta_base = theta_base + basis @ w.detach().numpy()
                 basis = basis_fn(theta_base)
                 w = torch.zeros(basis.shape[1], requires_grad=True)
-                opt = torch.optim.Adam([w], lr=lr)
+                opt = _optimizer(cfg, [w], lr)
             idx = torch.from_numpy(sampler.next_indices())
             for p in params:
                 p.grad = None
@@ -504,7 +513,7 @@ def screen_markdown(report: dict[str, Any]) -> str:
     r, s, c = report["run"], report["start"], report["config"]
     lines = [f"{r['model']}/{r['cut']} on {r['dataset']}, server fixed, aux = server; "
              f"{c['device']}'s {r['shard_samples']} samples, batch {r['batch_size']}, "
-             f"{c['steps']} backprop steps (Adam) per set and lr, test set "
+             f"{c['steps']} backprop steps ({c.get('optimizer', 'adam')}) per set and lr, test set "
              f"({r['test_samples']}) every {c['eval_every']} steps. Start (frozen device): "
              f"acc {100 * s['test_accuracy']:.2f}, loss {s['test_loss']:.4f}.",
              "", "rho2: share of the shard's mean-gradient energy in the set (lnbias: "

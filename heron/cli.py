@@ -675,6 +675,7 @@ def cmd_bench_screen(args: argparse.Namespace) -> int:
             moves=tuple(float(v) for v in _csv(args.moves)),
             guide_size=args.guide_size, guide_batch=args.guide_batch,
             guide_every=args.guide_every or 50, seed=args.seed or 0,
+            optimizer=args.screen_optimizer,
             threads=args.threads or 1, eval_samples=args.eval_samples)
         print(f"heron bench: screen workload, {cfg.steps} backprop steps per set and lr "
               f"({', '.join(cfg.sets)}) from {cfg.run_dir}; files in "
@@ -968,6 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
     scr.add_argument("--moves", default="0.03,0.1",
                      help="screen: subspaces' Adam lr grid as lr*sqrt(K) (0.03,0.1)")
+    scr.add_argument("--screen-optimizer", default="adam", choices=("adam", "sgd"),
+                     help="screen: the optimizer of every set (adam)")
     scr.add_argument("--eval-every", type=int, default=None,
                      help="steps between test-set evaluations (screen: 40; progress: --every)")
     scr.add_argument("--seed", type=int, default=None,
