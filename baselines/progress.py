@@ -35,12 +35,18 @@ from baselines.torch_device import split_for, train_round_torch
 from devices.datasets import load_dataset
 from edge_runtime.bundle import Manifest, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, train_round
-from edge_runtime.zo import OptimizerConfig
-from exporter.export import aux_from_server, load_flat_into
+from edge_runtime.zo import DIRECTIONS, OptimizerConfig
+from exporter.export import aux_from_server as aux_from_server_fn
+from exporter.export import load_flat_into
 from exporter.zoo import SplitModel
 
-ARMS = ("heron", "cse-fsl")
+ARMS = ("heron", "cse-fsl", "noise", "guide-only")
 FO_LR = 1e-3  # heron run's default device lr for the first-order baselines
+# --device heldout: the last HELDOUT_ROWS held-out rows (dev.tsv) as the shard of a device
+# the server never trained on (a federation's devices' shards are what it fit); the guide
+# set is drawn from the other held-out rows
+HELDOUT = "heldout"
+HELDOUT_ROWS = 500
 # run.json key -> load_dataset keyword (the text options `heron run` forwards)
 _DATASET_KEYS = {"limit": "limit", "text_column": "text_column", "label_column": "label_column",
                  "max_length": "max_length", "minilm_dir": "model_dir"}
@@ -53,7 +59,7 @@ class ProgressConfig:
     every: int | None = None  # steps between evaluations and optimizer restarts (run's h)
     device: str = "dev-0"  # whose shard trains
     aux_from_server: bool = False
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = ("heron", "cse-fsl")
     heron_lr: float | None = None  # default: the run's device lr
     heron_q: int | None = None  # ZO directions per step (default: the run's q)
     heron_mu: float | None = None  # ZO smoothing (default: the run's mu)
@@ -61,6 +67,19 @@ class ProgressConfig:
     fo_lr: float = FO_LR
     threads: int = 1
     eval_samples: int | None = None  # default: the whole test set
+    # issue 15: a trained subset and guided directions (baselines.race); None: as a round
+    train_set: str | None = None  # lora-all | lora-lastN: only these client tensors train
+    heron_directions: tuple[str, ...] = ("random",)  # one heron arm per mode
+    guided_lr: float | None = None  # default: heron lr x (d_set + 2) / (guide_rank + 2)
+    guide_size: int = 256
+    guide_rank: int = 16
+    guide_batch: int = 16
+    guide_every: int | None = None  # default: every
+    guide_alpha: float = 0.0
+    seed: int | None = None  # default: the run's
+    seeds: tuple[int, ...] = ()  # several: the race, paired over them (baselines.race)
+    eval_every: int | None = None  # default: every
+    fo_steps: int | None = None  # cse-fsl / guide-only stop here (default: steps)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.every is not None and self.every < 1):
@@ -68,6 +87,33 @@ class ProgressConfig:
         bad = sorted(set(self.arms) - set(ARMS))
         if bad or not self.arms:
             raise ValueError(f"arms must be among {', '.join(ARMS)}, got {list(self.arms)}")
+        bad = sorted(set(self.heron_directions) - set(DIRECTIONS))
+        if bad or not self.heron_directions:
+            raise ValueError(f"--heron-directions must be among {', '.join(DIRECTIONS)}, got "
+                             f"{list(self.heron_directions)}")
+        subset_only = sorted({"noise", "guide-only"} & set(self.arms)) + (
+            ["--heron-directions guided"] if "guided" in self.heron_directions else []) + (
+            ["--race-seeds"] if self.seeds else [])
+        if self.train_set is None and subset_only:
+            raise ValueError(f"{', '.join(subset_only)} need --train-set (lora-all or "
+                             "lora-lastN, with --aux-from-server)")
+        if self.train_set is not None:
+            from baselines.race import check_train_set
+
+            check_train_set(self.train_set)
+            if not self.aux_from_server:
+                raise ValueError("--train-set trains against the aux head as the server's "
+                                 "copy; help: add --aux-from-server")
+        if "noise" in self.arms and not ("heron" in self.arms and "guided" in
+                                         self.heron_directions and self.arms.index("heron")
+                                         < self.arms.index("noise")):
+            raise ValueError("the noise arm replays the guided heron arm; help: --arms "
+                             "heron,noise,... with --heron-directions guided")
+        for name in ("guide_size", "guide_rank", "guide_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.guide_alpha < 1.0:
+            raise ValueError(f"--guide-alpha must be in [0, 1), got {self.guide_alpha}")
 
 
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,11 +162,32 @@ def _moved(manifest: Manifest, theta0: np.ndarray, theta: np.ndarray) -> dict[st
     return out
 
 
-def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
-                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    run_dir = Path(cfg.run_dir)
+@dataclass
+class Setting:
+    """A finished federation opened for a server-fixed experiment: the split with the
+    server's final weights, the device's starting vector, one device's shard, the test
+    set and the held-out rows (``dev``) no device received."""
+
+    run: dict[str, Any]
+    bundle: Any
+    manifest: Manifest
+    split: SplitModel
+    theta0: np.ndarray
+    copied: list[str]
+    base: TrainConfig
+    x: np.ndarray  # the device's shard
+    y: np.ndarray
+    xe: torch.Tensor  # the test set (eval_samples of it)
+    ye: torch.Tensor
+    x_dev: np.ndarray | None  # held-out rows (SST-2: dev.tsv), the guide set's pool
+    y_dev: np.ndarray | None
+
+
+def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server: bool = False,
+                 threads: int = 1, eval_samples: int | None = None) -> Setting:
+    run_dir = Path(run_dir)
     run, ckpt = _load_run(run_dir)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     bundle = load_bundle(run_dir / "bundle")
     manifest = bundle.manifest
     split = split_for(manifest)
@@ -129,27 +196,69 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
         m.eval()
     theta0 = np.asarray(ckpt["device_weights"], dtype=np.float32)[:manifest.num_params]
     copied: list[str] = []
-    if cfg.aux_from_server:
-        theta0, copied = aux_from_server(split.server, manifest, theta0)
+    if aux_from_server:
+        theta0, copied = aux_from_server_fn(split.server, manifest, theta0)
         if not copied:
             raise ValueError(f"--aux-from-server: no aux tensor of {manifest.model} has a "
                              "same-named server tensor")
     base = TrainConfig.from_json(ckpt["train_config"])
-    every = cfg.every or base.local_steps
     opts = {kw: run[k] for k, kw in _DATASET_KEYS.items() if run.get(k) is not None}
     if run.get("no_header"):
         opts["no_header"] = True
     data = load_dataset(run["dataset"], run.get("data_dir"), seed=int(run["seed"]), **opts)
-    n_eval = len(data.y_test) if cfg.eval_samples is None else min(cfg.eval_samples,
-                                                                   len(data.y_test))
+    n_eval = len(data.y_test) if eval_samples is None else min(eval_samples, len(data.y_test))
     xe = torch.from_numpy(np.ascontiguousarray(data.x_test[:n_eval]))
     ye = torch.from_numpy(data.y_test[:n_eval].astype(np.int64))
-    shard_path = run_dir / "shards" / f"{cfg.device}.npz"
+    x_dev = data.x_dev
+    y_dev = None if data.y_dev is None else data.y_dev.astype(np.int64)
+    if device == HELDOUT:  # a device whose data the server never trained on
+        if x_dev is None or y_dev is None or len(y_dev) < 2 * HELDOUT_ROWS:
+            raise ValueError(f"--device {HELDOUT} needs at least {2 * HELDOUT_ROWS} held-out "
+                             "rows (SST-2: dev.tsv next to train.tsv)")
+        x, y = x_dev[-HELDOUT_ROWS:], y_dev[-HELDOUT_ROWS:]
+        x_dev, y_dev = x_dev[:-HELDOUT_ROWS], y_dev[:-HELDOUT_ROWS]  # the guide's pool
+        return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
+                       x_dev, y_dev)
+    shard_path = run_dir / "shards" / f"{device}.npz"
     if not shard_path.exists():
         raise ValueError(f"no shard {shard_path}; help: --device names one of "
-                         f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))}")
+                         f"{sorted(p.stem for p in (run_dir / 'shards').glob('*.npz'))} or "
+                         f"{HELDOUT}")
     with np.load(shard_path) as shard:
         x, y = shard["x"], shard["y"].astype(np.int64)
+    return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
+                   x_dev, y_dev)
+
+
+def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
+                 progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    if cfg.seeds:  # the race: one subset progress per seed, then paired statistics
+        from baselines.race import write_race
+
+        reports = []
+        for seed in cfg.seeds:
+            one = replace(cfg, seeds=(), seed=seed)
+            done = Path(out) / f"seed-{seed}" / "progress.json"
+            if done.exists():  # reuse a seed finished with the same settings
+                old = json.loads(done.read_text())
+                if old.get("config") == json.loads(json.dumps(asdict(one))):
+                    progress(f"--- seed {seed}: reusing {done}")
+                    reports.append(old)
+                    continue
+            progress(f"--- seed {seed}")
+            reports.append(run_progress(Path(out) / f"seed-{seed}", one,
+                                        command=command, progress=progress))
+        summary = write_race(Path(out), reports)
+        return {"workload": "progress", "race": summary, "seeds": reports}
+    if cfg.train_set is not None:
+        return _run_subset_progress(out, cfg, command=command, progress=progress)
+    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=cfg.aux_from_server,
+                      threads=cfg.threads, eval_samples=cfg.eval_samples)
+    run, bundle, manifest, split = st.run, st.bundle, st.manifest, st.split
+    theta0, copied, base = st.theta0, st.copied, st.base
+    x, y, xe, ye = st.x, st.y, st.xe, st.ye
+    n_eval = len(ye)
+    every = cfg.every or base.local_steps
     model = LocalModel(bundle, threads=cfg.threads) if "heron" in cfg.arms else None
 
     load_flat_into(split, manifest, theta0)
@@ -200,6 +309,31 @@ def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
                       "num_params": manifest.num_params, "every": every,
                       "train_config": base.to_json(), "aux_copied": copied,
                       "test_samples": n_eval, "shard_samples": len(y)},
+              "step_ms": {k: round(v, 2) for k, v in ms.items()}, "curves": curves}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "progress.md").write_text(progress_markdown(report))
+    return report
+
+
+def _run_subset_progress(out: str | Path, cfg: ProgressConfig, *, command: str,
+                         progress: Callable[[str], None]) -> dict[str, Any]:
+    from baselines.race import run_subset
+
+    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=True,
+                      threads=cfg.threads, eval_samples=cfg.eval_samples)
+    every = cfg.every or st.base.local_steps
+    curves, ms, used = run_subset(st, cfg, st.base, every, progress)
+    manifest = st.manifest
+    report = {"workload": "progress", "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "heron_config": None, "subset": used,
+              "run": {"model": manifest.model, "cut": manifest.cut,
+                      "dataset": st.run["dataset"], "num_params": manifest.num_params,
+                      "every": every, "train_config": st.base.to_json(),
+                      "aux_copied": st.copied, "test_samples": len(st.ye),
+                      "shard_samples": len(st.y)},
               "step_ms": {k: round(v, 2) for k, v in ms.items()}, "curves": curves}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

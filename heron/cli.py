@@ -106,6 +106,17 @@ def trim_fraction(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    """A share in [0, 1] (Guided ES's isotropic share alpha)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def port_number(text: str) -> int:
     value = positive_int(text)
     if value > 65535:
@@ -960,7 +971,15 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
                              arms=_csv(args.arms), heron_lr=args.heron_lr, fo_lr=args.fo_lr,
                              heron_q=args.heron_q, heron_mu=args.heron_mu,
                              heron_optimizer=args.heron_optimizer,
-                             threads=args.threads or 1, eval_samples=args.eval_samples)
+                             threads=args.threads or 1, eval_samples=args.eval_samples,
+                             train_set=args.train_set,
+                             heron_directions=_csv(args.heron_directions),
+                             guided_lr=args.guided_lr, guide_size=args.guide_size,
+                             guide_rank=args.guide_rank, guide_batch=args.guide_batch,
+                             guide_every=args.guide_every, guide_alpha=args.guide_alpha,
+                             seed=args.seed, eval_every=args.eval_every,
+                             seeds=tuple(int(v) for v in _csv(args.seeds_race or "")),
+                             fo_steps=args.fo_steps)
         print(f"heron bench: progress workload, {cfg.steps} local steps per arm "
               f"({', '.join(cfg.arms)}) from {cfg.run_dir}; files in "
               f"{Path(args.out).resolve()}", flush=True)
@@ -968,7 +987,35 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
                      progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"heron bench: {type(exc).__name__}: {exc}") from exc
-    print((Path(args.out) / "progress.md").read_text(), end="", flush=True)
+    report = Path(args.out) / ("race.md" if cfg.seeds else "progress.md")
+    print(report.read_text(), end="", flush=True)
+    return 0
+
+
+def cmd_bench_screen(args: argparse.Namespace) -> int:
+    from baselines.screen import DEFAULT_SETS, ScreenConfig, run_screen
+
+    if not args.run_from:
+        raise SystemExit("heron bench: --workload screen needs --from RUN_DIR (the --out "
+                         "directory of a finished `heron run`)")
+    try:
+        cfg = ScreenConfig(
+            run_dir=args.run_from, steps=args.steps or 200, eval_every=args.eval_every or 40,
+            device=args.device, sets=_csv(args.sets) if args.sets else DEFAULT_SETS,
+            lrs=tuple(float(v) for v in _csv(args.lrs)),
+            moves=tuple(float(v) for v in _csv(args.moves)),
+            guide_size=args.guide_size, guide_batch=args.guide_batch,
+            guide_every=args.guide_every or 50, seed=args.seed or 0,
+            optimizer=args.screen_optimizer,
+            threads=args.threads or 1, eval_samples=args.eval_samples)
+        print(f"heron bench: screen workload, {cfg.steps} backprop steps per set and lr "
+              f"({', '.join(cfg.sets)}) from {cfg.run_dir}; files in "
+              f"{Path(args.out).resolve()}", flush=True)
+        run_screen(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
+                   progress=lambda line: print(line, flush=True))
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"heron bench: {type(exc).__name__}: {exc}") from exc
+    print((Path(args.out) / "screen.md").read_text(), end="", flush=True)
     return 0
 
 
@@ -981,6 +1028,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_accuracy(args)
     if args.workload == "progress":
         return cmd_bench_progress(args)
+    if args.workload == "screen":
+        return cmd_bench_screen(args)
     args.steps = args.steps or 20
     args.model = args.model or "resnet18"
     _text_profile_defaults(args)
@@ -1162,12 +1211,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
                            "JSON and plots into --out")
-    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress"),
+    bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress",
+                                                           "screen"),
                        help="cost: every algorithm's device step time, peak RSS, FLOPs and "
                        "bytes on one model (resnet18 by default); accuracy: every algorithm "
                        "federated over data sets, partitions and seeds (cnn by default); "
                        "progress: from a finished run, ZO vs first-order device steps with the "
-                       "server held fixed (--from) (cost)")
+                       "server held fixed (--from); screen: from a finished run, backprop "
+                       "restricted to candidate sets of device weights, the ceiling ZO could "
+                       "reach (cost)")
     bench.add_argument("--out", required=True,
                        help="directory for the report: cost.{json,md,png} or "
                        "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
@@ -1208,9 +1260,12 @@ def build_parser() -> argparse.ArgumentParser:
     prog.add_argument("--every", type=positive_int, default=None,
                       help="steps between evaluations and optimizer restarts (the run's "
                       "--local-steps)")
-    prog.add_argument("--device", default="dev-0", help="whose shard trains (dev-0)")
+    prog.add_argument("--device", default="dev-0",
+                      help="whose shard trains; heldout: 500 held-out rows the server never "
+                      "trained on (dev-0)")
     prog.add_argument("--arms", default="heron,cse-fsl",
-                      help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop)")
+                      help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop); with "
+                      "--train-set also noise, guide-only (heron,cse-fsl)")
     prog.add_argument("--aux-from-server", action="store_true",
                       help="first copy the server's same-named tensors into the aux head")
     prog.add_argument("--heron-lr", type=positive_float, default=None,
@@ -1221,9 +1276,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heron's ZO smoothing mu (default: the run's)")
     prog.add_argument("--heron-optimizer", default=None, choices=("adam", "sgd"),
                       help="heron's device optimizer (default: the run's)")
-    prog.add_argument("--fo-lr", type=positive_float, default=1e-3, help="cse-fsl's Adam lr (1e-3)")
+    prog.add_argument("--fo-lr", type=positive_float, default=1e-3,
+                      help="cse-fsl's and guide-only's Adam lr (1e-3)")
+    prog.add_argument("--train-set", default=None,
+                      help="train only these client tensors, from cached inputs: lora-all or "
+                      "lora-lastN (needs --aux-from-server; enables the arms noise and "
+                      "guide-only, guided directions and --race-seeds) (default: client + aux)")
+    prog.add_argument("--heron-directions", default="random",
+                      help="comma-separated: random (isotropic, today's), guided (in the "
+                      "server's guide basis); one heron arm each (random)")
+    prog.add_argument("--guided-lr", type=positive_float, default=None,
+                      help="guided heron's lr (default: heron lr x (d+2)/(rank+2))")
+    prog.add_argument("--guide-rank", type=positive_int, default=16,
+                      help="directions in the server's guide basis (16)")
+    prog.add_argument("--guide-alpha", type=unit_fraction, default=0.0,
+                      help="isotropic share of a guided direction, Guided ES's alpha (0)")
+    prog.add_argument("--race-seeds", dest="seeds_race", default=None,
+                      help="comma-separated: repeat per seed and report paired differences "
+                      "with 95%% t-intervals (race.md)")
+    prog.add_argument("--fo-steps", type=positive_int, default=None,
+                      help="cse-fsl and guide-only stop after this many steps (--steps)")
     prog.add_argument("--eval-samples", type=positive_int, default=None,
                       help="test samples per evaluation (default: all)")
+    scr = bench.add_argument_group("screen workload (and guided ZO in progress)")
+    scr.add_argument("--sets", default=None,
+                     help="screen: comma-separated candidate sets: lora-all, lora-lastN, lora-B, "
+                     "lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, random-K (a default list)")
+    scr.add_argument("--lrs", default="1e-3,3e-3",
+                     help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
+    scr.add_argument("--moves", default="0.03,0.1",
+                     help="screen: subspaces' Adam lr grid as lr*sqrt(K) (0.03,0.1)")
+    scr.add_argument("--screen-optimizer", default="adam", choices=("adam", "sgd"),
+                     help="screen: the optimizer of every set (adam)")
+    scr.add_argument("--eval-every", type=positive_int, default=None,
+                     help="steps between test-set evaluations (screen: 40; progress: --every)")
+    scr.add_argument("--seed", type=nonneg_int, default=None,
+                     help="batch order, ZO directions and guide draw (screen: 0; progress: "
+                     "the run's seed)")
+    scr.add_argument("--guide-size", type=positive_int, default=256,
+                     help="held-out rows (dev.tsv) in the server's guide set (256)")
+    scr.add_argument("--guide-batch", type=positive_int, default=16,
+                     help="guide rows per guide gradient (16)")
+    scr.add_argument("--guide-every", type=positive_int, default=None,
+                     help="steps between guide recomputations (screen: 50; progress: --every)")
     bench.set_defaults(func=cmd_bench)
     return p
 
