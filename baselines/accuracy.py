@@ -168,8 +168,8 @@ def train_centralized(spec: CentralizedSpec) -> dict[str, Any]:
     evaluate it on the test split after every round's worth of samples."""
     from torch import nn
 
-    from devices.datasets import load_dataset
     from exporter.zoo import build_split, default_model
+    from heron_data.datasets import load_dataset
     from server.trainer import ServerTrainer, evaluate
 
     t0 = time.monotonic()

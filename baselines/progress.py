@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.torch_device import split_for, train_round_torch
-from devices.datasets import load_dataset
+from devices.torch_device import split_for, train_round_torch
 from edge_runtime.bundle import Manifest, load_bundle
 from edge_runtime.runtime import LocalModel, TrainConfig, train_round
 from edge_runtime.zo import DIRECTIONS, OptimizerConfig
 from exporter.export import aux_from_server as aux_from_server_fn
 from exporter.export import load_flat_into
 from exporter.zoo import SplitModel
+from heron_data.datasets import load_dataset
 
 ARMS = ("heron", "cse-fsl", "noise", "guide-only")
 FO_LR = 1e-3  # heron run's default device lr for the first-order baselines

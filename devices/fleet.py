@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devices.datasets import load_dataset
-from devices.partition import partition, write_shards
 from heron.lifecycle import child_env
+from heron_data.datasets import load_dataset
+from heron_data.partition import partition, write_shards
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, obje
 
 
 class Device:
-    """The ONNX Runtime device (heron, frozen). `baselines.torch_device.TorchDevice` reuses
+    """The ONNX Runtime device (heron, frozen). `devices.torch_device.TorchDevice` reuses
     this loop and overrides only the model hooks (`_make_model`, `_train`, ...)."""
 
     algorithms: tuple[str, ...] = DEVICE_ALGORITHMS

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from devices.text import minilm_dir
+from heron_data.text import minilm_dir
 
 HIDDEN = 384
 HEADS = 12

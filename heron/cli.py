@@ -185,7 +185,7 @@ def _takes_text(args: argparse.Namespace) -> bool:
     """--model minilm, or no --model on a text data set (zoo.default_model picks minilm)."""
     if getattr(args, "model", None) is not None:
         return bool(args.model == "minilm")
-    from devices.datasets import TEXT_DATASETS
+    from heron_data.datasets import TEXT_DATASETS
 
     return getattr(args, "dataset", None) in TEXT_DATASETS
 
@@ -293,8 +293,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 def _default_model(args: argparse.Namespace, command: str) -> str:
     """The zoo's model for the data set's input shape, when --model is not given."""
-    from devices.datasets import DatasetError, load_dataset
     from exporter.zoo import default_model
+    from heron_data.datasets import DatasetError, load_dataset
 
     try:
         ds = load_dataset(args.dataset, args.data_dir, seed=args.seed, **_dataset_options(args))
@@ -375,7 +375,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     device_cls: type[Device] = Device
     if args.torch:
         try:
-            from baselines.torch_device import TorchDevice
+            from devices.torch_device import TorchDevice
         except ImportError as exc:
             raise SystemExit(f"heron device --torch: {exc}; help: the baseline devices need "
                              "torch: pip install 'heron[server]' (torch==2.13.0)") from exc
@@ -452,9 +452,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         _check_resume(args, out)
     _check_writable(args.command, out)
     _logging(args.verbose)
-    from devices.datasets import DatasetError
     from edge_runtime.transport import BrokerError
     from heron.lifecycle import Stopped, StopSignals, exit_code
+    from heron_data.datasets import DatasetError
     from server.loop import Server, ServerOptions
     from server.policy import Limits
     from server.records import WriteError
@@ -523,8 +523,8 @@ def _check_federation(args: argparse.Namespace) -> None:
         _train_config(args)
     except (ValueError, TypeError) as exc:
         _usage(cmd, str(exc))
-    from devices.datasets import DATASETS, TEXT_DATASETS
     from edge_runtime.runtime import AUX_ALGORITHMS
+    from heron_data.datasets import DATASETS, TEXT_DATASETS
 
     if args.dataset not in DATASETS:
         _usage(cmd, f"unknown --dataset {args.dataset!r}; help: choose one of "
@@ -607,9 +607,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if resume:
         _check_resume(args, out)
     _check_writable("run", out)
-    from devices.datasets import DatasetError
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
+    from heron_data.datasets import DatasetError
     from server.broker import EmbeddedBroker
     from server.records import WriteError, write_json
 
@@ -793,8 +793,8 @@ def _auth_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     _need_server_extra()
-    from devices.datasets import DatasetError
     from devices.fleet import FleetOptions, make_shards
+    from heron_data.datasets import DatasetError
 
     fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
@@ -831,9 +831,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _need_server_extra()
-    from devices.datasets import DatasetError, load_dataset
     from exporter.export import export_split
     from exporter.zoo import default_model
+    from heron_data.datasets import DatasetError, load_dataset
 
     if args.input_shape:
         shape = tuple(int(s) for s in args.input_shape.split(","))

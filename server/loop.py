@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from devices.datasets import load_dataset
 from edge_runtime import topics
 from edge_runtime.bundle import GRAPH, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
@@ -42,6 +41,7 @@ from edge_runtime.runtime import AUX_ALGORITHMS, SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
 from exporter.export import aux_from_server, export_bundle, load_flat_into
 from exporter.zoo import build_split
+from heron_data.datasets import load_dataset
 from server.aggregate import (
     AGGREGATES,
     DeviceUpdate,

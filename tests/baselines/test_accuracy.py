@@ -21,7 +21,7 @@ from baselines.accuracy import (
     markdown,
     train_centralized,
 )
-from devices.datasets import load_dataset
+from heron_data.datasets import load_dataset
 
 
 def test_digits28_is_read_by_the_mnist_loader(tmp_path: Path) -> None:

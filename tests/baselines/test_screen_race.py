@@ -15,10 +15,10 @@ from conftest import ROOT
 from baselines.progress import ProgressConfig, run_progress
 from baselines.race import t_interval
 from baselines.screen import ScreenConfig, run_screen
-from devices.datasets import load_dataset
 from edge_runtime.runtime import TrainConfig
 from exporter.export import export_bundle, flat_from_split
 from exporter.zoo import build_split
+from heron_data.datasets import load_dataset
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 LENGTH = 8

@@ -444,7 +444,7 @@ def test_profiles_load_with_the_device_install_only(no_torch_env: dict) -> None:
     from the server side (no torch, no scikit-learn, not even ONNX Runtime)."""
     code = ("import sys; from edge_runtime.profiles import load_profile, profile_names; "
             "print([load_profile(n).budget_mb for n in profile_names()]); "
-            "print(sorted(m for m in ('torch', 'sklearn', 'onnxruntime', 'devices.datasets') "
+            "print(sorted(m for m in ('torch', 'sklearn', 'onnxruntime', 'heron_data.datasets') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=no_torch_env,
                           capture_output=True, text=True, timeout=60)

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from devices.datasets import load_dataset
 from edge_runtime import blockzo, zo
 from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
 from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
 from exporter.export import export_split
+from heron_data.datasets import load_dataset
 
 BLOCK = zo.ZOConfig(perturb="block")
 SGD = zo.OptimizerConfig(name="sgd", lr=0.01)

