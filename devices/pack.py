@@ -14,6 +14,8 @@ A pack is a directory::
 pip downloads wheels for another platform when told its tags (`--platform`,
 `--python-version`, `--abi`); with `--only-binary=:all:` it never builds, so a dependency
 without a wheel for the target fails here, on the server, and not on the board.
+
+The files other than the wheels are templates in `devices.pack_files`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.metadata import parse_email
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+from devices.pack_files import DEVICE_TOML, INSTALL_SH, README, SERVICE
 from edge_runtime.profiles import load_profile
 
 TARGETS = {"linux-aarch64": "aarch64", "linux-x86_64": "x86_64", "linux-armv7l": "armv7l"}
@@ -79,6 +88,22 @@ def platform_tags(arch: str, glibc: tuple[int, int]) -> list[str]:
             *(f"manylinux_2_{minor}_{arch}" for minor in range(17, glibc[1] + 1))]
 
 
+def target_tags(arch: str, python: tuple[int, int], glibc: tuple[int, int]) -> set[Tag]:
+    """The wheel tags the board's CPython accepts, as pip on the board would rank them."""
+    platforms = platform_tags(arch, glibc)
+    return {*cpython_tags(python, abis=[f"cp{python[0]}{python[1]}"], platforms=platforms),
+            *compatible_tags(python, f"cp{python[0]}{python[1]}", platforms)}
+
+
+def board_environment(arch: str, python: tuple[int, int]) -> dict[str, str]:
+    """PEP 508 marker values of the board, so markers are judged for it and not for us."""
+    version = f"{python[0]}.{python[1]}"
+    return {"python_version": version, "python_full_version": f"{version}.0",
+            "platform_machine": arch, "platform_system": "Linux", "sys_platform": "linux",
+            "os_name": "posix", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython", "extra": ""}
+
+
 def find_source(source: Path | None) -> Path:
     """The heron checkout whose wheel goes into the pack."""
     root = Path(source) if source else Path(__file__).resolve().parents[1]
@@ -123,33 +148,61 @@ def build_wheel(source: Path, dest: Path) -> Path:
     return built[0]
 
 
-def wheel_metadata(wheel: Path) -> tuple[list[str], str | None, str]:
-    """(runtime requirements without extras, Requires-Python, version) from a wheel."""
-    with zipfile.ZipFile(wheel) as zf:
-        name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        meta = zf.read(name).decode()
-    requires, python, version = [], None, ""
-    for line in meta.splitlines():
-        if line.startswith("Requires-Dist:"):
-            req = line.split(":", 1)[1].strip()
-            if "extra ==" not in req:
-                requires.append(req)
-        elif line.startswith("Requires-Python:"):
-            python = line.split(":", 1)[1].strip()
-        elif line.startswith("Version:"):
-            version = line.split(":", 1)[1].strip()
-        elif not line.strip():
-            break  # the description follows the headers
-    return requires, python, version
+@dataclass(frozen=True)
+class WheelMetadata:
+    requires: tuple[Requirement, ...]  # Requires-Dist, extras' included
+    requires_python: SpecifierSet | None
+    version: str
 
 
-def check_python(python: tuple[int, int], requires_python: str | None) -> None:
-    m = re.fullmatch(r">=\s*(\d+)\.(\d+)", requires_python or "")
-    if m and python < (int(m.group(1)), int(m.group(2))):
+def wheel_metadata(wheel: Path) -> WheelMetadata:
+    """Requires-Dist, Requires-Python and Version from a wheel's METADATA."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            raw, _ = parse_email(zf.read(name))
+        python = raw.get("requires_python")
+        return WheelMetadata(tuple(Requirement(r) for r in raw.get("requires_dist", [])),
+                             SpecifierSet(python) if python else None, raw.get("version", ""))
+    except (OSError, StopIteration, zipfile.BadZipFile, InvalidRequirement,
+            InvalidSpecifier) as exc:
+        raise PackError(f"cannot read the metadata of {wheel.name}: {exc}; help: rebuild it "
+                        "with `pip wheel --no-deps .`") from exc
+
+
+def board_requirements(meta: WheelMetadata, arch: str, python: tuple[int, int]) -> list[str]:
+    """The runtime requirements the board needs (no extras), markers judged for the board."""
+    env = board_environment(arch, python)
+    out = []
+    for req in meta.requires:
+        if req.marker is None or req.marker.evaluate(env):
+            bare = Requirement(str(req))
+            bare.marker = None  # pip would judge it for this machine, not the board
+            out.append(str(bare))
+    return out
+
+
+def check_python(python: tuple[int, int], requires_python: SpecifierSet | None) -> None:
+    if requires_python is not None and f"{python[0]}.{python[1]}" not in requires_python:
         raise PackError(f"heron needs Python {requires_python} (Requires-Python of its "
                         f"wheel) and the board's Python {python[0]}.{python[1]} cannot run it; "
-                        f"help: install Python {m.group(1)}.{m.group(2)} or newer on the board "
-                        "and pass its version with --python")
+                        f"help: install a Python {requires_python} on the board and pass its "
+                        "version with --python")
+
+
+def check_wheels(names: list[str], tags: set[Tag], where: str) -> None:
+    """No forbidden project, and every wheel installable on the board."""
+    for n in names:
+        try:
+            project, _, _, wheel_tags = parse_wheel_filename(n)
+        except InvalidWheelFilename as exc:
+            raise PackError(f"the pack would contain {n}, which is not a wheel: {exc}") from exc
+        if project in FORBIDDEN:
+            raise PackError(f"the pack would contain {n}; the device runtime must not need "
+                            "it: check the dependencies in pyproject.toml")
+        if not wheel_tags & tags:
+            raise PackError(f"{n} does not install on {where}; help: remove it from the "
+                            "pack's wheels/ or pick another --python or --glibc")
 
 
 def download_wheels(requirements: list[str], target: str, python: tuple[int, int],
@@ -218,15 +271,15 @@ def _fill(opts: PackOptions, source: Path, out: Path, python: tuple[int, int],
     wheels = out / WHEEL_DIR
     wheels.mkdir(parents=True)
     own = build_wheel(source, wheels)
-    requirements, requires_python, version = wheel_metadata(own)
-    check_python(python, requires_python)
+    arch = TARGETS[opts.target]
+    meta = wheel_metadata(own)
+    version = meta.version
+    check_python(python, meta.requires_python)
+    requirements = board_requirements(meta, arch, python)
     download_wheels(requirements, opts.target, python, glibc, wheels)
     names = sorted(p.name for p in wheels.glob("*.whl"))
-    bad = [n for n in names if n.split("-")[0].lower() in FORBIDDEN]
-    if bad:
-        raise PackError(f"the pack would contain {bad}; the device runtime must not need "
-                        "them: check the dependencies in pyproject.toml")
-    arch = TARGETS[opts.target]
+    check_wheels(names, target_tags(arch, python, glibc),
+                 f"{opts.target} / CPython {python[0]}.{python[1]}")
     pyver = f"{python[0]}.{python[1]}"
     (out / "device.toml").write_text(device_toml(opts.broker or DEFAULT_BROKER, opts.profile))
     (out / "heron-device.service").write_text(SERVICE)
@@ -250,157 +303,3 @@ def device_toml(broker: str, profile: str) -> str:
     if '"' in broker or "\\" in broker:
         raise PackError(f"broker URL {broker!r} may not contain quotes or backslashes")
     return DEVICE_TOML.replace("@BROKER@", broker).replace("@PROFILE@", profile)
-
-
-# -- the files of a pack ----------------------------------------------------------------------
-DEVICE_TOML = """\
-# heron device configuration: `heron device --config /etc/heron/device.toml`.
-# Keys are `heron device`'s long options; a flag given on the command line wins.
-# Flat TOML only (key = value), so Python 3.10 boards read it without tomllib.
-broker = "@BROKER@"
-id = "board-0"
-data = "/var/lib/heron/shard.npz"
-profile = "@PROFILE@"
-prefix = "heron"
-# threads = 4                                  # default: the profile's
-# username = "device"
-# password = "secret"
-# credentials = "/etc/heron/credentials.json"  # {"username": ..., "password": ...}
-# ca_file = "/etc/heron/ca.crt"                # TLS: use broker = "mqtts://HOST:8883"
-"""
-
-SERVICE = """\
-[Unit]
-Description=heron split federated learning device (heron device)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-User=heron
-Group=heron
-WorkingDirectory=/var/lib/heron
-Environment=PYTHONUNBUFFERED=1
-ExecStart=/opt/heron/venv/bin/heron device --config /etc/heron/device.toml
-Restart=on-failure
-RestartSec=15
-# exit status 5: the model does not fit this board's memory budget; a restart cannot help
-RestartPreventExitStatus=5
-# `systemctl stop` sends SIGTERM: the device says it is offline and exits 143 (128 + 15)
-SuccessExitStatus=143
-# if memory runs out anyway, the kernel picks this process before sshd
-OOMScoreAdjust=500
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-README = """\
-heron device pack for @TARGET@, CPython @PY@ (no network needed on the board)
-
-On the board, as root, from this directory:
-
-  sh install.sh --broker mqtt://SERVER:1883 --id kitchen-pi --profile rpi4
-  cp dev-0.npz /var/lib/heron/shard.npz       # this device's shard
-  systemctl enable --now heron-device
-  journalctl -u heron-device -f                 # memory check, rounds, peak RSS
-
-`sh install.sh --help` lists the options; /etc/heron/device.toml holds the settings.
-"""
-
-INSTALL_SH = r"""#!/bin/sh
-# Install heron's device runtime from this pack with no network (pip --no-index).
-#
-#   sh install.sh [--prefix /opt/heron] [--config-dir /etc/heron] [--data-dir /var/lib/heron]
-#                 [--broker URL] [--id DEVICE_ID] [--profile NAME] [--python python3]
-#                 [--no-service]
-#
-# Makes PREFIX/venv, installs heron from wheels/, writes CONFIG_DIR/device.toml (kept if it
-# exists), and as root with systemd: adds the `heron` user and the heron-device.service unit.
-set -eu
-HERE=$(cd "$(dirname "$0")" && pwd)
-PREFIX=/opt/heron
-CONFIG_DIR=/etc/heron
-DATA_DIR=/var/lib/heron
-PYTHON=python3
-SERVICE=1
-BROKER=
-ID=
-PROFILE=
-die() { echo "install.sh: $*" >&2; exit 1; }  # several arguments print as one line
-need() { [ $# -ge 2 ] || die "$1 needs a value; help: sh install.sh --help"; }
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --prefix) need "$@"; PREFIX=$2; shift 2 ;;
-    --config-dir) need "$@"; CONFIG_DIR=$2; shift 2 ;;
-    --data-dir) need "$@"; DATA_DIR=$2; shift 2 ;;
-    --broker) need "$@"; BROKER=$2; shift 2 ;;
-    --id) need "$@"; ID=$2; shift 2 ;;
-    --profile) need "$@"; PROFILE=$2; shift 2 ;;
-    --python) need "$@"; PYTHON=$2; shift 2 ;;
-    --no-service) SERVICE=0; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) die "unknown option $1; help: sh install.sh --help" ;;
-  esac
-done
-for v in "$PREFIX" "$CONFIG_DIR" "$DATA_DIR" "$BROKER" "$ID" "$PROFILE"; do
-  case "$v" in *'"'*|*'\'*|*'|'*|*'&'*) die "option value $v may not contain \" \\ | or &" ;; esac
-done
-
-# The pack holds binary wheels for one machine type and Python version: check first.
-command -v "$PYTHON" >/dev/null 2>&1 ||
-  die "no $PYTHON here; help: install Python @PY@ and its venv module" \
-      "(Debian: apt-get install python3 python3-venv)"
-WHAT='import platform, sys; print(platform.machine(), "%d.%d" % sys.version_info[:2])'
-got=$("$PYTHON" -c "$WHAT")
-[ "$got" = "@ARCH@ @PY@" ] ||
-  die "this pack is for @ARCH@ with Python @PY@ but this board has $got; help: on the" \
-      "server, heron devices pack --target linux-MACHINE --python X.Y"
-"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ||
-  die "$PYTHON cannot make virtual environments; help: apt-get install python3-venv"
-
-echo "install.sh: creating $PREFIX/venv"
-"$PYTHON" -m venv "$PREFIX/venv"
-export PIP_CONFIG_FILE=/dev/null  # the board's pip.conf (e.g. an extra index) plays no part
-PIP="$PREFIX/venv/bin/python -m pip --disable-pip-version-check"
-$PIP install --quiet --no-index --find-links "$HERE/wheels" --upgrade pip
-$PIP install --quiet --no-index --find-links "$HERE/wheels" "@PROJECT@==@VERSION@"
-VERSIONS='import edge_runtime.device, onnxruntime as o, numpy as n
-print(o.__version__, n.__version__)'
-got=$("$PREFIX/venv/bin/python" -c "$VERSIONS") ||
-  die "the installed runtime does not import; see the error above"
-echo "install.sh: installed heron @VERSION@ (onnxruntime, numpy: $got) in $PREFIX/venv"
-
-mkdir -p "$CONFIG_DIR" "$DATA_DIR"
-CONFIG="$CONFIG_DIR/device.toml"
-if [ -f "$CONFIG" ]; then
-  echo "install.sh: keeping the existing $CONFIG"
-else
-  [ -n "$ID" ] || ID=$(hostname 2>/dev/null | tr -c 'A-Za-z0-9_.\n-' '-' | cut -c1-64)
-  [ -n "$ID" ] || ID=board-0
-  sed -e "s|^data = .*|data = \"$DATA_DIR/shard.npz\"|" -e "s|^id = .*|id = \"$ID\"|" \
-      "$HERE/device.toml" > "$CONFIG.tmp"
-  [ -z "$BROKER" ] || sed -i "s|^broker = .*|broker = \"$BROKER\"|" "$CONFIG.tmp"
-  [ -z "$PROFILE" ] || sed -i "s|^profile = .*|profile = \"$PROFILE\"|" "$CONFIG.tmp"
-  chmod 600 "$CONFIG.tmp"
-  mv "$CONFIG.tmp" "$CONFIG"
-  echo "install.sh: wrote $CONFIG (device id $ID)"
-fi
-
-if [ "$SERVICE" = 1 ] && [ "$(id -u)" = 0 ] && command -v systemctl >/dev/null 2>&1; then
-  id heron >/dev/null 2>&1 ||
-    useradd --system --home-dir "$DATA_DIR" --shell /usr/sbin/nologin heron
-  chown heron:heron "$DATA_DIR"
-  chgrp heron "$CONFIG" && chmod 640 "$CONFIG"
-  sed -e "s|/opt/heron/|$PREFIX/|g" -e "s|/etc/heron/|$CONFIG_DIR/|g" \
-      -e "s|/var/lib/heron|$DATA_DIR|g" "$HERE/heron-device.service" \
-      > /etc/systemd/system/heron-device.service
-  systemctl daemon-reload
-  echo "install.sh: installed heron-device.service; start it at boot with:"
-  echo "  systemctl enable --now heron-device && journalctl -u heron-device -f"
-else
-  echo "install.sh: no service installed; run the device with:"
-  echo "  $PREFIX/venv/bin/heron device --config $CONFIG"
-fi
-echo "install.sh: put this device's shard at $DATA_DIR/shard.npz (or set data in $CONFIG)"
-"""

@@ -2,7 +2,7 @@
 
 Torch-free, like all of `edge_runtime/`: this runs on the board.
 
-A *profile* is a flat TOML file, ``devices/profiles/<name>.toml`` in the checkout and in the
+A *profile* is a flat TOML file, ``edge_runtime/boards/<name>.toml`` in the checkout and in the
 installed wheel (package data), found by its file name; any other ``.toml`` path works too::
 
     description = "Raspberry Pi 4 Model B, 4 GB"
@@ -22,12 +22,10 @@ available to it: the host's available memory, or less in a cgroup with a memory 
 Docker container, a systemd unit with ``MemoryMax=``), whose limit is what the kernel kills
 at. `cgroup_memory_limit` reads it (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, parents
 included) and falls back to the host's figure when there is none or the files cannot be read.
-The join-time check runs at the batch size the server announces in its presence (older
-servers announce none: then the default, 32); each round's start checks its own batch again.
+The join-time check runs at the batch size the server announces in its presence (the
+default, 32, when it announces none); each round's start checks its own batch again.
 
-TOML: Python 3.11+ has `tomllib`; on Python 3.10 (the oldest heron supports) a small parser
-for the flat ``key = value`` subset that profiles and device configs use takes its place, so
-boards need no extra package. Tables and arrays are refused there with a hint.
+TOML is read with `tomllib` (Python 3.11+) or its backport `tomli` (Python 3.10).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,13 @@ import psutil
 if TYPE_CHECKING:  # imported lazily: `heron --help` should not load ONNX Runtime
     from edge_runtime.runtime import LocalModel, TrainConfig
 
-try:  # Python 3.11+
-    import tomllib as _tomllib
-except ModuleNotFoundError:  # Python 3.10: the flat-subset parser below
-    _tomllib = None  # type: ignore[assignment]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same module, a dependency on Python 3.10
+    import tomli as tomllib
 
-PROFILE_PACKAGE = "devices"  # profiles ship as package data of `devices` (no torch in it)
-PROFILE_DIR = "profiles"
+PROFILE_PACKAGE = "edge_runtime"  # board profiles ship as package data of the device runtime
+PROFILE_DIR = "boards"
 PROFILE_KEYS = {"description": str, "memory_mb": int, "budget_mb": int, "cores": int,
                 "threads": int}
 # `heron device --config FILE`: the keys mirror `heron device`'s long options.
@@ -67,81 +66,13 @@ class ProfileError(ValueError):
 
 
 # -- TOML -----------------------------------------------------------------------------------
-_KEY = re.compile(r"^([A-Za-z0-9_-]+)\s*=\s*(.*)$")
-_INT = re.compile(r"^[+-]?(0|[1-9](_?[0-9])*)$")
-_FLOAT = re.compile(r"^[+-]?(0|[1-9](_?[0-9])*)(\.[0-9](_?[0-9])*)?([eE][+-]?[0-9]+)?$")
-_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
-
-
-def parse_flat_toml(text: str, source: str = "<toml>") -> dict[str, Any]:
-    """The flat subset of TOML (``key = string | integer | float | boolean`` and comments).
-
-    Used where `tomllib` is missing (Python 3.10); the tests check that it agrees with
-    `tomllib` on every file heron ships.
-    """
-    out: dict[str, Any] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{source}:{lineno}"
-        m = _KEY.match(line)
-        if m is None:
-            raise ProfileError(f"{where}: expected `key = value`, got {raw.strip()!r}; help: "
-                               "heron's TOML files are flat (no [tables] or arrays) so that "
-                               "Python 3.10 boards can read them without tomllib")
-        key, rest = m.group(1), m.group(2)
-        if key in out:
-            raise ProfileError(f"{where}: key {key!r} is set twice")
-        out[key] = _flat_value(rest, where)
-    return out
-
-
-def _flat_value(rest: str, where: str) -> Any:
-    if rest.startswith('"'):
-        chars, i = [], 1
-        while i < len(rest) and rest[i] != '"':
-            if rest[i] == "\\":
-                if i + 1 >= len(rest) or rest[i + 1] not in _ESCAPES:
-                    raise ProfileError(f"{where}: unsupported escape in {rest!r}")
-                chars.append(_ESCAPES[rest[i + 1]])
-                i += 2
-            else:
-                chars.append(rest[i])
-                i += 1
-        if i >= len(rest):
-            raise ProfileError(f"{where}: unterminated string {rest!r}")
-        value: Any = "".join(chars)
-        tail = rest[i + 1:]
-    elif rest.startswith("'"):
-        end = rest.find("'", 1)
-        if end < 0:
-            raise ProfileError(f"{where}: unterminated string {rest!r}")
-        value, tail = rest[1:end], rest[end + 1:]
-    else:
-        token, tail = rest.partition("#")[0].strip(), ""  # the rest is a comment
-        if token in ("true", "false"):
-            value = token == "true"
-        elif _INT.match(token):
-            value = int(token.replace("_", ""))
-        elif _FLOAT.match(token):
-            value = float(token.replace("_", ""))
-        else:
-            raise ProfileError(f"{where}: unsupported value {token!r}; help: use a quoted "
-                               "string, an integer, a float or true/false")
-    tail = tail.strip()
-    if tail and not tail.startswith("#"):
-        raise ProfileError(f"{where}: unexpected text after the value: {tail!r}")
-    return value
-
-
 def parse_toml(text: str, source: str = "<toml>") -> dict[str, Any]:
-    if _tomllib is None:
-        return parse_flat_toml(text, source)
+    """The file's keys, or a `ProfileError` naming the file and the line that is wrong."""
     try:
-        return _tomllib.loads(text)
-    except _tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{source} is not valid TOML: {exc}") from exc
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{source} is not valid TOML: {exc}; help: heron's TOML files are "
+                           "flat `key = value` lines with quoted strings") from exc
 
 
 def _typed(obj: dict[str, Any], schema: dict[str, type], source: str, what: str) -> None:

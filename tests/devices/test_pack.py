@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, heron
+from packaging.requirements import Requirement
 
-from edge_runtime.profiles import DEVICE_CONFIG_KEYS, parse_flat_toml
+from edge_runtime.profiles import DEVICE_CONFIG_KEYS, parse_toml
 
 pytestmark = pytest.mark.slow  # pip downloads ~40 MB of wheels per pack (cached by pip)
 
@@ -55,12 +56,13 @@ def test_linux_aarch64_pack(tmp_path: Path) -> None:
     with zipfile.ZipFile(out / "wheels" / own) as zf:  # profiles ship as package data
         files = zf.namelist()
         meta = zf.read(next(n for n in files if n.endswith("METADATA"))).decode()
-    assert {f"devices/profiles/{n}.toml" for n in ("rpi4", "rpi-zero-2w", "jetson-nano",
+    assert {f"edge_runtime/boards/{n}.toml" for n in ("rpi4", "rpi-zero-2w", "jetson-nano",
                                                   "generic")} <= set(files)
-    runtime = [line for line in meta.splitlines()
+    runtime = [Requirement(line.split(":", 1)[1]) for line in meta.splitlines()
                if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    assert sorted(r.split()[1].split(">")[0] for r in runtime) == [
-        "numpy", "onnxruntime", "paho-mqtt", "psutil"]
+    assert sorted(r.name for r in runtime) == [
+        "numpy", "onnxruntime", "paho-mqtt", "psutil", "tomli"]
+    assert [str(r.marker) for r in runtime if r.name == "tomli"] == ['python_version < "3.11"']
 
     manifest = json.loads((out / "pack.json").read_text())
     assert manifest["machine"] == "aarch64" and manifest["python"] == "3.11"
@@ -68,7 +70,7 @@ def test_linux_aarch64_pack(tmp_path: Path) -> None:
         assert hashlib.sha256((out / "wheels" / name).read_bytes()).hexdigest() == sha
     assert sorted(manifest["wheels"]) == names
 
-    cfg = parse_flat_toml((out / "device.toml").read_text())
+    cfg = parse_toml((out / "device.toml").read_text())
     assert cfg["broker"] == "mqtt://10.0.0.5:1883" and cfg["profile"] == "rpi4"
     assert set(cfg) <= set(DEVICE_CONFIG_KEYS)
     unit = (out / "heron-device.service").read_text()

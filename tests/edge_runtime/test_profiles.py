@@ -27,13 +27,12 @@ from edge_runtime.profiles import (
     load_device_config,
     load_profile,
     memory_budget,
-    parse_flat_toml,
     probe_batches,
     profile_names,
 )
 
 SHIPPED = ["generic", "jetson-nano", "rpi-zero-2w", "rpi4"]
-PROFILE_DIR = ROOT / "devices" / "profiles"
+PROFILE_DIR = ROOT / "edge_runtime" / "boards"
 
 
 def _profile_file(tmp_path: Path, budget_mb: int, name: str = "board") -> Path:
@@ -85,27 +84,24 @@ def test_unknown_profile_name_lists_the_shipped_ones() -> None:
         load_profile("../pyproject")
 
 
-def test_flat_parser_agrees_with_tomllib_on_every_shipped_file() -> None:
-    """Python 3.10 boards have no tomllib: the fallback must read what heron ships the same."""
-    tomllib = pytest.importorskip("tomllib")
-    texts = [p.read_text() for p in sorted(PROFILE_DIR.glob("*.toml"))]
-    texts.append(device_toml("mqtts://broker.example:8883", "rpi4"))
-    texts.append('a = "q\\"uote\\\\ \\t"  # c\nb = -1_000\nc = 2.5e-3\nd = false\n'
-                 "e = 'lit # not a comment'\nf = 0\ng = 1.0 # x\n")
-    assert len(texts) == len(SHIPPED) + 2
-    for text in texts:
-        assert parse_flat_toml(text) == tomllib.loads(text)
+def test_every_shipped_profile_file_is_in_the_profile_dir() -> None:
+    assert sorted(p.stem for p in PROFILE_DIR.glob("*.toml")) == SHIPPED
 
 
-def test_flat_parser_refuses_what_it_cannot_read() -> None:
-    with pytest.raises(ProfileError, match="flat"):
-        parse_flat_toml("[board]\nx = 1\n")
-    with pytest.raises(ProfileError, match="unsupported value"):
-        parse_flat_toml("x = [1, 2]\n")
-    with pytest.raises(ProfileError, match="set twice"):
-        parse_flat_toml("x = 1\nx = 2\n")
-    with pytest.raises(ProfileError, match="after the value"):
-        parse_flat_toml('x = "a" b\n')
+@pytest.mark.parametrize("text, error", [
+    ('description = "x\nmemory_mb = 512\n', r"bad\.toml is not valid TOML: .*line 1"),
+    ("memory_mb = 1\nmemory_mb = 2\n", r"bad\.toml is not valid TOML: .*line 2"),
+    ("memory_mb = [1, 2]\n", r"bad\.toml: memory_mb = \[1, 2\] should be a int"),
+    ("[board]\nmemory_mb = 1\n", r"bad\.toml: unknown profile key\(s\) \['board'\]"),
+])
+def test_malformed_toml_is_refused_naming_the_file_and_the_problem(
+        tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match=error):
+        load_profile(str(path))
+    with pytest.raises(ProfileError, match=r"bad\.toml"):
+        load_device_config(path)
 
 
 def test_device_config_file(tmp_path: Path) -> None:
