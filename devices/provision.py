@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime import topics
+from edge_runtime.files import atomic_write
 
 SERVER_USER = "heron-server"
 SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json
@@ -161,21 +162,7 @@ def _check(opts: ProvisionOptions) -> None:
 
 # -- files ------------------------------------------------------------------------------------
 def _write(path: Path, text: str, mode: int) -> None:
-    """Write a new file beside `path` and rename it over `path`, so a reader (or a crash) sees
-    the old file or the new one, never half of one. mkstemp makes it 0600, so a secret is never
-    readable by others, even briefly."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text.encode(), mode)
 
 
 def _fsync(path: Path) -> None:

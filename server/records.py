@@ -13,11 +13,12 @@ import errno
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from edge_runtime.files import atomic_write
 
 # what Server._checkpoint writes; a file without one of them is not a heron checkpoint
 CHECKPOINT_KEYS = ("round", "run_id", "device_weights", "server_state", "server_optimizer",
@@ -51,36 +52,13 @@ def _write_error(path: Path, exc: OSError) -> WriteError:
     return err
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); best effort, the data itself is already on disk."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a temp file beside `path`, fsync it, rename it over `path`: a crash or a full
-    disk mid-write never leaves a half file at `path`."""
-    tmp: str | None = None
+    """`edge_runtime.files.atomic_write`, with a failure raised as a `WriteError`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, data)
     except OSError as exc:
         raise _write_error(path, exc) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    _fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:
