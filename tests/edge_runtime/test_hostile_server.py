@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import edge_runtime.bundle as bundle_mod
-from devices.provision import SERVER_USER, acl_text
+from devices.mosquitto import SERVER_USER, acl_text
 from edge_runtime import external_data, topics
 from edge_runtime.bundle import (
     GRAPH,
