@@ -27,82 +27,30 @@ replaced or never-used credentials: the next provision that goes ahead removes i
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import ipaddress
 import json
 import os
 import secrets
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devices import tls
+from devices.mosquitto import SERVER_USER, WILDCARD_HOSTS, acl_text, mosquitto_conf, mosquitto_hash
 from edge_runtime import topics
 from edge_runtime.files import atomic_write
 
-SERVER_USER = "heron-server"
 SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json
-# Mosquitto 2's own defaults for `$7$` (PBKDF2-HMAC-SHA512) hashes: see mosquitto_passwd.
-PBKDF2_ITERATIONS = 101
-SALT_BYTES = 12
-PASSWORD_BYTES = 24
 CERT_DAYS = 825
-_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+PASSWORD_BYTES = 24
 
 
 class ProvisionError(Exception):
     """Provisioning cannot go ahead; the message says why and what to do."""
-
-
-# -- Mosquitto password hashes ----------------------------------------------------------------
-def mosquitto_hash(password: str, *, salt: bytes | None = None,
-                   iterations: int = PBKDF2_ITERATIONS) -> str:
-    """`$7$ITER$SALT$HASH`, what `mosquitto_passwd` 2.x writes after `user:`."""
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
-            f"{base64.b64encode(digest).decode()}")
-
-
-def check_mosquitto_hash(password: str, hashed: str) -> bool:
-    """True if `hashed` (a `$7$` entry, as mosquitto_passwd writes it) is `password`'s."""
-    parts = hashed.split("$")
-    if len(parts) != 5 or parts[0] or parts[1] != "7":
-        raise ValueError(f"not a Mosquitto $7$ hash: {hashed[:20]!r}…")
-    salt, want = base64.b64decode(parts[3]), base64.b64decode(parts[4])
-    got = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
-    return secrets.compare_digest(got, want)
-
-
-# -- ACL --------------------------------------------------------------------------------------
-def device_acl(device_id: str, prefix: str = topics.DEFAULT_PREFIX) -> tuple[list[str], list[str]]:
-    """(topics the device may publish, topic filters it may read), built from `topics`.
-
-    Writes are the exact uplink topics and its presence (its last will); reads are exactly
-    the filters the device subscribes to, so the ACL and the device cannot drift apart.
-    """
-    write = [topics.up(device_id, kind, prefix) for kind in topics.UP_KINDS]
-    write.append(topics.device_status(device_id, prefix))
-    return write, topics.device_subscriptions(device_id, prefix)
-
-
-def acl_text(device_ids: list[str], prefix: str = topics.DEFAULT_PREFIX) -> str:
-    """Mosquitto ACL: the server owns the prefix; a device only its own topics. No anonymous."""
-    lines = ["# heron broker ACL, written by `heron devices provision`.",
-             "# Anything not listed is denied: publishes are dropped, subscriptions refused.",
-             "", f"user {SERVER_USER}", f"topic readwrite {prefix}/#"]
-    for dev in device_ids:
-        write, read = device_acl(dev, prefix)
-        lines += ["", f"user {dev}"]
-        lines += [f"topic write {t}" for t in write]
-        lines += [f"topic read {t}" for t in read]
-    return "\n".join(lines) + "\n"
 
 
 # -- options and result -----------------------------------------------------------------------
@@ -237,79 +185,6 @@ def _url(host: str, port: int, tls: bool) -> str:
     return f"{'mqtts' if tls else 'mqtt'}://{shown}:{port}"
 
 
-def _subject_alt_names(hosts: list[str]) -> str:
-    names = []
-    for h in dict.fromkeys(hosts):  # ordered, unique
-        try:
-            names.append(f"IP:{ipaddress.ip_address(h)}")
-        except ValueError:
-            names.append(f"DNS:{h}")
-    return ",".join(names)
-
-
-# -- TLS (openssl CLI) ------------------------------------------------------------------------
-_OPENSSL_CONF = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = heron
-[ca_ext]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-[server_ext]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid, issuer
-subjectAltName = {sans}
-[client_ext]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = clientAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid, issuer
-"""
-_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-
-def _openssl(binary: str, args: list[str], cwd: Path) -> None:
-    try:
-        proc = subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ProvisionError(f"openssl {args[0]} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise ProvisionError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()[-800:]}"
-                             "; help: heron needs OpenSSL 1.1.1 or newer")
-
-
-def _make_tls(work: Path, sans: str, clients: list[tuple[str, str]], days: int) -> None:
-    """ca.{crt,key}, server.{crt,key} and client-<name>.{crt,key} per client, in `work`."""
-    binary = shutil.which("openssl")
-    if binary is None:
-        raise ProvisionError("--tls needs the `openssl` command to make the CA and certificates; "
-                             "help: install it (apt-get install openssl), or provision without "
-                             "--tls")
-    (work / "openssl.cnf").write_text(_OPENSSL_CONF.format(sans=sans))
-    cnf = ["-config", "openssl.cnf"]
-    _openssl(binary, ["req", "-x509", *cnf, "-extensions", "ca_ext", *_EC_KEY,
-                      "-keyout", "ca.key", "-out", "ca.crt", "-days", str(days),
-                      "-subj", "/CN=heron fleet CA"], work)
-    leaves = [("server", "server_ext", sans.split(",")[0].split(":", 1)[1]),
-              *((f"client-{name}", "client_ext", cn) for name, cn in clients)]
-    for name, ext, cn in leaves:
-        _openssl(binary, ["req", "-new", *cnf, *_EC_KEY, "-keyout", f"{name}.key",
-                          "-out", f"{name}.csr", "-subj", f"/CN={cn}"], work)
-        _openssl(binary, ["x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt",
-                          "-CAkey", "ca.key", "-set_serial", str(secrets.randbits(120)),
-                          "-days", str(days), "-extfile", "openssl.cnf", "-extensions", ext,
-                          "-out", f"{name}.crt"], work)
-
-
 # -- the whole job ------------------------------------------------------------------------
 # What `provision` owns in OUT, swapped in this order; anything else there is left alone.
 _SWAPPED = ("credentials", "tls", "passwd", "acl", "mosquitto.conf")
@@ -335,7 +210,7 @@ def provision(opts: ProvisionOptions) -> Provisioned:
     out = opts.out.resolve()
     user, owner = _broker_account(opts, out)
     port = opts.port or (8883 if opts.tls else 1883)
-    advertise = opts.advertise or (socket.gethostname() if opts.host in _WILDCARD_HOSTS
+    advertise = opts.advertise or (socket.gethostname() if opts.host in WILDCARD_HOSTS
                                    else opts.host)
     url = _url(advertise, port, opts.tls)
     notes = []
@@ -397,13 +272,16 @@ def _stage(opts: ProvisionOptions, out: Path, stage: Path, url: str, advertise: 
     ca_file: Path | None = None
     certs: dict[str, tuple[Path, Path]] = {}
     if opts.tls:
-        hosts = [advertise] + ([opts.host] if opts.host not in _WILDCARD_HOSTS else [])
+        hosts = [advertise] + ([opts.host] if opts.host not in WILDCARD_HOSTS else [])
         clients = ([(SERVER_CREDENTIALS, SERVER_USER)] + [(d, d) for d in opts.device_ids]
                    if opts.client_certs else [])
         work = stage / "openssl"
         work.mkdir(mode=0o700)
-        _make_tls(work, _subject_alt_names([*hosts, "127.0.0.1", "localhost"]), clients,
-                  opts.days)
+        try:
+            tls.make_tls(work, tls.subject_alt_names([*hosts, "127.0.0.1", "localhost"]),
+                         clients, opts.days)
+        except tls.TLSError as exc:
+            raise ProvisionError(str(exc)) from exc
         tls_dir.mkdir(mode=0o755)
         moves = [(name, tls_dir, 0o644) for name in ("ca.crt", "server.crt")]
         moves += [(name, tls_dir, 0o600) for name in ("ca.key", "server.key")]
@@ -560,33 +438,6 @@ def _remove_empty(made: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break
-
-
-def mosquitto_conf(out: Path, port: int, host: str, user: str | None, *, tls: bool = False,
-                   client_certs: bool = False) -> str:
-    lines = [
-        "# heron broker, written by `heron devices provision`. Start: mosquitto -c "
-        f"{out / 'mosquitto.conf'}",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {out / 'passwd'}",
-        f"acl_file {out / 'acl'}",
-        "persistence false",
-    ]
-    if user is not None:
-        lines += ["# the account the broker runs as when started as root; it reads passwd, acl "
-                  "and the TLS key", f"user {user}"]
-    # Listener options must follow their `listener` line: before it, Mosquitto would open
-    # an extra default listener on port 1883 for them.
-    lines += [f"listener {port} {host}" if host not in _WILDCARD_HOSTS else f"listener {port}",
-              "# the client id is the username: nobody can take over (or kick off) another's "
-              "session", "use_username_as_clientid true"]
-    if tls:
-        tls_dir = out / "tls"
-        lines += [f"cafile {tls_dir / 'ca.crt'}", f"certfile {tls_dir / 'server.crt'}",
-                  f"keyfile {tls_dir / 'server.key'}", "tls_version tlsv1.2",
-                  f"require_certificate {'true' if client_certs else 'false'}"]
-    return "\n".join(lines) + "\n"
 
 
 def summary(p: Provisioned, shards: str = "shards") -> str:

@@ -15,17 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, heron
 
-from devices.provision import (
+from devices.mosquitto import (
     SERVER_USER,
-    ProvisionError,
-    ProvisionOptions,
     acl_text,
     check_mosquitto_hash,
     device_acl,
     mosquitto_hash,
-    provision,
-    summary,
 )
+from devices.provision import ProvisionError, ProvisionOptions, provision, summary
 from edge_runtime import topics
 
 # Written by the real `mosquitto_passwd -b passwd alice secret` (Mosquitto 2.0.11).
@@ -290,7 +287,7 @@ def test_cli_force_failing_midway_says_the_old_credentials_are_unchanged(tmp_pat
 
 def test_cli_ctrl_c_says_the_old_credentials_are_unchanged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import devices.provision
+    import devices.tls
     from heron.cli import build_parser, cmd_provision
 
     _openssl()
@@ -301,7 +298,7 @@ def test_cli_ctrl_c_says_the_old_credentials_are_unchanged(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(devices.provision, "_make_tls", interrupted)
+    monkeypatch.setattr(devices.tls, "make_tls", interrupted)
     args = build_parser().parse_args(["devices", "provision", "--out", str(out), "--tls",
                                       "--force", "dev-0"])
     assert cmd_provision(args) == 130

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import edge_runtime.bundle as bundle_mod
-from devices.provision import SERVER_USER, acl_text
-from edge_runtime import topics
+from devices.mosquitto import SERVER_USER, acl_text
+from edge_runtime import external_data, topics
 from edge_runtime.bundle import (
     GRAPH,
     GRAPH_DATA,
@@ -42,7 +42,6 @@ from edge_runtime.bundle import (
     SegmentGraphs,
     bundle_from_files,
     check_external_data,
-    external_refs,
     load_bundle,
     read_bundle_files,
     sha256_bytes,
@@ -50,6 +49,7 @@ from edge_runtime.bundle import (
     write_bundle,
 )
 from edge_runtime.device import Device, DeviceExit, DeviceOptions, message_limit, server_kinds
+from edge_runtime.external_data import external_refs
 from edge_runtime.messages import (
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
@@ -678,10 +678,11 @@ def test_only_the_server_account_may_publish_on_what_a_device_obeys() -> None:
 
 
 # -- the wire-format walker against the onnx package ---------------------------------------------
-KIND_NAMES = {bundle_mod._MODEL: "ModelProto", bundle_mod._GRAPH: "GraphProto",
-              bundle_mod._NODE: "NodeProto", bundle_mod._ATTR: "AttributeProto",
-              bundle_mod._SPARSE: "SparseTensorProto", bundle_mod._TRAINING: "TrainingInfoProto",
-              bundle_mod._FUNCTION: "FunctionProto", bundle_mod._TENSOR: "TensorProto"}
+KIND_NAMES = {external_data._MODEL: "ModelProto", external_data._GRAPH: "GraphProto",
+              external_data._NODE: "NodeProto", external_data._ATTR: "AttributeProto",
+              external_data._SPARSE: "SparseTensorProto",
+              external_data._TRAINING: "TrainingInfoProto",
+              external_data._FUNCTION: "FunctionProto", external_data._TENSOR: "TensorProto"}
 
 
 def test_the_walkers_field_table_is_every_path_from_a_model_to_a_tensor() -> None:
@@ -716,17 +717,17 @@ def test_the_walkers_field_table_is_every_path_from_a_model_to_a_tensor() -> Non
         want = {f.number: names.get(f.message_type.name) for f in msg(name).fields
                 if f.message_type is not None and leads_to_tensor(f.message_type)}
         assert None not in want.values(), (name, want)
-        assert bundle_mod._HOLDS[names[name]] == want, name
+        assert external_data._HOLDS[names[name]] == want, name
         todo.extend(KIND_NAMES[k] for k in want.values())
     assert walked | {"TensorProto"} == set(KIND_NAMES.values())
     tensor = msg("TensorProto").fields_by_name
     assert (tensor["name"].number, tensor["external_data"].number,
-            tensor["data_location"].number) == (bundle_mod._TENSOR_NAME,
-                                                bundle_mod._TENSOR_EXTERNAL_DATA,
-                                                bundle_mod._TENSOR_DATA_LOCATION)
+            tensor["data_location"].number) == (external_data._TENSOR_NAME,
+                                                external_data._TENSOR_EXTERNAL_DATA,
+                                                external_data._TENSOR_DATA_LOCATION)
     entry = msg("StringStringEntryProto").fields_by_name
     assert (entry["key"].number, entry["value"].number) == (1, 2)
-    assert TensorProto.EXTERNAL == bundle_mod._EXTERNAL
+    assert TensorProto.EXTERNAL == external_data._EXTERNAL
 
 
 def reference_refs(m: Any) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
