@@ -17,7 +17,7 @@ import psutil
 import pytest
 from conftest import ROOT, heron
 
-from devices.pack import DEVICE_TOML, device_toml
+from devices.pack import DEVICE_TOML
 from edge_runtime.profiles import (
     DEVICE_CONFIG_KEYS,
     MemoryVerdict,
