@@ -31,7 +31,7 @@ from edge_runtime.bundle import (
 from edge_runtime.data import BatchSampler
 
 # Every algorithm a federation can run. The ONNX Runtime device runs DEVICE_ALGORITHMS; the
-# first-order baselines run on the torch device in `baselines/torch_device.py` (same protocol).
+# first-order baselines run on the torch device in `devices/torch_device.py` (same protocol).
 ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
 DEVICE_ALGORITHMS = ("heron", "frozen")
 AUX_ALGORITHMS = ("heron", "cse-fsl", "frozen")  # a device loss through the aux head
