@@ -291,7 +291,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="torch threads on the server")
     s.add_argument("--deterministic", action="store_true",
                    help="bit-for-bit repeatable on this machine: a round's smashed batches "
-                   "trained at its end in (device, step) order, torch's deterministic "
+                   "trained at its end in (step, device) order, torch's deterministic "
                    "kernels; not with sflv2 or --min-devices (README)")
 
 

@@ -114,7 +114,7 @@ class ServerOptions:
     aux_from_server: bool = False  # each round the aux head starts as the server's first layers
     credentials: Credentials | None = None
     # bit-for-bit repeatable on one machine: a round's smashed batches trained at its end in
-    # (device, step) order, torch's deterministic kernels (server.setup.make_deterministic)
+    # (step, device) order, torch's deterministic kernels (server.setup.make_deterministic)
     deterministic: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
     model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
@@ -412,9 +412,10 @@ class Server:
             state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
 
     def _train_held(self, state: _RoundState) -> None:
-        """--deterministic: the round's uploads in (device id, step) order, whatever order
-        they arrived in."""
-        for _, _, x, y in sorted(state.held, key=lambda h: (h[0], h[1])):
+        """--deterministic: the round's uploads by step, then device id, whatever order they
+        arrived in (interleaved as they arrive when devices keep pace, not one device's
+        whole round after another's)."""
+        for _, _, x, y in sorted(state.held, key=lambda h: (h[1], h[0])):
             state.server_losses.append(self.trainer.train_step(x, y))
         state.held.clear()
 
