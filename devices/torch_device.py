@@ -28,6 +28,7 @@ from edge_runtime.data import BatchSampler
 from edge_runtime.device import Device, DeviceOptions
 from edge_runtime.messages import RoundStart
 from edge_runtime.runtime import SPLITFED, RoundResult, TrainConfig, rss_mb
+from edge_runtime.transport import Transport
 from exporter.export import flat_from_split, load_flat_into
 from exporter.zoo import SplitModel, build_split
 from server.trainer import load_server_flat, server_flat
@@ -168,10 +169,10 @@ class TorchDevice(Device):
     def prepare_process(opts: DeviceOptions) -> None:
         """Nothing process-wide: torch has its own threads (set in __init__)."""
 
-    def __init__(self, opts: DeviceOptions) -> None:
+    def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        super().__init__(opts)
+        super().__init__(opts, transport)
 
     def _make_model(self, bundle: Bundle) -> tuple[object, int | None]:
         check_shard(bundle.manifest, self.x, self.y)

@@ -89,7 +89,7 @@ from edge_runtime.runtime import (
     train_round,
     use_process_pool,
 )
-from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
+from edge_runtime.transport import RECONNECTED, Credentials, Endpoint, Incoming, Transport
 from edge_runtime.zo import BlockSampler
 
 log = logging.getLogger("heron.device")
@@ -160,6 +160,23 @@ def server_kinds(device_id: str, prefix: str) -> dict[str, type[Message]]:
             topics.down_all("stop", prefix): Stop}
 
 
+def device_endpoint(device_id: str, prefix: str) -> Endpoint:
+    """The device on the bus: its downlinks, broadcasts and the server's presence; an
+    offline presence as its will."""
+    return Endpoint(f"heron-{device_id}", topics.device_subscriptions(device_id, prefix),
+                    (topics.device_status(device_id, prefix),
+                     Presence("", -1, device_id, state="offline")))
+
+
+def mqtt_transport(opts: DeviceOptions, max_message_bytes: int) -> Transport:
+    """The device's MQTT connection, as `heron device` makes it."""
+    from edge_runtime.transport.mqtt import MqttTransport
+
+    ep = device_endpoint(opts.device_id, opts.prefix)
+    return MqttTransport(opts.broker, ep.client_id, ep.subscriptions, will=ep.will,
+                         credentials=opts.credentials, max_message_bytes=max_message_bytes)
+
+
 def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, object]:
     return {"samples": n, "python": platform.python_version(), "machine": platform.machine(),
             "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads,
@@ -173,7 +190,9 @@ class Device:
     algorithms: tuple[str, ...] = DEVICE_ALGORITHMS
     checks_memory = True  # dry-run memory check against the board profile (ORT device)
 
-    def __init__(self, opts: DeviceOptions) -> None:
+    def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
+        """`transport`: where its messages go (default: MQTT to `opts.broker`); one made
+        elsewhere should use `device_endpoint` and `message_limit`."""
         topics.validate_id(opts.device_id)
         self.opts = opts
         self.x, self.y = load_shard(opts.data)
@@ -195,10 +214,8 @@ class Device:
         p, dev = opts.prefix, opts.device_id
         self.kinds = server_kinds(dev, p)
         self.max_message_bytes = message_limit(opts.profile)
-        self.transport = MqttTransport(
-            opts.broker, f"heron-{dev}", topics.device_subscriptions(dev, p),
-            will=(topics.device_status(dev, p), Presence("", -1, dev, state="offline")),
-            credentials=opts.credentials, max_message_bytes=self.max_message_bytes)
+        self.transport = transport if transport is not None else \
+            mqtt_transport(opts, self.max_message_bytes)
 
     # -- model hooks (overridden by the torch device) ------------------------------------
     @staticmethod

@@ -289,6 +289,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="server learning rate (1e-3)")
     s.add_argument("--server-threads", type=positive_int, default=None,
                    help="torch threads on the server")
+    s.add_argument("--deterministic", action="store_true",
+                   help="bit-for-bit repeatable on this machine: a round's smashed batches "
+                   "trained at its end in (step, device) order, torch's deterministic "
+                   "kernels; not with sflv2 or --min-devices (README)")
 
 
 def _default_model(args: argparse.Namespace, command: str) -> str:
@@ -343,6 +347,8 @@ def _server_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-header")
     if getattr(args, "aux_from_server", False):
         argv.append("--aux-from-server")
+    if getattr(args, "deterministic", False):
+        argv.append("--deterministic")
     return argv
 
 
@@ -458,6 +464,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from server.loop import Server, ServerOptions
     from server.policy import Limits
     from server.records import WriteError
+    from server.setup import build_run, mqtt_transport
 
     server: Server | None = None
 
@@ -468,7 +475,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     with StopSignals(on_stop) as signals:
         try:
-            server = Server(ServerOptions(
+            opts = ServerOptions(
                 broker=args.broker, out=out, dataset=args.dataset, data_dir=args.data_dir,
                 model=args.model, cut=args.cut, devices=args.devices, rounds=args.rounds,
                 per_round=args.per_round, train=_train_config(args),
@@ -480,8 +487,10 @@ def cmd_server(args: argparse.Namespace) -> int:
                 max_update_norm=args.max_update_norm, clip_update_norm=args.clip_update_norm,
                 aggregate=args.aggregate, trim=args.trim,
                 limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
-                aux_from_server=args.aux_from_server,
-                credentials=_credentials(args)))
+                aux_from_server=args.aux_from_server, deterministic=args.deterministic,
+                credentials=_credentials(args))
+            run = build_run(opts)
+            server = Server(run, mqtt_transport(opts, run.run_id))
             summary = server.run()
         except Stopped as exc:
             print(f"heron server: {exc} before the first round", file=sys.stderr, flush=True)
@@ -532,6 +541,11 @@ def _check_federation(args: argparse.Namespace) -> None:
     if args.aux_from_server and args.algorithm not in AUX_ALGORITHMS:
         _usage(cmd, f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} (the "
                f"algorithms that train an aux head), not {args.algorithm}")
+    from server.policy import deterministic_conflict
+
+    why = deterministic_conflict(args.algorithm, args.min_devices)
+    if args.deterministic and why:
+        _usage(cmd, why)
     _model_options(args)
     text = _takes_text(args)
     if text != (args.dataset in TEXT_DATASETS):

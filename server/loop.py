@@ -12,17 +12,14 @@ import logging
 import statistics
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from edge_runtime import topics
-from edge_runtime.bundle import GRAPH, read_bundle_files
-from edge_runtime.bundle import bundle_from_files as verify_files
 from edge_runtime.messages import (
     BundleFiles,
     DeviceError,
@@ -37,16 +34,12 @@ from edge_runtime.messages import (
     Update,
     server_info,
 )
-from edge_runtime.runtime import AUX_ALGORITHMS, SPLITFED, TrainConfig
-from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
-from exporter.export import aux_from_server, export_bundle, load_flat_into
-from exporter.zoo import build_split
-from heron_data.datasets import load_dataset
+from edge_runtime.runtime import SPLITFED, TrainConfig
+from edge_runtime.transport import RECONNECTED, Credentials, Incoming, Transport
+from exporter.export import aux_from_server, load_flat_into
 from server.aggregate import (
-    AGGREGATES,
     DeviceUpdate,
     aggregate,
-    check_trim,
     check_update,
     clip_update,
     plan_round,
@@ -67,7 +60,6 @@ from server.policy import (
 from server.records import (
     append_jsonl,
     atomic_write_bytes,
-    load_checkpoint,
     save_checkpoint,
     write_json,
 )
@@ -76,8 +68,10 @@ from server.trainer import (
     average_modules,
     evaluate,
     load_server_flat,
-    server_flat,
 )
+
+if TYPE_CHECKING:
+    from server.setup import Run
 
 log = logging.getLogger("heron.server")
 
@@ -119,6 +113,9 @@ class ServerOptions:
     max_weight_abs: float = 1e4  # larger weights are treated as a broken or hostile update
     aux_from_server: bool = False  # each round the aux head starts as the server's first layers
     credentials: Credentials | None = None
+    # bit-for-bit repeatable on one machine: a round's smashed batches trained at its end in
+    # (step, device) order, torch's deterministic kernels (server.setup.make_deterministic)
+    deterministic: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
     model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
 
@@ -137,6 +134,8 @@ class _RoundState:
     smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
     steps: dict[str, set[int]] = field(default_factory=dict)  # device -> steps trained on
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
+    # --deterministic: (device, step, activations, labels), trained at the round's end
+    held: list[tuple[str, int, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -146,56 +145,24 @@ class _RoundState:
 
 
 class Server:
-    def __init__(self, opts: ServerOptions) -> None:
+    def __init__(self, run: Run, transport: Transport) -> None:
+        """`run`: what `server.setup.build_run` made; `transport`: where the messages go
+        (`server.setup.mqtt_transport`, or a loopback one in tests) — its will should be
+        this run's offline presence (`server.setup.server_endpoint`)."""
+        opts = run.opts
         self.opts = opts
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = run.run_id
         self.stop = threading.Event()  # set from a signal handler: stop at the next message
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        if opts.rounds < 1 or opts.devices < 1:
-            raise ValueError(f"--rounds and --devices must be >= 1, got {opts.rounds} and "
-                             f"{opts.devices}")
-        if opts.min_devices is not None and opts.min_devices < 1:
-            raise ValueError(f"--min-devices must be >= 1, got {opts.min_devices}")
-        if opts.aggregate not in AGGREGATES:
-            raise ValueError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got "
-                             f"{opts.aggregate!r}")
-        check_trim(opts.trim)
-        for flag, bound in (("--max-update-norm", opts.max_update_norm),
-                            ("--clip-update-norm", opts.clip_update_norm)):
-            if bound is not None and not bound > 0:
-                raise ValueError(f"{flag} must be > 0, got {bound}")
-        self.data = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed,
-                                 **opts.dataset_options)
-        self.split = build_split(opts.model, self.data.input_shape, self.data.num_classes,
-                                 cut=opts.cut, seed=opts.seed, **opts.model_options)
-        opts.out.mkdir(parents=True, exist_ok=True)
-        self.manifest = export_bundle(self.split, opts.out / "bundle")
-        self.bundle_files = read_bundle_files(opts.out / "bundle")
-        self.bundle = verify_files(self.bundle_files)
-        self.bundle_sha = self.manifest.files[GRAPH]
-        self.trainer = ServerTrainer(self.split.server, optimizer=opts.server_optimizer,
-                                     lr=opts.server_lr, smashed_shape=self.manifest.smashed_shape,
-                                     num_classes=self.manifest.num_classes)
+        self.data = run.data
+        self.split = run.split
+        self.manifest = run.manifest
+        self.bundle_files = run.bundle_files
+        self.bundle = run.bundle
+        self.bundle_sha = run.bundle_sha
+        self.trainer = run.trainer
         self.algorithm = opts.train.algorithm
-        self.theta = self.bundle.weights.copy()
-        if self.algorithm == "fedavg":  # the device trains the whole model: ship it all
-            self.theta = np.concatenate([self.theta, server_flat(self.split.server)])
-        self.aux_copied: list[str] = []
-        if opts.aux_from_server:
-            if self.algorithm not in AUX_ALGORITHMS:
-                raise ValueError(f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} "
-                                 f"(the algorithms that train an aux head), not "
-                                 f"{self.algorithm}")
-            self.theta, self.aux_copied = aux_from_server(self.split.server, self.manifest,
-                                                          self.theta)
-            if not self.aux_copied:
-                raise ValueError(f"--aux-from-server: no aux parameter of {opts.model} has a "
-                                 "server parameter of the same name and shape to copy; help: "
-                                 "it works where the aux head is built like the server's first "
-                                 "layers (minilm)")
-            log.info("aux head follows the server each round: %d tensors (%s)",
-                     len(self.aux_copied), ", ".join(self.aux_copied))
+        self.theta = run.theta
+        self.aux_copied = run.aux_copied
         self.online: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}  # device id -> profile from its join
         self.profiles: dict[str, dict[str, Any]] = {}  # every device that was ever ready
@@ -213,43 +180,14 @@ class Server:
         self.records: list[dict[str, Any]] = []  # one per completed round
         self.first_round = 1
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
-        if opts.resume:
-            self._restore()
-        p = opts.prefix
-        self.transport = MqttTransport(
-            opts.broker, f"heron-server-{p.replace('/', '_')}", topics.server_subscriptions(p),
-            will=(topics.server_status(p), Presence(self.run_id, -1, "server", state="offline")),
-            credentials=opts.credentials)
+        if run.checkpoint is not None:
+            self._restore(run.checkpoint)
+        self.transport = transport
 
     # -- resume ----------------------------------------------------------------------------
-    def _restore(self) -> None:
-        """Continue after the last completed round recorded in OUT/checkpoint.pt."""
-        path = self.opts.out / "checkpoint.pt"
-        if not path.exists():
-            print(f"nothing to resume in {self.opts.out} (no checkpoint.pt): starting at round 1",
-                  flush=True)
-            return
-        try:
-            ckpt = load_checkpoint(path)
-        except Exception as exc:  # torch raises several types for a bad file
-            raise ValueError(f"cannot read {path}: {exc}; help: start a new run with another "
-                             "--out") from exc
-        mine = self.manifest.to_json()
-        theirs = ckpt["manifest"]
-        for key in ("model", "cut", "num_params", "num_classes"):
-            if mine[key] != theirs[key]:
-                raise ValueError(
-                    f"{path} is for {key}={theirs[key]!r} but this server has {mine[key]!r}; "
-                    "help: resume with the options of the original run")
-        weights = ckpt["device_weights"].numpy().astype(np.float32)
-        if weights.shape != self.theta.shape:
-            raise ValueError(f"{path} holds {weights.size} device weights, this {self.algorithm} "
-                             f"server needs {self.theta.size}; help: resume with the "
-                             "--algorithm of the original run")
-        self.theta = weights
-        self.split.server.load_state_dict(ckpt["server_state"])
-        self.trainer.optimizer.load_state_dict(ckpt["server_optimizer"])
-        self.run_id = str(ckpt["run_id"])
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue after the last completed round: the records and counters of the
+        checkpoint `build_run` loaded the model state from."""
         self.records = list(ckpt["records"])
         self.first_round = int(ckpt["round"]) + 1
         counters = ckpt["counters"]
@@ -263,7 +201,6 @@ class Server:
         # the checkpoint, which is the record of what was completed.
         atomic_write_bytes(self.opts.out / "metrics.jsonl",
                            "".join(json.dumps(r) + "\n" for r in self.records).encode())
-        print(f"resuming run {self.run_id} after round {ckpt['round']} from {path}", flush=True)
 
     # -- sending ---------------------------------------------------------------------------
     def _send_bundle(self, device_id: str) -> None:
@@ -448,7 +385,7 @@ class Server:
                                         f"{state.start.round} was already trained on")
                 return
             seen.add(msg.step)
-            state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
+            self._train_smashed(device_id, msg, state)
             return
         key = (device_id, msg.step)
         reply = state.grads.get(key)
@@ -466,6 +403,21 @@ class Server:
             state.grads[key] = reply
         self.bytes_down += self.transport.publish(
             topics.down_device(device_id, "grad", self.opts.prefix), reply)
+
+    def _train_smashed(self, device_id: str, msg: Smashed, state: _RoundState) -> None:
+        """Train on an upload now, or under --deterministic hold it for the round's end."""
+        if self.opts.deterministic:
+            state.held.append((device_id, msg.step, msg.activations, msg.labels))
+        else:
+            state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
+
+    def _train_held(self, state: _RoundState) -> None:
+        """--deterministic: the round's uploads by step, then device id, whatever order they
+        arrived in (interleaved as they arrive when devices keep pace, not one device's
+        whole round after another's)."""
+        for _, _, x, y in sorted(state.held, key=lambda h: (h[1], h[0])):
+            state.server_losses.append(self.trainer.train_step(x, y))
+        state.held.clear()
 
     def _update(self, device_id: str, msg: Update, state: _RoundState) -> None:
         o = self.opts
@@ -589,6 +541,7 @@ class Server:
                 self._poll(0.2, state, r)
         finally:
             self._state = None
+        self._train_held(state)
         if not state.finished():
             log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
                         o.round_timeout, len(state.updates), len(participants))
@@ -600,8 +553,9 @@ class Server:
                 log.warning("--aggregate trimmed-mean with --trim %g drops nothing from %d "
                             "updates (it is the mean); help: --trim >= %.3g trims one at each "
                             "end", o.trim, n_up, 1 / n_up)
-            self.theta = aggregate(list(state.updates.values()), o.weighting, o.aggregate,
-                                   o.trim)
+            # in device-id order: the float sums do not depend on arrival order
+            self.theta = aggregate([state.updates[d] for d in sorted(state.updates)],
+                                   o.weighting, o.aggregate, o.trim)
         else:
             log.warning("round %d: no device update arrived; keeping the global weights", r)
         self._merge_server_copies(state)
@@ -723,6 +677,7 @@ class Server:
             "rounds": o.rounds,
             "completed_rounds": len(self.records),
             "interrupted": interrupted,
+            "deterministic": o.deterministic,
             "final_test_accuracy": accs[-1] if accs else None,
             "test_accuracy_per_round": accs,
             "bytes_up": self.bytes_up,
@@ -742,7 +697,7 @@ class Server:
                        "round_timeout": o.round_timeout, "aggregate": o.aggregate,
                        "trim": o.trim, "max_update_norm": o.max_update_norm,
                        "clip_update_norm": o.clip_update_norm,
-                       "limits": o.limits.to_json()},
+                       "limits": o.limits.to_json(), "deterministic": o.deterministic},
             "wall_seconds": round(time.monotonic() - t_start, 3),
         }
         write_json(o.out / "summary.json", summary)

@@ -205,3 +205,23 @@ class Guard:
                           for d, kinds in saved.get("by_device", {}).items()}
         self.quarantined = {str(k): str(v) for k, v in saved.get("quarantined", {}).items()}
         self.dropped = {str(k): int(v) for k, v in saved.get("dropped", {}).items()}
+
+
+# The server answers each smashed batch with a gradient from one shared model, in the order
+# the batches arrive, so no fixed order can be imposed without stalling the devices:
+# refused under --deterministic. (SplitFed V1 keeps one server copy per device, trained in
+# that device's step order, so it is deterministic as it is.)
+ARRIVAL_ORDER_ALGORITHMS = ("sflv2",)
+
+
+def deterministic_conflict(algorithm: str, min_devices: int | None) -> str | None:
+    """Why --deterministic cannot hold with these options, or None (no torch here: the
+    CLI asks before anything heavy is imported)."""
+    if algorithm in ARRIVAL_ORDER_ALGORITHMS:
+        return (f"--deterministic does not apply to --algorithm {algorithm}: its server "
+                "answers every device's batches from one model in the order they arrive; "
+                "help: sflv1 (one server copy per device) is deterministic")
+    if min_devices is not None:
+        return ("--deterministic cannot be used with --min-devices: a round would close with "
+                "whichever updates arrived first; help: drop --min-devices")
+    return None

@@ -223,3 +223,19 @@ def test_frozen_baseline_never_changes_the_device_weights(tmp_path: Path) -> Non
     final = torch.load(out / "checkpoint.pt", weights_only=True)["device_weights"].numpy()
     assert np.array_equal(start, final)
     assert summary["final_test_accuracy"] > 0.5  # the server alone still learns
+
+
+def test_heron_run_deterministic_repeats_itself(tmp_path: Path) -> None:
+    """`--deterministic`: the same command twice gives the same accuracies, to the bit."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = subprocess.run(heron("run", "--out", str(out), "--deterministic", "--rounds",
+                                    "3", "--local-steps", "10"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        runs.append(_summary(out, 3))
+    a, b = runs
+    assert a["deterministic"] is True and b["deterministic"] is True
+    assert a["final_test_accuracy"] == b["final_test_accuracy"]
+    assert a["test_accuracy_per_round"] == b["test_accuracy_per_round"]

@@ -39,6 +39,10 @@ BAD_VALUES = [
     (["--aux-from-server", "--algorithm", "sflv2"], "--aux-from-server applies to"),
     (["--model", "vgg"], "unknown --model 'vgg'"),
     (["--cut", "conv9"], "unknown --cut 'conv9' for --model cnn; help: choose one of conv1"),
+    (["--deterministic", "--algorithm", "sflv2"],
+     "--deterministic does not apply to --algorithm sflv2"),
+    (["--deterministic", "--min-devices", "2"],
+     "--deterministic cannot be used with --min-devices"),
 ]
 RUN_ONLY = [
     (["--broker-port", "70000"], "argument --broker-port: a TCP port is 1..65535"),

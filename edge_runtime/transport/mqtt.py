@@ -6,87 +6,30 @@ from a queue. Subscriptions are (re)made in on_connect so a reconnect resubscrib
 
 from __future__ import annotations
 
-import queue
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.messages import (
-    MAX_MESSAGE_BYTES,
-    CodecError,
-    Message,
-    Reassembler,
-    chunk,
-    decode,
-    encode,
+from edge_runtime.messages import MAX_MESSAGE_BYTES, Message
+from edge_runtime.transport import (
+    QOS,
+    RECONNECTED,
+    BrokerAddress,
+    BrokerError,
+    Credentials,
+    Incoming,
+    Receiver,
+    payloads,
 )
-from edge_runtime.topics import payload_kind
 
-QOS = 1
-
-
-class BrokerError(ConnectionError):
-    """The broker cannot be reached or refused us."""
+__all__ = ["BrokerAddress", "BrokerError", "Credentials", "Incoming", "MqttTransport",
+           "RECONNECTED"]
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    @staticmethod
-    def parse(url: str) -> BrokerAddress:
-        """mqtt://HOST[:PORT] (default 1883) or mqtts://HOST[:PORT] (TLS, default 8883)."""
-        if "://" not in url:
-            url = "mqtt://" + url
-        parsed = urlparse(url)
-        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
-        tls = parsed.scheme in ("mqtts", "ssl")
-        try:
-            port = parsed.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise ValueError(f"broker URL {url!r} has a bad port") from exc
-        return BrokerAddress(parsed.hostname, port, tls)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A decoded message, or the reason a payload on `topic` was rejected.
-
-    `topic` is RECONNECTED (and `message` None) when the link to the broker came back after
-    a drop: the loop then re-announces itself, since the broker may have lost its state.
-    """
-
-    topic: str
-    message: Message | None
-    nbytes: int
-    error: str | None = None
-    duplicate: bool = False  # a redelivered chunk or message id: already applied, dropped
-
-
-RECONNECTED = "$heron/reconnected"
-
-
-class MqttTransport:
+class MqttTransport(Receiver):
     def __init__(
         self,
         url: str,
@@ -104,13 +47,9 @@ class MqttTransport:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
-        self.bytes_in = 0
-        self.bytes_out = 0
+        super().__init__(max_message_bytes)
         self.connected = threading.Event()
         self._refused: str | None = None
-        self._reassembler = Reassembler(max_message_bytes=max_message_bytes)
-        self._lock = threading.Lock()
         self._keepalive = keepalive
         self.connects = 0
         # A persistent session (clean_session=False, stable client id) lets the broker keep
@@ -128,7 +67,7 @@ class MqttTransport:
                                  keyfile=cred.key_file, cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             topic, msg = will
-            payload = chunk(encode(msg), msg.msg_id)
+            payload = payloads(msg)
             if len(payload) != 1:
                 raise ValueError("a last will must fit in one chunk")
             self._client.will_set(topic, payload[0], qos=QOS, retain=True)
@@ -159,43 +98,7 @@ class MqttTransport:
         self._acked.add(mid)
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
-        payload = bytes(msg.payload)
-        if not payload:  # a cleared retained message
-            return
-        with self._lock:
-            self.bytes_in += len(payload)
-        try:
-            with self._lock:  # the loop takes the per-topic drop counts from another thread
-                seen = self._reassembler.duplicates
-                data = self._reassembler.add(msg.topic, payload, kind=payload_kind(msg.topic))
-            if data is None:
-                if self._reassembler.duplicates > seen:  # the receiver counts it, per topic
-                    self.inbox.put(Incoming(msg.topic, None, len(payload),
-                                            error="a chunk or message id already received",
-                                            duplicate=True))
-                return
-            self.inbox.put(Incoming(msg.topic, decode(data), len(data)))
-        except CodecError as exc:
-            self.inbox.put(Incoming(msg.topic, None, len(payload), error=str(exc)))
-        except Exception as exc:  # noqa: BLE001 - never let a payload kill paho's thread
-            self.inbox.put(Incoming(msg.topic, None, len(payload),
-                                    error=f"undecodable payload ({type(exc).__name__}: {exc})"))
-
-    def take_dropped_by_topic(self) -> dict[str, int]:
-        """Chunked messages dropped incomplete per topic since the last call."""
-        with self._lock:
-            return self._reassembler.take_dropped()
-
-    def pending_by_topic(self) -> dict[str, int]:
-        """Chunked messages still incomplete, per topic (at the end of a run: never finished)."""
-        with self._lock:
-            return self._reassembler.pending_by_topic()
-
-    @property
-    def incomplete_dropped(self) -> int:
-        """Chunked messages dropped incomplete: their missing chunks never arrived (expired),
-        or their sender went over its reassembly budget (evicted)."""
-        return self._reassembler.expired + self._reassembler.evicted
+        self._receive(msg.topic, bytes(msg.payload))
 
     # -- API ---------------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -219,13 +122,12 @@ class MqttTransport:
     def publish(self, topic: str, msg: Message, *, retain: bool = False,
                 wait: float | None = None) -> int:
         """Encode, chunk and publish at QoS 1; returns the payload bytes sent."""
-        chunks = chunk(encode(msg), msg.msg_id)
+        chunks = payloads(msg)
         info = None
         for part in chunks:
             info = self._client.publish(topic, part, qos=QOS, retain=retain)
         n = sum(len(c) for c in chunks)
-        with self._lock:
-            self.bytes_out += n
+        self._sent(n)
         if wait is not None and info is not None:
             # paho keeps QoS 1 messages queued while disconnected and sends them after the
             # reconnect, so "not connected" is not a failure here: wait, then move on.
@@ -236,12 +138,6 @@ class MqttTransport:
 
     def clear_retained(self, topic: str) -> None:
         self._client.publish(topic, b"", qos=QOS, retain=True)
-
-    def get(self, timeout: float | None = None) -> Incoming | None:
-        try:
-            return self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
     def stop(self) -> None:
         self._client.disconnect()

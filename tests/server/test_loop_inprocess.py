@@ -1,0 +1,237 @@
+"""The server loop and real devices in one process over the loopback transport: no broker,
+no subprocess. Each test runs a `Server` (built by `server.setup.build_run`) and two or
+three `edge_runtime.device.Device`s with real ONNX Runtime sessions on digits shards, each
+in its own thread, joined through a `LoopbackBroker`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime import topics
+from edge_runtime.device import Device, DeviceOptions, device_endpoint, message_limit
+from edge_runtime.messages import Message, Presence, Smashed, Update, new_msg_id
+from edge_runtime.runtime import TrainConfig
+from edge_runtime.transport import payloads
+from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
+from server.loop import Server, ServerOptions
+from server.setup import Run, build_run, server_endpoint
+
+P = topics.DEFAULT_PREFIX
+STEPS, EVERY = 4, 2  # per round: 4 ZO steps, an upload every 2 -> 2 smashed batches
+
+
+@pytest.fixture(autouse=True)
+def _torch_defaults() -> Iterator[None]:
+    """--deterministic changes process-wide torch settings: put them back for other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """Ends a device thread as a crash would (its transport dropped first)."""
+
+
+class Fleet:
+    """A loopback broker, the server and devices in threads."""
+
+    def __init__(self, root: Path, devices: int = 3, rounds: int = 2, **server: Any) -> None:
+        self.root = root
+        self.broker = LoopbackBroker()
+        self.opts = ServerOptions(
+            broker="loopback", out=root / "run", dataset="digits", model="cnn",
+            devices=devices, rounds=rounds, join_timeout=60, round_timeout=60, threads=1,
+            train=TrainConfig(local_steps=STEPS, upload_every=EVERY, batch_size=16), **server)
+        self.devices: list[Device] = []
+        self.codes: dict[str, int | str] = {}
+        self.threads: list[threading.Thread] = []
+
+    def server(self, opts: ServerOptions | None = None) -> tuple[Run, Server]:
+        run = build_run(opts or self.opts)
+        t = LoopbackTransport.at(self.broker, server_endpoint(run.opts.prefix, run.run_id))
+        return run, Server(run, t)
+
+    def shards(self, run: Run, n: int) -> list[Path]:
+        paths = []
+        for i in range(n):
+            path = self.root / f"dev-{i}.npz"
+            if not path.exists():
+                np.savez(path, x=run.data.x_train[i::n].astype(np.float32),
+                         y=run.data.y_train[i::n].astype(np.int64))
+            paths.append(path)
+        return paths
+
+    def start_devices(self, run: Run, n: int,
+                      transport: Callable[..., LoopbackTransport] = LoopbackTransport) -> None:
+        for i, shard in enumerate(self.shards(run, n)):
+            dev = f"dev-{i}"
+            opts = DeviceOptions(broker="loopback", device_id=dev, data=shard, threads=1,
+                                 bundle_cache=self.root / "cache", wait_server_s=60)
+            ep = device_endpoint(dev, P)
+            t = transport(self.broker, ep.client_id, ep.subscriptions, will=ep.will,
+                          max_message_bytes=message_limit(None))
+            device = Device(opts, t)
+            self.devices.append(device)
+            th = threading.Thread(target=self._device, args=(device,), daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def _device(self, device: Device) -> None:
+        try:
+            self.codes[device.opts.device_id] = device.run()
+        except Killed:
+            self.codes[device.opts.device_id] = "killed"
+
+    def run(self, server: Server) -> dict[str, Any]:
+        summary = server.run()
+        for th in self.threads:
+            th.join(30)
+        assert not any(th.is_alive() for th in self.threads)
+        self.threads.clear()
+        return summary
+
+
+def test_a_normal_round_trains_every_device_and_ends_them(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    run, server = fleet.server()
+    fleet.start_devices(run, 3)
+    summary = fleet.run(server)
+    assert summary["completed_rounds"] == 2 and not summary["interrupted"]
+    assert summary["deterministic"] is False
+    for rec in server.records:
+        assert rec["updates"] == ["dev-0", "dev-1", "dev-2"] and rec["dropped"] == []
+        assert rec["smashed_batches"] == 3 * STEPS // EVERY
+    assert summary["rejected"] == {}
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    # the devices got the bundle over the loopback, trained both rounds, obeyed the stop
+    assert fleet.codes == {"dev-0": 0, "dev-1": 0, "dev-2": 0}
+    assert all(d.rounds_done == 2 and d.ignored == {} for d in fleet.devices)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+class DropsMidRound(LoopbackTransport):
+    """dev-2's link dies after its first smashed upload of round 1."""
+
+    def publish(self, topic: str, msg: Message, **kw: Any) -> int:
+        n = super().publish(topic, msg, **kw)
+        if self.client_id.endswith("dev-2") and isinstance(msg, Smashed):
+            self.drop()  # the broker publishes its will: offline presence
+            raise Killed
+        return n
+
+
+def test_a_device_that_drops_mid_round_leaves_it_and_the_round_closes(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    run, server = fleet.server()
+    fleet.start_devices(run, 3, DropsMidRound)
+    summary = fleet.run(server)
+    assert summary["completed_rounds"] == 2
+    first, second = server.records
+    assert first["participants"] == ["dev-0", "dev-1", "dev-2"]
+    assert first["updates"] == ["dev-0", "dev-1"] and first["dropped"] == ["dev-2"]
+    assert second["participants"] == ["dev-0", "dev-1"]  # gone devices are not picked again
+    assert fleet.codes == {"dev-0": 0, "dev-1": 0, "dev-2": "killed"}
+    will = fleet.broker.retained(topics.device_status("dev-2", P))
+    assert will is not None  # retained by the broker, as a real one does
+
+
+class Replays(LoopbackTransport):
+    """dev-0 sends each update twice with one message id (a QoS 1 redelivery) and first a
+    copy for the round before (stale); each smashed batch is redelivered too."""
+
+    def publish(self, topic: str, msg: Message, **kw: Any) -> int:
+        if self.client_id.endswith("dev-0") and isinstance(msg, Update):
+            super().publish(topic, replace(msg, round=msg.round - 1, msg_id=new_msg_id()))
+        n = super().publish(topic, msg, **kw)
+        if self.client_id.endswith("dev-0") and isinstance(msg, Update | Smashed):
+            for part in payloads(msg):
+                self.publish_raw(topic, part)
+        return n
+
+
+def test_stale_and_duplicate_messages_are_counted_and_never_applied(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, rounds=3)
+    run, server = fleet.server()
+    fleet.start_devices(run, 3, Replays)
+    summary = fleet.run(server)
+    assert summary["completed_rounds"] == 3
+    for rec in server.records:  # one update per device, every batch trained on once
+        assert rec["updates"] == ["dev-0", "dev-1", "dev-2"]
+        assert rec["smashed_batches"] == 3 * STEPS // EVERY
+    rejected = summary["rejected"]
+    # what came after a round's close is counted in the next one; rounds 1-2 at least
+    assert rejected["stale round"] >= 2
+    assert rejected["duplicate message"] >= 2 * (1 + STEPS // EVERY)
+    assert set(rejected) == {"stale round", "duplicate message"}
+    assert set(summary["rejected_by_device"]) == {"dev-0"}
+    assert summary["quarantined"] == {}  # late and redelivered copies are not hostile
+
+
+def test_resume_continues_after_the_last_checkpointed_round(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=2, rounds=2)
+    run, server = fleet.server()
+    fleet.start_devices(run, 2)
+    first = fleet.run(server)
+    assert first["completed_rounds"] == 2
+    # a new server process on the same --out, asked for one more round
+    run2, server2 = fleet.server(replace(fleet.opts, rounds=3, resume=True))
+    assert run2.run_id == first["run_id"] and run2.checkpoint is not None
+    assert server2.first_round == 3
+    np.testing.assert_array_equal(run2.theta, server.theta)
+    # the resumed server announces itself as online; new device processes join it
+    assert fleet.broker.retained(topics.server_status(P)) is not None
+    fleet.devices.clear()
+    fleet.start_devices(run2, 2)
+    summary = fleet.run(server2)
+    assert summary["completed_rounds"] == 3 and summary["run_id"] == first["run_id"]
+    assert summary["test_accuracy_per_round"][:2] == first["test_accuracy_per_round"]
+    assert [r["round"] for r in server2.records] == [1, 2, 3]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def _deterministic_run(root: Path) -> tuple[dict[str, Any], Server]:
+    fleet = Fleet(root, rounds=2, deterministic=True)
+    run, server = fleet.server()
+    fleet.start_devices(run, 3)
+    return fleet.run(server), server
+
+
+def test_deterministic_runs_are_bit_for_bit_identical(tmp_path: Path) -> None:
+    a, server_a = _deterministic_run(tmp_path / "a")
+    b, server_b = _deterministic_run(tmp_path / "b")
+    assert a["deterministic"] is True and a["config"]["deterministic"] is True
+    assert a["test_accuracy_per_round"] == b["test_accuracy_per_round"]
+    assert [r["test_loss"] for r in server_a.records] == [r["test_loss"] for r in
+                                                         server_b.records]
+    assert [r["server_train_loss"] for r in server_a.records] == \
+        [r["server_train_loss"] for r in server_b.records]
+    np.testing.assert_array_equal(server_a.theta, server_b.theta)
+    for (name, pa), pb in zip(server_a.split.server.state_dict().items(),
+                              server_b.split.server.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_deterministic_refuses_what_it_cannot_order(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, deterministic=True)
+    with pytest.raises(ValueError, match="--deterministic does not apply to --algorithm sflv2"):
+        build_run(replace(fleet.opts, train=TrainConfig(algorithm="sflv2")))
+    with pytest.raises(ValueError, match="--deterministic cannot be used with --min-devices"):
+        build_run(replace(fleet.opts, min_devices=2))
+
+
+def test_the_server_transport_will_is_its_offline_presence() -> None:
+    ep = server_endpoint(P, "run-1")
+    assert ep.will is not None
+    topic, msg = ep.will
+    assert topic == topics.server_status(P)
+    assert isinstance(msg, Presence) and (msg.run_id, msg.state) == ("run-1", "offline")
