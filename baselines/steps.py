@@ -172,8 +172,7 @@ class HeronRunner(_OrtBase):
 
     def __init__(self, spec: StepSpec) -> None:
         super().__init__(spec)
-        from edge_runtime.runtime import TrainConfig
-        from edge_runtime.zo import ZOConfig
+        from edge_runtime.protocol import TrainConfig, ZOConfig
 
         # The device's defaults: forward differences, q = 1, Gaussian directions, Adam.
         self.cfg = TrainConfig(local_steps=1, upload_every=spec.upload_every,

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 SERVER_USER = "heron-server"
 SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAX_MESSAGE_BYTES,
     CodecError,
     Message,
@@ -25,7 +25,7 @@ from edge_runtime.messages import (
     decode,
     encode,
 )
-from edge_runtime.topics import payload_kind
+from edge_runtime.protocol.topics import payload_kind
 
 QOS = 1
 

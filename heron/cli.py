@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 SERVER_EXTRA_HINT = (
     "this command needs the server extra; help: `pip install torch==2.13.0` (CPU build) "
@@ -308,8 +308,7 @@ FO_DEVICE_LR = 1e-3
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from edge_runtime.runtime import TrainConfig
-    from edge_runtime.zo import OptimizerConfig, ZOConfig
+    from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
 
     return TrainConfig(
         algorithm=args.algorithm, local_steps=args.local_steps, upload_every=args.upload_every,
@@ -524,7 +523,7 @@ def _check_federation(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as exc:
         _usage(cmd, str(exc))
     from devices.datasets import DATASETS, TEXT_DATASETS
-    from edge_runtime.runtime import AUX_ALGORITHMS
+    from edge_runtime.protocol import AUX_ALGORITHMS
 
     if args.dataset not in DATASETS:
         _usage(cmd, f"unknown --dataset {args.dataset!r}; help: choose one of "

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from devices.datasets import load_dataset
-from edge_runtime import topics
 from edge_runtime.bundle import GRAPH, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
+    AUX_ALGORITHMS,
+    SPLITFED,
     BundleFiles,
     DeviceError,
     Gradient,
@@ -35,10 +36,11 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Telemetry,
+    TrainConfig,
     Update,
     server_info,
+    topics,
 )
-from edge_runtime.runtime import AUX_ALGORITHMS, SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, MqttTransport
 from exporter.export import aux_from_server, export_bundle, load_flat_into
 from exporter.zoo import build_split

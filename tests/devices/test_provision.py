@@ -26,7 +26,7 @@ from devices.provision import (
     provision,
     summary,
 )
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 # Written by the real `mosquitto_passwd -b passwd alice secret` (Mosquitto 2.0.11).
 GOLDEN = ("$7$101$+JdwffOuIE46zNuo$M72REUtOjRWmCLIJt+o7G60CIoTfwi2YTSBNP3+RPBqYPRinkPm03sjEZKWaN"

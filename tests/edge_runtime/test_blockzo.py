@@ -20,7 +20,8 @@ from conftest import ROOT
 from devices.datasets import load_dataset
 from edge_runtime import blockzo, zo
 from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
-from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
+from edge_runtime.protocol import TrainConfig
+from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split
 
 BLOCK = zo.ZOConfig(perturb="block")
@@ -381,7 +382,8 @@ def test_block_mode_runs_without_torch(cnn_dir: Path, no_torch_env: dict) -> Non
     code = ("import numpy as np, sys\n"
             "from edge_runtime import zo\n"
             "from edge_runtime.bundle import load_bundle\n"
-            "from edge_runtime.runtime import LocalModel, TrainConfig, train_round\n"
+            "from edge_runtime.protocol import TrainConfig\n"
+            "from edge_runtime.runtime import LocalModel, train_round\n"
             f"b = load_bundle({str(cnn_dir)!r})\n"
             "x = np.zeros((8, 1, 8, 8), np.float32); y = np.arange(8) % 10\n"
             "r = train_round(LocalModel(b, 1), b.weights, x, y, TrainConfig(local_steps=3, "

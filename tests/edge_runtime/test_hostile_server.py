@@ -32,7 +32,6 @@ from onnx import TensorProto, helper
 
 import edge_runtime.bundle as bundle_mod
 from devices.provision import SERVER_USER, acl_text
-from edge_runtime import topics
 from edge_runtime.bundle import (
     GRAPH,
     GRAPH_DATA,
@@ -50,7 +49,8 @@ from edge_runtime.bundle import (
     write_bundle,
 )
 from edge_runtime.device import Device, DeviceExit, DeviceOptions, message_limit, server_kinds
-from edge_runtime.messages import (
+from edge_runtime.profiles import Profile
+from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
     BundleFiles,
@@ -65,8 +65,8 @@ from edge_runtime.messages import (
     chunk,
     encode,
     new_msg_id,
+    topics,
 )
-from edge_runtime.profiles import Profile
 from edge_runtime.runtime import LocalModel
 from edge_runtime.transport import MqttTransport
 from exporter.export import export_split

@@ -12,7 +12,8 @@ from conftest import ROOT
 from devices.datasets import load_dataset
 from edge_runtime import zo
 from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, load_bundle
-from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
+from edge_runtime.protocol import TrainConfig
+from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split
 
 SGD = zo.OptimizerConfig(name="sgd", lr=0.01)

@@ -27,8 +27,7 @@ import torch
 from conftest import ROOT, free_port, heron, mosquitto_binary, wait_port
 
 from devices.provision import ProvisionOptions, provision
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
     DeviceError,
@@ -42,6 +41,7 @@ from edge_runtime.messages import (
     chunk,
     encode,
     new_msg_id,
+    topics,
 )
 from edge_runtime.transport import Credentials, MqttTransport
 

@@ -25,8 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAGIC,
     MAX_CHUNK_PAYLOAD,
     PARTIAL_OVERHEAD,
@@ -45,14 +44,15 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Telemetry,
+    TrainConfig,
     Update,
     chunk,
     decode,
     encode,
     max_bytes,
     new_msg_id,
+    topics,
 )
-from edge_runtime.runtime import TrainConfig
 
 CHUNK_HEAD = struct.Struct("<4s16sIIQ")
 RUN = "a1b2c3d4e5f6"

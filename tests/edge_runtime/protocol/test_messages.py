@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     DTYPES,
     MAGIC,
     MAX_CHUNK_PAYLOAD,

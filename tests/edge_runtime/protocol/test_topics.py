@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 DEVICES = ("dev-0", "dev-1", "Board_7.a")
 SERVER = "server"
