@@ -234,9 +234,6 @@ class MqttTransport:
                 time.sleep(0.01)
         return n
 
-    def clear_retained(self, topic: str) -> None:
-        self._client.publish(topic, b"", qos=QOS, retain=True)
-
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:
             return self.inbox.get(timeout=timeout)
