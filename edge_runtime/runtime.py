@@ -27,6 +27,7 @@ from edge_runtime.bundle import (
     BundleError,
 )
 from edge_runtime.data import BatchSampler
+from edge_runtime.protocol import ZOConfig
 from edge_runtime.protocol.config import TrainConfig
 
 # The algorithms the ONNX Runtime device runs; the first-order baselines run on the torch
@@ -293,7 +294,7 @@ def train_round(
 
 
 def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.ndarray,
-                   seed: int, cfg: zo.ZOConfig, upload: bool
+                   seed: int, cfg: ZOConfig, upload: bool
                    ) -> tuple[zo.ZOEstimate, np.ndarray | None, float]:
     """The paper's step: whole-graph evaluations at θ and θ + μu; (estimate, smashed data
     if `upload`, the step's recorded loss)."""
