@@ -21,6 +21,7 @@ from devices.datasets import load_dataset
 from edge_runtime import blockzo, zo
 from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
 from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
+from edge_runtime.protocol.config import DISTRIBUTIONS, SCHEMES
 from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split
 
@@ -69,7 +70,7 @@ def test_the_chain_uses_the_nchwc_variants_where_this_cpu_has_the_kernels(
         assert resnet.chain().block_size in (8, 16)
 
 
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_full_perturbation_runs_on_the_nchwc_chain_with_the_graphs_results(
         resnet: LocalModel, resnet_plain: LocalModel, cnn: LocalModel, scheme: str) -> None:
     """Where the chain has NCHWc segments it makes the full-mode passes (faster); the
@@ -174,7 +175,7 @@ def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
 
 
 @pytest.mark.parametrize("which", ["cnn", "resnet", "resnet_plain"])
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_estimate_equals_the_full_graph_reference(
         which: str, scheme: str, request: pytest.FixtureRequest) -> None:
     """Perturb only block j's slice of θ and run the whole graph: same loss difference."""
@@ -247,7 +248,7 @@ def test_the_sampler_starts_uniform_and_then_follows_each_blocks_gradient_energy
         zo.BlockSampler.start([0, 0])
 
 
-@pytest.mark.parametrize("distribution", zo.DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_block_estimate_is_unbiased_for_any_sampler_state(distribution: str) -> None:
     """On a linear loss the finite difference is exact, so the mean can be checked tightly."""
     g = np.random.default_rng(0).standard_normal(100).astype(np.float32)
@@ -290,7 +291,8 @@ def test_block_training_lowers_the_local_loss_like_full_mode(
     drops: dict[str, list[float]] = {"full": [], "block": []}
     for perturb in drops:
         for seed in range(3):
-            cfg = TrainConfig(local_steps=150, seed=seed, zo=ZOConfig(perturb=perturb))
+            cfg = TrainConfig(local_steps=150, seed=seed, zo=ZOConfig(perturb=perturb),
+                                  optimizer=OptimizerConfig(name="adam", lr=0.01))
             result = train_round(cnn, cnn.bundle.weights, *shard, cfg, round_idx=seed,
                                  device_id="dev-0")
             drops[perturb].append(before - cnn.loss(result.theta, *shard))
@@ -298,7 +300,7 @@ def test_block_training_lowers_the_local_loss_like_full_mode(
     assert np.mean(drops["block"]) > 0.5 * np.mean(drops["full"]), drops
 
 
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_log_replays_the_round_bit_for_bit(
         cnn: LocalModel, shard: tuple[np.ndarray, np.ndarray], scheme: str) -> None:
     """θ and every upload rebuilt from (seed, projected) and the manifest's segments."""
@@ -380,9 +382,8 @@ def test_block_mode_on_a_bundle_without_segments_says_what_to_do(
 
 def test_block_mode_runs_without_torch(cnn_dir: Path, no_torch_env: dict) -> None:
     code = ("import numpy as np, sys\n"
-            "from edge_runtime import zo\n"
             "from edge_runtime.bundle import load_bundle\n"
-            "from edge_runtime.protocol import TrainConfig\n"
+            "from edge_runtime.protocol import TrainConfig, ZOConfig\n"
             "from edge_runtime.runtime import LocalModel, train_round\n"
             f"b = load_bundle({str(cnn_dir)!r})\n"
             "x = np.zeros((8, 1, 8, 8), np.float32); y = np.arange(8) % 10\n"

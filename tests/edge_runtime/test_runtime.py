@@ -59,7 +59,6 @@ CONFIGS = {
     "central": TrainConfig(local_steps=150, optimizer=SGD, zo=ZOConfig(scheme="central")),
     "sphere-q2": TrainConfig(local_steps=150, optimizer=SGD,
                              zo=ZOConfig(q=2, distribution="sphere")),
-    "default": TrainConfig(local_steps=150),
 }
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from edge_runtime import zo
 from edge_runtime.protocol import OptimizerConfig, ZOConfig
+from edge_runtime.protocol.config import DISTRIBUTIONS, OPTIMIZERS, SCHEMES
 
 IN, HIDDEN, OUT, N = 8, 16, 4, 64
 SHAPES = [(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
@@ -52,7 +53,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 GRAD = true_grad(THETA)
 LOSS0 = loss_fn(THETA)
-CONFIGS = [ZOConfig(scheme=s, distribution=d) for s in zo.SCHEMES for d in zo.DISTRIBUTIONS]
+CONFIGS = [ZOConfig(scheme=s, distribution=d) for s in SCHEMES for d in DISTRIBUTIONS]
 CFG_IDS = [f"{c.scheme}-{c.distribution}" for c in CONFIGS]
 
 
@@ -136,7 +137,7 @@ def test_estimate_leaves_theta_untouched() -> None:
 
 # --- reproducibility ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dist", zo.DISTRIBUTIONS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_same_seed_same_direction_different_seed_different(dist: str) -> None:
     a, b = zo.direction(12345, D, dist), zo.direction(12345, D, dist)
     assert a.dtype == np.float32 and a.shape == (D,)
@@ -224,7 +225,7 @@ def test_sgd_is_theta_minus_lr_g_and_leaves_inputs_untouched() -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-@pytest.mark.parametrize("name", zo.OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_matches_torch(name: str, weight_decay: float) -> None:
     cfg = OptimizerConfig(name=name, lr=1e-2, weight_decay=weight_decay)
     param = torch.nn.Parameter(torch.from_numpy(THETA.copy()))
