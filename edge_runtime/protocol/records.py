@@ -60,7 +60,7 @@ class Record:
 class Telemetry(Record):
     """What a device measured in a round (its Update's `telemetry`).
 
-    Every field a device sends today is required except `threads` and `algorithm`, so code
+    Every field is required except `threads` and `algorithm`, so code
     that reads telemetry never meets a missing key or a wrong type. Unknown keys are refused,
     not dropped: the protocol is strict like the rest of the header (an unknown meta field
     is refused too), so a device and server that disagree about telemetry are found at the

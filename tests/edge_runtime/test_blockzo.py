@@ -403,7 +403,7 @@ def test_perturb_travels_in_the_round_config_and_full_stays_off_the_wire() -> No
     assert wire["zo"]["perturb"] == "block"
     assert TrainConfig.from_json(wire) == cfg
     default = TrainConfig().to_json()
-    assert "perturb" not in default["zo"]  # what a device from before the option accepts
+    assert "perturb" not in default["zo"]  # the default stays off the wire
     assert TrainConfig.from_json(default) == TrainConfig()
 
 
