@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.runtime import ALGORITHMS
+from edge_runtime.protocol import ALGORITHMS
 
 CENTRALIZED = "centralized"  # a reference, not a federation: see the module docstring
 BENCH_ALGORITHMS = (*ALGORITHMS, CENTRALIZED)

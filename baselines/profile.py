@@ -48,10 +48,10 @@ TORCH_FLOPS_METHOD = (
     "convolution, mm/addmm/bmm; 2 FLOPs per multiply-accumulate); norms, activations, the "
     "loss and the optimizer are not counted")
 BYTES_METHOD = (
-    "MQTT payload bytes as heron's codec sends them (edge_runtime.messages.encode + chunk "
+    "MQTT payload bytes as heron's codec sends them (edge_runtime.protocol.encode + chunk "
     "headers). Per step: the smashed-data uploads (and, for SplitFed, cut-layer gradients "
     "down) averaged over the round's steps. Per round: those plus the weights broadcast "
-    "(RoundStart) and the Update back (weights, and for heron the round's ZO seed log). "
+    "(RoundStart) and the Update back (weights, sample count, telemetry). "
     "SplitFed's gradient is sized as a Smashed message carrying the gradient array (the "
     "codec has no gradient kind). frozen: one smashed batch per step, ceil(h/k) per round, "
     "no weights either way")
@@ -214,7 +214,7 @@ def block_flops(bundle: Any, batch: int, draws: list[int]) -> int:
 
 
 def _wire_bytes(msg: Any) -> int:
-    from edge_runtime.messages import chunk, encode
+    from edge_runtime.protocol import chunk, encode
 
     return sum(len(c) for c in chunk(encode(msg), msg.msg_id))
 
@@ -226,8 +226,7 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
     `device_params` is what the device holds and exchanges: client + aux (heron, cse-fsl),
     client (SplitFed), the whole model (fedavg); frozen exchanges no weights.
     """
-    from edge_runtime.messages import RoundStart, Smashed, Update
-    from edge_runtime.runtime import TrainConfig
+    from edge_runtime.protocol import RoundStart, Smashed, TrainConfig, Update
 
     run, h, k = "0" * 32, local_steps, upload_every
     uploads = -(-h // k)
@@ -241,31 +240,28 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
             config=TrainConfig(local_steps=h, upload_every=k, batch_size=batch).to_json(),
             bundle_sha256="0" * 64))
 
-    def update(d: int, zo_log: bool) -> int:
-        n = h if zo_log else 0
+    def update(d: int) -> int:
         telemetry = {"peak_rss_mb": 123.45, "step_ms_median": 123.456, "step_ms_mean": 123.456,
                      "round_s": 12.345, "loss_first": 2.302585, "loss_last": 2.302585,
                      "loss_mean": 2.302585, "steps": h, "smashed_sent": uploads, "threads": 2,
                      "bytes_in": 10**7, "bytes_out": 10**7}
         return _wire_bytes(Update(run, 1, "dev-0", weights=np.zeros(d, np.float32),
-                                  num_samples=10_000, telemetry=telemetry,
-                                  zo_seeds=np.zeros(n, np.uint64),
-                                  zo_grads=np.zeros(n, np.float32)))
+                                  num_samples=10_000, telemetry=telemetry))
 
     steps_per_round = h
     if algorithm in ("heron", "cse-fsl"):
         step_up, step_down = uploads * smashed / h, 0.0
-        up = uploads * smashed + update(device_params, zo_log=algorithm == "heron")
+        up = uploads * smashed + update(device_params)
         down = round_start(device_params)
     elif algorithm in ("sflv1", "sflv2"):
         grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
             (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64)))
         step_up, step_down = float(smashed), float(grad)
-        up = h * smashed + update(device_params, zo_log=False)
+        up = h * smashed + update(device_params)
         down = h * grad + round_start(device_params)
     elif algorithm == "fedavg":
         step_up = step_down = 0.0
-        up, down = update(device_params, zo_log=False), round_start(device_params)
+        up, down = update(device_params), round_start(device_params)
     elif algorithm == "frozen":
         steps_per_round = uploads
         step_up, step_down = float(smashed), 0.0

@@ -45,6 +45,7 @@ from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_grads, tail_log
 from edge_runtime import zo
 from edge_runtime.blockzo import SegmentChain
 from edge_runtime.data import BatchSampler
+from edge_runtime.protocol import OptimizerConfig
 from edge_runtime.runtime import session_options, step_seed
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def run_subset(st: Setting, cfg: ProgressConfig, base: Any, every: int,
         steps = min(cfg.steps, cfg.fo_steps or cfg.steps) if fo else cfg.steps
         if fo:
             arm_cfg = replace(base, seed=seed, local_steps=every,
-                              optimizer=zo.OptimizerConfig(name="adam", lr=cfg.fo_lr))
+                              optimizer=OptimizerConfig(name="adam", lr=cfg.fo_lr))
         else:
             lr = lr_random if kind == "random" else lr_guided
             arm_cfg = replace(base, seed=seed, local_steps=every, zo=zo_cfg,

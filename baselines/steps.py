@@ -28,11 +28,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_runtime.protocol.config import PERTURBS
+
 ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
 ORT_ALGORITHMS = ("heron", "frozen")  # ONNX Runtime on a bundle; the process never imports torch
 TORCH_ALGORITHMS = ("cse-fsl", "sflv1", "sflv2", "fedavg")
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
-PERTURBS = ("full", "block")  # as edge_runtime.zo.PERTURBS (not imported: no ORT in torch runs)
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,7 @@ class HeronRunner(_OrtBase):
 
     def __init__(self, spec: StepSpec) -> None:
         super().__init__(spec)
-        from edge_runtime.runtime import TrainConfig
-        from edge_runtime.zo import ZOConfig
+        from edge_runtime.protocol import TrainConfig, ZOConfig
 
         # The device's defaults: forward differences, q = 1, Gaussian directions, Adam.
         self.cfg = TrainConfig(local_steps=1, upload_every=spec.upload_every,

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from pathlib import Path
 
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 SERVER_USER = "heron-server"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

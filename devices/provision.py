@@ -41,8 +41,8 @@ from pathlib import Path
 
 from devices import tls
 from devices.mosquitto import SERVER_USER, WILDCARD_HOSTS, acl_text, mosquitto_conf, mosquitto_hash
-from edge_runtime import topics
 from edge_runtime.files import atomic_write
+from edge_runtime.protocol import topics
 
 SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json
 CERT_DAYS = 825

@@ -26,8 +26,8 @@ from torch import nn
 from edge_runtime.bundle import Bundle, Manifest
 from edge_runtime.data import BatchSampler
 from edge_runtime.device import Device, DeviceOptions
-from edge_runtime.messages import RoundStart
-from edge_runtime.runtime import SPLITFED, RoundResult, TrainConfig, rss_mb
+from edge_runtime.protocol import SPLITFED, RoundStart, TrainConfig
+from edge_runtime.runtime import RoundResult, rss_mb
 from edge_runtime.transport import Transport
 from exporter.export import flat_from_split, load_flat_into
 from exporter.zoo import SplitModel, build_split

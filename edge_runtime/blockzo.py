@@ -40,6 +40,7 @@ from edge_runtime.bundle import (
     Bundle,
     BundleError,
 )
+from edge_runtime.protocol import ZOConfig
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class SegmentChain:
 
 
 def estimate_step(chain: SegmentChain, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                  step_seed: int, cfg: zo.ZOConfig, sampler: zo.BlockSampler, *,
+                  step_seed: int, cfg: ZOConfig, sampler: zo.BlockSampler, *,
                   want_smashed: bool) -> tuple[zo.ZOEstimate, np.ndarray | None]:
     """One block-wise estimate; also the unperturbed smashed data when `want_smashed`.
 

@@ -46,7 +46,6 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from edge_runtime import topics
 from edge_runtime.bundle import (
     GRAPH_DATA,
     Bundle,
@@ -57,7 +56,14 @@ from edge_runtime.bundle import (
     store_bundle_files,
 )
 from edge_runtime.data import load_shard
-from edge_runtime.messages import (
+from edge_runtime.profiles import (
+    MEMORY_EXIT_CODE,
+    MemoryVerdict,
+    Profile,
+    check_bundle_memory,
+    memory_budget,
+)
+from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
     BundleFiles,
@@ -72,13 +78,7 @@ from edge_runtime.messages import (
     Update,
     announced_train,
     new_msg_id,
-)
-from edge_runtime.profiles import (
-    MEMORY_EXIT_CODE,
-    MemoryVerdict,
-    Profile,
-    check_bundle_memory,
-    memory_budget,
+    topics,
 )
 from edge_runtime.runtime import (
     DEVICE_ALGORITHMS,
@@ -502,8 +502,7 @@ class Device:
         }
         try:  # the codec's bounds hold on the way out too (a NaN loss, say)
             update = Update(msg.run_id, msg.round, dev, weights=result.theta,
-                            num_samples=len(self.y), telemetry=telemetry,
-                            zo_seeds=result.seeds, zo_grads=result.projected)
+                            num_samples=len(self.y), telemetry=telemetry)
         except ValueError as exc:
             self._report(f"round {msg.round} failed: its update is not valid: {exc}")
             return

@@ -43,7 +43,8 @@ import numpy as np
 import psutil
 
 if TYPE_CHECKING:  # imported lazily: `heron --help` should not load ONNX Runtime
-    from edge_runtime.runtime import LocalModel, TrainConfig
+    from edge_runtime.protocol import TrainConfig
+    from edge_runtime.runtime import LocalModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -371,7 +372,8 @@ def dry_run_step(model: LocalModel, theta: np.ndarray, x: np.ndarray, y: np.ndar
                  batch: int, cfg: TrainConfig | None = None) -> float:
     """One real training step at `batch` (ONNX Runtime forwards at θ and θ+μu, smashed
     output included, optimizer update); returns the process's peak RSS in MB afterwards."""
-    from edge_runtime.runtime import TrainConfig, peak_rss_mb, train_round
+    from edge_runtime.protocol import TrainConfig
+    from edge_runtime.runtime import peak_rss_mb, train_round
 
     base = cfg if cfg is not None else TrainConfig()
     step_cfg = TrainConfig(local_steps=1, upload_every=1, batch_size=batch, seed=base.seed,

@@ -6,13 +6,11 @@ smashed data leaves through a callback and the result is returned.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -29,89 +27,12 @@ from edge_runtime.bundle import (
     BundleError,
 )
 from edge_runtime.data import BatchSampler
+from edge_runtime.protocol import ZOConfig
+from edge_runtime.protocol.config import TrainConfig
 
-# Every algorithm a federation can run. The ONNX Runtime device runs DEVICE_ALGORITHMS; the
-# first-order baselines run on the torch device in `devices/torch_device.py` (same protocol).
-ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
+# The algorithms the ONNX Runtime device runs; the first-order baselines run on the torch
+# device in `devices/torch_device.py` (same protocol).
 DEVICE_ALGORITHMS = ("heron", "frozen")
-AUX_ALGORITHMS = ("heron", "cse-fsl", "frozen")  # a device loss through the aux head
-SPLITFED = ("sflv1", "sflv2")  # the device waits for the server's cut-layer gradient each step
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What the server tells every device to do in a round (strict: unknown keys fail)."""
-
-    algorithm: str = "heron"  # heron: ZO-train client+aux; others: baselines (ALGORITHMS)
-    local_steps: int = 40  # h: ZO steps per round
-    upload_every: int = 2  # k: smashed data every k steps
-    batch_size: int = 32
-    seed: int = 0
-    zo: zo.ZOConfig = field(default_factory=zo.ZOConfig)
-    optimizer: zo.OptimizerConfig = field(
-        default_factory=lambda: zo.OptimizerConfig(name="adam", lr=0.01))
-
-    def __post_init__(self) -> None:
-        # Bounded as well as typed: a config also arrives over the network (RoundStart.config,
-        # the server's presence), and one out of range must fail here, not deep in training.
-        for name, (lo, hi) in _INT_BOUNDS.items():
-            _check_int(name, getattr(self, name), lo, hi)
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
-                             f"{', '.join(ALGORITHMS)}")
-        if not isinstance(self.zo, zo.ZOConfig) or \
-                not isinstance(self.optimizer, zo.OptimizerConfig):
-            raise ValueError("zo and optimizer must be a ZOConfig and an OptimizerConfig")
-        _check_int("zo.q", self.zo.q, 1, 4096)
-        _check_real("zo.mu", self.zo.mu, 0.0, 1e3, open_low=True)
-        _check_real("optimizer.lr", self.optimizer.lr, 0.0, 1e3, open_low=True)
-        _check_real("optimizer.beta1", self.optimizer.beta1, 0.0, 1.0, open_high=True)
-        _check_real("optimizer.beta2", self.optimizer.beta2, 0.0, 1.0, open_high=True)
-        _check_real("optimizer.eps", self.optimizer.eps, 0.0, 1.0, open_low=True)
-        _check_real("optimizer.weight_decay", self.optimizer.weight_decay, 0.0, 1e3)
-
-    def to_json(self) -> dict[str, Any]:
-        obj = asdict(self)
-        if self.zo.perturb == "full":  # the default stays off the wire: devices from before
-            del obj["zo"]["perturb"]  # the option existed still accept the default config
-        return obj
-
-    @staticmethod
-    def from_json(obj: dict[str, Any]) -> TrainConfig:
-        """The config a server sent (strict: unknown keys, wrong types and out-of-range
-        values raise ValueError or TypeError)."""
-        if not isinstance(obj, dict):
-            raise ValueError(f"a training config is an object, not {type(obj).__name__}")
-        known = set(TrainConfig.__dataclass_fields__)
-        unknown = set(obj) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys {sorted(unknown)}")
-        fields = dict(obj)
-        for name, cls in (("zo", zo.ZOConfig), ("optimizer", zo.OptimizerConfig)):
-            if name in fields:
-                if not isinstance(fields[name], dict):
-                    raise ValueError(f"{name} must be an object, got {fields[name]!r}")
-                fields[name] = cls(**fields[name])
-        return TrainConfig(**fields)
-
-
-_INT_BOUNDS = {"local_steps": (1, 1_000_000), "upload_every": (1, 1_000_000),
-               "batch_size": (1, 1 << 20), "seed": (0, 2**63 - 1)}
-
-
-def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
-
-
-def _check_real(name: str, v: Any, lo: float, hi: float, *, open_low: bool = False,
-                open_high: bool = False) -> None:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) \
-        and math.isfinite(v) and lo <= v <= hi and not (open_low and v == lo) \
-        and not (open_high and v == hi)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {'(' if open_low else '['}{lo:g}, "
-                         f"{hi:g}{')' if open_high else ']'}, got {v!r}")
 
 
 _POOL: list[int] = []  # the process-wide intra-op pool's size, once use_process_pool ran
@@ -373,7 +294,7 @@ def train_round(
 
 
 def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.ndarray,
-                   seed: int, cfg: zo.ZOConfig, upload: bool
+                   seed: int, cfg: ZOConfig, upload: bool
                    ) -> tuple[zo.ZOEstimate, np.ndarray | None, float]:
     """The paper's step: whole-graph evaluations at θ and θ + μu; (estimate, smashed data
     if `upload`, the step's recorded loss)."""

@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMES = ("forward", "central")
-DISTRIBUTIONS = ("gaussian", "sphere")
-OPTIMIZERS = ("sgd", "adam")
-PERTURBS = ("full", "block")
+from edge_runtime.protocol.config import OptimizerConfig, ZOConfig
+
 DIRECTIONS = ("random", "guided")  # isotropic (the paper), or in a server-sent basis
 BASIS_TOL = 1e-2  # largest |UᵀU - I| entry a guided basis may have (fp16 on the wire)
 _BLOCK_KEY = 0x626C6F636B  # "block": separates the block draw from the direction's stream
@@ -48,28 +46,6 @@ BLOCK_FLOOR = 0.2  # share of block draws spread uniformly (BlockSampler)
 BLOCK_MEMORY = 0.1  # weight of a new squared projection in a block's energy estimate
 _TAG_SHIFT = 56  # a logged block-wise seed keeps its block index in the top byte
 MAX_BLOCKS = 2 ** (64 - _TAG_SHIFT)
-
-
-@dataclass(frozen=True)
-class ZOConfig:
-    mu: float = 1e-3  # smoothing: perturbation size
-    q: int = 1  # directions per step
-    scheme: str = "forward"  # forward: [l(θ+μu) - l(θ)]/μ; central: [l(θ+μu) - l(θ-μu)]/2μ
-    distribution: str = "gaussian"  # gaussian z ~ N(0, I); sphere u = z/|z| (scaled by d)
-    perturb: str = "full"  # full: directions over all of θ; block: over one block each
-
-    def __post_init__(self) -> None:
-        if not (self.mu > 0 and np.isfinite(self.mu)):
-            raise ValueError(f"mu must be a positive number, got {self.mu}")
-        if self.q < 1:
-            raise ValueError(f"q (directions per step) must be >= 1, got {self.q}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, "
-                             f"got {self.distribution!r}")
-        if self.perturb not in PERTURBS:
-            raise ValueError(f"perturb must be one of {PERTURBS}, got {self.perturb!r}")
 
 
 @dataclass(frozen=True)
@@ -286,22 +262,6 @@ def reconstruct(seeds: np.ndarray, projected: np.ndarray, d: int, cfg: ZOConfig,
         grad += np.float32(p) * direction(int(seed), d, cfg.distribution)
     grad *= np.float32(_scale(d, cfg) / len(seeds))
     return grad
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    name: str = "sgd"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
 
 
 @dataclass(frozen=True)

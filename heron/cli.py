@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edge_runtime import topics
+from edge_runtime.protocol import topics
+from edge_runtime.protocol.config import (
+    DISTRIBUTIONS,
+    FO_DEVICE_LR,
+    OPTIMIZERS,
+    PERTURBS,
+    SCHEMES,
+    ZO_DEVICE_LR,
+    TrainConfig,
+)
 
 SERVER_EXTRA_HINT = (
     "this command needs the server extra; help: `pip install torch==2.13.0` (CPU build) "
@@ -222,7 +231,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "all-MiniLM-L6-v2 with LoRA, for --dataset sst2/tsv) (default: fedcnn, the "
                    "FedAvg paper's CNN, for 1x28x28 images such as mnist; minilm for text; "
                    "cnn otherwise)")
-    g.add_argument("--algorithm", default="heron",
+    g.add_argument("--algorithm", default=TrainConfig.algorithm,
                    choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
                    help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
                    "cse-fsl (client+aux by backprop), sflv1/sflv2 (SplitFed: per-step "
@@ -262,27 +271,31 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "and classifier (every aux tensor with a same-named server tensor; minilm), "
                    "instead of the devices' average")
     z = p.add_argument_group("device (zeroth-order) training")
-    z.add_argument("--local-steps", type=positive_int, default=40,
-                   help="h: ZO steps per round (40)")
-    z.add_argument("--upload-every", type=positive_int, default=2,
-                   help="k: upload smashed data every k steps (2)")
-    z.add_argument("--batch-size", type=positive_int, default=32, help="device batch size (32)")
-    z.add_argument("--mu", type=positive_float, default=1e-3, help="ZO smoothing mu (1e-3)")
-    z.add_argument("--q", type=positive_int, default=1, help="ZO directions per step (1)")
-    z.add_argument("--scheme", default="forward", choices=("forward", "central"),
-                   help="finite difference (forward)")
-    z.add_argument("--distribution", default="gaussian", choices=("gaussian", "sphere"),
-                   help="direction distribution (gaussian)")
-    z.add_argument("--zo-perturb", default="full", choices=("full", "block"),
+    train = TrainConfig()  # every default below is the config's
+    z.add_argument("--local-steps", type=positive_int, default=train.local_steps,
+                   help="h: ZO steps per round (%(default)s)")
+    z.add_argument("--upload-every", type=positive_int, default=train.upload_every,
+                   help="k: upload smashed data every k steps (%(default)s)")
+    z.add_argument("--batch-size", type=positive_int, default=train.batch_size,
+                   help="device batch size (%(default)s)")
+    z.add_argument("--mu", type=positive_float, default=train.zo.mu,
+                   help="ZO smoothing mu (%(default)g)")
+    z.add_argument("--q", type=positive_int, default=train.zo.q,
+                   help="ZO directions per step (%(default)s)")
+    z.add_argument("--scheme", default=train.zo.scheme, choices=SCHEMES,
+                   help="finite difference (%(default)s)")
+    z.add_argument("--distribution", default=train.zo.distribution, choices=DISTRIBUTIONS,
+                   help="direction distribution (%(default)s)")
+    z.add_argument("--zo-perturb", default=train.zo.perturb, choices=PERTURBS,
                    help="full: each direction perturbs all device weights (the paper); block: "
                    "one block per direction, re-run from that block's cached input "
-                   "(beyond the paper, cheaper steps; BENCHMARKS.md) (full)")
-    z.add_argument("--device-optimizer", default="adam", choices=("sgd", "adam"),
-                   help="optimizer fed with the ZO estimate (adam)")
+                   "(beyond the paper, cheaper steps; BENCHMARKS.md) (%(default)s)")
+    z.add_argument("--device-optimizer", default=train.optimizer.name, choices=OPTIMIZERS,
+                   help="optimizer fed with the ZO estimate (%(default)s)")
     z.add_argument("--device-lr", type=positive_float, default=None,
-                   help="device learning rate (heron 3e-4, the paper's order of magnitude: "
-                   "larger rates turn Adam on ZO estimates into a random walk that hurts "
-                   "accuracy; first-order baselines 1e-3)")
+                   help=f"device learning rate (heron {ZO_DEVICE_LR:g}, the paper's order of "
+                   "magnitude: larger rates turn Adam on ZO estimates into a random walk that "
+                   f"hurts accuracy; first-order baselines {FO_DEVICE_LR:g})")
     s = p.add_argument_group("server (first-order) training")
     s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))
     s.add_argument("--server-lr", type=positive_float, default=1e-3,
@@ -307,13 +320,8 @@ def _default_model(args: argparse.Namespace, command: str) -> str:
     return default_model(ds.input_shape, ds.input_dtype)
 
 
-ZO_DEVICE_LR = 3e-4  # measured on digits (BENCHMARKS.md): 1e-2 loses 4-6 points to frozen
-FO_DEVICE_LR = 1e-3
-
-
 def _train_config(args: argparse.Namespace) -> Any:
-    from edge_runtime.runtime import TrainConfig
-    from edge_runtime.zo import OptimizerConfig, ZOConfig
+    from edge_runtime.protocol import OptimizerConfig, ZOConfig
 
     return TrainConfig(
         algorithm=args.algorithm, local_steps=args.local_steps, upload_every=args.upload_every,
@@ -532,7 +540,7 @@ def _check_federation(args: argparse.Namespace) -> None:
         _train_config(args)
     except (ValueError, TypeError) as exc:
         _usage(cmd, str(exc))
-    from edge_runtime.runtime import AUX_ALGORITHMS
+    from edge_runtime.protocol import AUX_ALGORITHMS
     from heron_data.datasets import DATASETS, TEXT_DATASETS
 
     if args.dataset not in DATASETS:

@@ -39,8 +39,7 @@ def plan_round(ready: Sequence[str], per_round: int | None, round_idx: int,
     return tuple(sorted(rng.choice(pool, size=per_round, replace=False).tolist()))
 
 
-def check_update(weights: np.ndarray, expected_size: int,
-                 max_norm: float | None = None) -> str | None:
+def check_update(weights: np.ndarray, expected_size: int) -> str | None:
     """Why an uploaded weight vector must not be averaged, or None if it may."""
     if weights.dtype != np.float32:
         return f"weights have dtype {weights.dtype}, expected float32"
@@ -48,8 +47,6 @@ def check_update(weights: np.ndarray, expected_size: int,
         return f"weights have shape {weights.shape}, expected ({expected_size},)"
     if not np.all(np.isfinite(weights)):
         return "weights contain NaN or Inf"
-    if max_norm is not None and float(np.linalg.norm(weights)) > max_norm:
-        return f"weight norm {float(np.linalg.norm(weights)):.3g} exceeds the bound {max_norm}"
     return None
 
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
+    SPLITFED,
     BundleFiles,
     DeviceError,
     Gradient,
@@ -31,10 +31,11 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Telemetry,
+    TrainConfig,
     Update,
     server_info,
+    topics,
 )
-from edge_runtime.runtime import SPLITFED, TrainConfig
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, Transport
 from exporter.export import aux_from_server, load_flat_into
 from server.aggregate import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from edge_runtime.runtime import SPLITFED, TrainConfig
+from edge_runtime.protocol import SPLITFED, TrainConfig
 
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run

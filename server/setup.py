@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime import topics
 from edge_runtime.bundle import GRAPH, Bundle, Manifest, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
-from edge_runtime.messages import Presence
-from edge_runtime.runtime import AUX_ALGORITHMS
+from edge_runtime.protocol import AUX_ALGORITHMS, Presence, topics
 from edge_runtime.transport import Endpoint, Transport
 from exporter.export import aux_from_server, export_bundle
 from exporter.zoo import SplitModel, build_split

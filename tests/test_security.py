@@ -27,7 +27,7 @@ from conftest import ROOT, free_port, heron, mosquitto_binary, wait_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.provision import ProvisionOptions, provision
-from edge_runtime import topics
+from edge_runtime.protocol import topics
 
 pytestmark = pytest.mark.broker
 

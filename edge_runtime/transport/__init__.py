@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
 
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAX_MESSAGE_BYTES,
     CodecError,
     Message,
@@ -24,7 +24,7 @@ from edge_runtime.messages import (
     decode,
     encode,
 )
-from edge_runtime.topics import payload_kind
+from edge_runtime.protocol.topics import payload_kind
 
 QOS = 1
 RECONNECTED = "$heron/reconnected"

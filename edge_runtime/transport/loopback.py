@@ -17,7 +17,7 @@ import threading
 
 from paho.mqtt.client import topic_matches_sub
 
-from edge_runtime.messages import MAX_MESSAGE_BYTES, Message
+from edge_runtime.protocol import MAX_MESSAGE_BYTES, Message
 from edge_runtime.transport import RECONNECTED, Endpoint, Incoming, Receiver, payloads
 
 _names = itertools.count()

@@ -13,7 +13,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.messages import MAX_MESSAGE_BYTES, Message
+from edge_runtime.protocol import MAX_MESSAGE_BYTES, Message
 from edge_runtime.transport import (
     QOS,
     RECONNECTED,
@@ -136,8 +136,6 @@ class MqttTransport(Receiver):
                 time.sleep(0.01)
         return n
 
-    def clear_retained(self, topic: str) -> None:
-        self._client.publish(topic, b"", qos=QOS, retain=True)
 
     def stop(self) -> None:
         self._client.disconnect()

@@ -15,7 +15,7 @@ from conftest import ROOT
 from baselines.progress import ProgressConfig, run_progress
 from baselines.race import t_interval
 from baselines.screen import ScreenConfig, run_screen
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.protocol import TrainConfig
 from exporter.export import export_bundle, flat_from_split
 from exporter.zoo import build_split
 from heron_data.datasets import load_dataset

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from devices.torch_device import split_for, train_round_torch, weights_size
 from edge_runtime.bundle import load_bundle
-from edge_runtime.runtime import TrainConfig
-from edge_runtime.zo import OptimizerConfig
+from edge_runtime.protocol import OptimizerConfig, TrainConfig
 from exporter.export import export_split, load_flat_into
 from server.trainer import ServerTrainer, average_modules, load_server_flat, server_flat
 

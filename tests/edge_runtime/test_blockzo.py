@@ -19,12 +19,14 @@ from conftest import ROOT
 
 from edge_runtime import blockzo, zo
 from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
-from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
+from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
+from edge_runtime.protocol.config import DISTRIBUTIONS, SCHEMES
+from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split
 from heron_data.datasets import load_dataset
 
-BLOCK = zo.ZOConfig(perturb="block")
-SGD = zo.OptimizerConfig(name="sgd", lr=0.01)
+BLOCK = ZOConfig(perturb="block")
+SGD = OptimizerConfig(name="sgd", lr=0.01)
 SHARD = 300
 # float32 machine epsilon: the unit every tolerance below is counted in
 EPS32 = float(np.finfo(np.float32).eps)
@@ -68,7 +70,7 @@ def test_the_chain_uses_the_nchwc_variants_where_this_cpu_has_the_kernels(
         assert resnet.chain().block_size in (8, 16)
 
 
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_full_perturbation_runs_on_the_nchwc_chain_with_the_graphs_results(
         resnet: LocalModel, resnet_plain: LocalModel, cnn: LocalModel, scheme: str) -> None:
     """Where the chain has NCHWc segments it makes the full-mode passes (faster); the
@@ -86,7 +88,7 @@ def test_full_perturbation_runs_on_the_nchwc_chain_with_the_graphs_results(
     x, y = _batch(resnet.bundle, 12, seed=4)
     lr = 0.01
     cfg = TrainConfig(local_steps=4, batch_size=6, upload_every=2, seed=1,
-                      zo=zo.ZOConfig(scheme=scheme), optimizer=zo.OptimizerConfig("sgd", lr))
+                      zo=ZOConfig(scheme=scheme), optimizer=OptimizerConfig("sgd", lr))
     theta0 = resnet.bundle.weights
     d = theta0.size
 
@@ -173,13 +175,13 @@ def test_rerun_from_the_cached_input_equals_the_full_perturbed_run(
 
 
 @pytest.mark.parametrize("which", ["cnn", "resnet", "resnet_plain"])
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_estimate_equals_the_full_graph_reference(
         which: str, scheme: str, request: pytest.FixtureRequest) -> None:
     """Perturb only block j's slice of θ and run the whole graph: same loss difference."""
     model: LocalModel = request.getfixturevalue(which)
     chain = model.chain()
-    cfg = zo.ZOConfig(perturb="block", scheme=scheme, mu=1e-2)
+    cfg = ZOConfig(perturb="block", scheme=scheme, mu=1e-2)
     x, y = _batch(model.bundle, 8, seed=3)
     theta = model.bundle.weights
     seen = set()
@@ -223,7 +225,7 @@ BLOCKS = [(0, 5), (5, 20), (25, 75), (100, 0)]
 
 
 def test_the_sampler_starts_uniform_and_then_follows_each_blocks_gradient_energy() -> None:
-    cfg = zo.ZOConfig(perturb="block")
+    cfg = ZOConfig(perturb="block")
     start = zo.BlockSampler.start(SIZES)
     np.testing.assert_allclose(start.probs(), [1 / 3, 1 / 3, 1 / 3, 0])
     # blocks not drawn yet count as the mean of those drawn
@@ -236,7 +238,7 @@ def test_the_sampler_starts_uniform_and_then_follows_each_blocks_gradient_energy
     np.testing.assert_allclose(seen.probs(), (1 - zo.BLOCK_FLOOR) * share + zo.BLOCK_FLOOR * floor)
     again = seen.observe([2], [1.0], cfg)  # a moving average of the squared projections
     assert again.energy[2] == pytest.approx((1 - zo.BLOCK_MEMORY) * 9 + zo.BLOCK_MEMORY * 1)
-    sphere = start.observe([1], [2.0], zo.ZOConfig(perturb="block", distribution="sphere"))
+    sphere = start.observe([1], [2.0], ZOConfig(perturb="block", distribution="sphere"))
     assert sphere.energy[1] == 4.0 * SIZES[1]  # a unit direction sees ‖∇_j‖² / d_j
     draws = np.asarray([seen.draw(s) for s in range(20000)])
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / draws.size, seen.probs(),
@@ -246,12 +248,12 @@ def test_the_sampler_starts_uniform_and_then_follows_each_blocks_gradient_energy
         zo.BlockSampler.start([0, 0])
 
 
-@pytest.mark.parametrize("distribution", zo.DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_block_estimate_is_unbiased_for_any_sampler_state(distribution: str) -> None:
     """On a linear loss the finite difference is exact, so the mean can be checked tightly."""
     g = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     theta = np.zeros(100, np.float32)
-    cfg = zo.ZOConfig(perturb="block", distribution=distribution, mu=1.0)
+    cfg = ZOConfig(perturb="block", distribution=distribution, mu=1.0)
 
     def loss_from(j: int, values: np.ndarray) -> float:
         offset, size = BLOCKS[j]
@@ -272,7 +274,7 @@ def test_estimate_and_reconstruct_refuse_the_wrong_mode() -> None:
     with pytest.raises(ValueError, match="estimate_blocks"):
         zo.estimate(lambda t: 0.0, theta, 1, BLOCK, 0.0)
     with pytest.raises(ValueError, match="perturb='block'"):
-        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, zo.ZOConfig(), sampler, 0.0)
+        zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, ZOConfig(), sampler, 0.0)
     with pytest.raises(ValueError, match="loss0"):
         zo.estimate_blocks(lambda j, v: 0.0, theta, BLOCKS, 1, BLOCK, sampler)
     with pytest.raises(ValueError, match="cover"):
@@ -289,7 +291,8 @@ def test_block_training_lowers_the_local_loss_like_full_mode(
     drops: dict[str, list[float]] = {"full": [], "block": []}
     for perturb in drops:
         for seed in range(3):
-            cfg = TrainConfig(local_steps=150, seed=seed, zo=zo.ZOConfig(perturb=perturb))
+            cfg = TrainConfig(local_steps=150, seed=seed, zo=ZOConfig(perturb=perturb),
+                                  optimizer=OptimizerConfig(name="adam", lr=0.01))
             result = train_round(cnn, cnn.bundle.weights, *shard, cfg, round_idx=seed,
                                  device_id="dev-0")
             drops[perturb].append(before - cnn.loss(result.theta, *shard))
@@ -297,13 +300,13 @@ def test_block_training_lowers_the_local_loss_like_full_mode(
     assert np.mean(drops["block"]) > 0.5 * np.mean(drops["full"]), drops
 
 
-@pytest.mark.parametrize("scheme", zo.SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_log_replays_the_round_bit_for_bit(
         cnn: LocalModel, shard: tuple[np.ndarray, np.ndarray], scheme: str) -> None:
     """θ and every upload rebuilt from (seed, projected) and the manifest's segments."""
     x, y = shard
     cfg = TrainConfig(local_steps=12, upload_every=3, seed=4,
-                      zo=zo.ZOConfig(perturb="block", scheme=scheme, q=2))
+                      zo=ZOConfig(perturb="block", scheme=scheme, q=2))
     uploads: list[tuple[int, np.ndarray]] = []
     result = train_round(cnn, cnn.bundle.weights, x, y, cfg, round_idx=2, device_id="dev-3",
                          on_smashed=lambda s, a, lab: uploads.append((s, a.copy())))
@@ -379,13 +382,13 @@ def test_block_mode_on_a_bundle_without_segments_says_what_to_do(
 
 def test_block_mode_runs_without_torch(cnn_dir: Path, no_torch_env: dict) -> None:
     code = ("import numpy as np, sys\n"
-            "from edge_runtime import zo\n"
             "from edge_runtime.bundle import load_bundle\n"
-            "from edge_runtime.runtime import LocalModel, TrainConfig, train_round\n"
+            "from edge_runtime.protocol import TrainConfig, ZOConfig\n"
+            "from edge_runtime.runtime import LocalModel, train_round\n"
             f"b = load_bundle({str(cnn_dir)!r})\n"
             "x = np.zeros((8, 1, 8, 8), np.float32); y = np.arange(8) % 10\n"
             "r = train_round(LocalModel(b, 1), b.weights, x, y, TrainConfig(local_steps=3, "
-            "zo=zo.ZOConfig(perturb='block')), round_idx=0, device_id='d')\n"
+            "zo=ZOConfig(perturb='block')), round_idx=0, device_id='d')\n"
             "assert 'torch' not in sys.modules and r.blocks.size == 3\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=no_torch_env,
                           capture_output=True, text=True, timeout=60)
@@ -395,12 +398,12 @@ def test_block_mode_runs_without_torch(cnn_dir: Path, no_torch_env: dict) -> Non
 # --- config -------------------------------------------------------------------------------------
 
 def test_perturb_travels_in_the_round_config_and_full_stays_off_the_wire() -> None:
-    cfg = TrainConfig(zo=zo.ZOConfig(perturb="block", q=2))
+    cfg = TrainConfig(zo=ZOConfig(perturb="block", q=2))
     wire = json.loads(json.dumps(cfg.to_json()))
     assert wire["zo"]["perturb"] == "block"
     assert TrainConfig.from_json(wire) == cfg
     default = TrainConfig().to_json()
-    assert "perturb" not in default["zo"]  # what a device from before the option accepts
+    assert "perturb" not in default["zo"]  # the default stays off the wire
     assert TrainConfig.from_json(default) == TrainConfig()
 
 

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from edge_runtime.device import announced_config
-from edge_runtime.messages import Presence, decode, encode, server_info
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.protocol import Presence, TrainConfig, decode, encode, server_info
 
 
 def test_the_servers_presence_carries_the_runs_training_config() -> None:

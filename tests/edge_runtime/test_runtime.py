@@ -11,11 +11,12 @@ from conftest import ROOT
 
 from edge_runtime import zo
 from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, load_bundle
-from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig, step_seed, train_round
+from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
+from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split
 from heron_data.datasets import load_dataset
 
-SGD = zo.OptimizerConfig(name="sgd", lr=0.01)
+SGD = OptimizerConfig(name="sgd", lr=0.01)
 SHARD = 300
 
 
@@ -54,11 +55,10 @@ def test_bundle_and_shard_fit(model: LocalModel, bundle: Bundle,
 
 CONFIGS = {
     "sgd-forward-gaussian": TrainConfig(local_steps=150, optimizer=SGD),
-    "adam": TrainConfig(local_steps=150, optimizer=zo.OptimizerConfig(name="adam", lr=0.01)),
-    "central": TrainConfig(local_steps=150, optimizer=SGD, zo=zo.ZOConfig(scheme="central")),
+    "adam": TrainConfig(local_steps=150, optimizer=OptimizerConfig(name="adam", lr=0.01)),
+    "central": TrainConfig(local_steps=150, optimizer=SGD, zo=ZOConfig(scheme="central")),
     "sphere-q2": TrainConfig(local_steps=150, optimizer=SGD,
-                             zo=zo.ZOConfig(q=2, distribution="sphere")),
-    "default": TrainConfig(local_steps=150),
+                             zo=ZOConfig(q=2, distribution="sphere")),
 }
 
 
@@ -107,10 +107,10 @@ REPLAY = {
     "sgd-forward-q1": TrainConfig(local_steps=12, upload_every=1, optimizer=SGD),
     "sgd-central-sphere-q3": TrainConfig(
         local_steps=12, upload_every=1, optimizer=SGD,
-        zo=zo.ZOConfig(q=3, scheme="central", distribution="sphere")),
+        zo=ZOConfig(q=3, scheme="central", distribution="sphere")),
     "adam-forward-q2": TrainConfig(local_steps=12, upload_every=1, seed=5,
-                                   optimizer=zo.OptimizerConfig(name="adam", lr=0.01),
-                                   zo=zo.ZOConfig(q=2)),
+                                   optimizer=OptimizerConfig(name="adam", lr=0.01),
+                                   zo=ZOConfig(q=2)),
 }
 
 
@@ -243,8 +243,8 @@ def test_check_data_accepts_all_classes(model: LocalModel) -> None:
 @pytest.mark.parametrize("cfg", [
     TrainConfig(),
     TrainConfig(local_steps=3, upload_every=7, batch_size=5, seed=11,
-                zo=zo.ZOConfig(mu=1e-4, q=3, scheme="central", distribution="sphere"),
-                optimizer=zo.OptimizerConfig(name="adam", lr=1e-4, beta1=0.8, weight_decay=0.1)),
+                zo=ZOConfig(mu=1e-4, q=3, scheme="central", distribution="sphere"),
+                optimizer=OptimizerConfig(name="adam", lr=1e-4, beta1=0.8, weight_decay=0.1)),
     TrainConfig(optimizer=SGD),
 ], ids=["default", "custom", "sgd"])
 def test_config_json_round_trip(cfg: TrainConfig) -> None:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime import zo
+from edge_runtime.protocol import OptimizerConfig, ZOConfig
+from edge_runtime.protocol.config import DISTRIBUTIONS, OPTIMIZERS, SCHEMES
 
 IN, HIDDEN, OUT, N = 8, 16, 4, 64
 SHAPES = [(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
@@ -51,7 +53,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 GRAD = true_grad(THETA)
 LOSS0 = loss_fn(THETA)
-CONFIGS = [zo.ZOConfig(scheme=s, distribution=d) for s in zo.SCHEMES for d in zo.DISTRIBUTIONS]
+CONFIGS = [ZOConfig(scheme=s, distribution=d) for s in SCHEMES for d in DISTRIBUTIONS]
 CFG_IDS = [f"{c.scheme}-{c.distribution}" for c in CONFIGS]
 
 
@@ -61,20 +63,20 @@ def test_true_gradient_is_not_trivial() -> None:
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=CFG_IDS)
-def mean_estimate(request: pytest.FixtureRequest) -> tuple[zo.ZOConfig, np.ndarray]:
-    cfg: zo.ZOConfig = request.param
+def mean_estimate(request: pytest.FixtureRequest) -> tuple[ZOConfig, np.ndarray]:
+    cfg: ZOConfig = request.param
     loss0 = LOSS0 if cfg.scheme == "forward" else None
     grads = [zo.estimate(loss_fn, THETA, s, cfg, loss0).grad for s in range(2000)]
     return cfg, np.mean(np.asarray(grads, dtype=np.float64), axis=0)
 
 
 def test_averaged_estimate_points_along_the_true_gradient(
-        mean_estimate: tuple[zo.ZOConfig, np.ndarray]) -> None:
+        mean_estimate: tuple[ZOConfig, np.ndarray]) -> None:
     _, g = mean_estimate
     assert _cos(g, GRAD) > 0.9
 
 
-def test_estimate_is_unbiased_in_scale(mean_estimate: tuple[zo.ZOConfig, np.ndarray]) -> None:
+def test_estimate_is_unbiased_in_scale(mean_estimate: tuple[ZOConfig, np.ndarray]) -> None:
     """E[g] = ∇l: the mean's component along ∇ is |∇|, and its norm is close to |∇|."""
     _, g = mean_estimate
     along = float(np.dot(g, GRAD) / np.dot(GRAD, GRAD))
@@ -83,7 +85,7 @@ def test_estimate_is_unbiased_in_scale(mean_estimate: tuple[zo.ZOConfig, np.ndar
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CFG_IDS)
-def test_projected_value_is_the_directional_derivative(cfg: zo.ZOConfig) -> None:
+def test_projected_value_is_the_directional_derivative(cfg: ZOConfig) -> None:
     """Each direction's finite difference matches ∇l·u from autograd."""
     for step in range(5):
         est = zo.estimate(loss_fn, THETA, step, cfg)
@@ -95,7 +97,7 @@ def test_projected_value_is_the_directional_derivative(cfg: zo.ZOConfig) -> None
 
 def test_single_gaussian_estimate_has_the_expected_spread() -> None:
     """|g| of one Gaussian estimate is about |∇·z|·|z|, i.e. ~sqrt(d) times |∇| on average."""
-    cfg = zo.ZOConfig()
+    cfg = ZOConfig()
     norms = [np.linalg.norm(zo.estimate(loss_fn, THETA, s, cfg, LOSS0).grad) for s in range(400)]
     ratio = float(np.mean(norms)) / float(np.linalg.norm(GRAD))
     expected = np.sqrt(2 / np.pi) * np.sqrt(D)  # E|N(0,1)| * E|z|
@@ -103,9 +105,9 @@ def test_single_gaussian_estimate_has_the_expected_spread() -> None:
 
 
 def test_loss_reported_matches_the_evaluations() -> None:
-    fwd = zo.estimate(loss_fn, THETA, 3, zo.ZOConfig())
+    fwd = zo.estimate(loss_fn, THETA, 3, ZOConfig())
     assert fwd.loss == LOSS0
-    central = zo.estimate(loss_fn, THETA, 3, zo.ZOConfig(scheme="central"))
+    central = zo.estimate(loss_fn, THETA, 3, ZOConfig(scheme="central"))
     assert central.loss == pytest.approx(LOSS0, abs=1e-4)
 
 
@@ -116,26 +118,26 @@ def test_forward_uses_given_loss0_and_counts_evaluations() -> None:
         calls.append(theta.copy())
         return loss_fn(theta)
 
-    zo.estimate(counting, THETA, 0, zo.ZOConfig(q=3), loss0=LOSS0)
+    zo.estimate(counting, THETA, 0, ZOConfig(q=3), loss0=LOSS0)
     assert len(calls) == 3
     calls.clear()
-    zo.estimate(counting, THETA, 0, zo.ZOConfig(q=3))
+    zo.estimate(counting, THETA, 0, ZOConfig(q=3))
     assert len(calls) == 4 and np.array_equal(calls[0], THETA)
     calls.clear()
-    zo.estimate(counting, THETA, 0, zo.ZOConfig(q=3, scheme="central"), loss0=LOSS0)
+    zo.estimate(counting, THETA, 0, ZOConfig(q=3, scheme="central"), loss0=LOSS0)
     assert len(calls) == 6
     assert all(c.dtype == np.float32 for c in calls)
 
 
 def test_estimate_leaves_theta_untouched() -> None:
     theta = THETA.copy()
-    zo.estimate(loss_fn, theta, 1, zo.ZOConfig(q=2, scheme="central"))
+    zo.estimate(loss_fn, theta, 1, ZOConfig(q=2, scheme="central"))
     assert np.array_equal(theta, THETA)
 
 
 # --- reproducibility ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dist", zo.DISTRIBUTIONS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_same_seed_same_direction_different_seed_different(dist: str) -> None:
     a, b = zo.direction(12345, D, dist), zo.direction(12345, D, dist)
     assert a.dtype == np.float32 and a.shape == (D,)
@@ -159,11 +161,11 @@ def test_direction_seeds_are_distinct_and_reproducible() -> None:
     assert not np.array_equal(s, zo.direction_seeds(100, 16))
 
 
-@pytest.mark.parametrize("cfg", [*CONFIGS, zo.ZOConfig(q=4), zo.ZOConfig(q=3, scheme="central",
+@pytest.mark.parametrize("cfg", [*CONFIGS, ZOConfig(q=4), ZOConfig(q=3, scheme="central",
                                                                           distribution="sphere")],
                          ids=[*CFG_IDS, "q4", "q3-central-sphere"])
-def test_same_step_seed_reproduces_estimate_and_update_bit_for_bit(cfg: zo.ZOConfig) -> None:
-    opt = zo.OptimizerConfig(name="adam", lr=1e-3)
+def test_same_step_seed_reproduces_estimate_and_update_bit_for_bit(cfg: ZOConfig) -> None:
+    opt = OptimizerConfig(name="adam", lr=1e-3)
     runs = []
     for _ in range(2):
         est = zo.estimate(loss_fn, THETA, 2024, cfg)
@@ -178,10 +180,10 @@ def test_same_step_seed_reproduces_estimate_and_update_bit_for_bit(cfg: zo.ZOCon
     assert not np.array_equal(other.seeds, e1.seeds)
 
 
-@pytest.mark.parametrize("cfg", [*CONFIGS, zo.ZOConfig(q=5), zo.ZOConfig(q=2, scheme="central",
+@pytest.mark.parametrize("cfg", [*CONFIGS, ZOConfig(q=5), ZOConfig(q=2, scheme="central",
                                                                           distribution="sphere")],
                          ids=[*CFG_IDS, "q5", "q2-central-sphere"])
-def test_reconstruct_from_the_log_equals_the_estimate_bit_for_bit(cfg: zo.ZOConfig) -> None:
+def test_reconstruct_from_the_log_equals_the_estimate_bit_for_bit(cfg: ZOConfig) -> None:
     for step in range(4):
         est = zo.estimate(loss_fn, THETA, step, cfg)
         assert est.seeds.shape == est.projected.shape == (cfg.q,)
@@ -194,7 +196,7 @@ def test_reconstruct_is_the_scaled_mean_of_projected_directions() -> None:
     seeds = np.array([3, 5, 8], dtype=np.uint64)
     p = np.array([0.5, -2.0, 1.25], dtype=np.float32)
     for dist, scale in (("gaussian", 1.0), ("sphere", float(D))):
-        cfg = zo.ZOConfig(q=3, distribution=dist)
+        cfg = ZOConfig(q=3, distribution=dist)
         want = scale / 3 * sum(float(pi) * zo.direction(int(s), D, dist).astype(np.float64)
                                for s, pi in zip(seeds, p, strict=True))
         np.testing.assert_allclose(zo.reconstruct(seeds, p, D, cfg), want, rtol=1e-5,
@@ -209,7 +211,7 @@ def _grads(k: int) -> list[np.ndarray]:
 
 
 def test_sgd_is_theta_minus_lr_g_and_leaves_inputs_untouched() -> None:
-    cfg = zo.OptimizerConfig(name="sgd", lr=0.05)
+    cfg = OptimizerConfig(name="sgd", lr=0.05)
     theta, g = THETA.copy(), _grads(1)[0]
     g_before = g.copy()
     state = zo.init_state(theta, cfg)
@@ -223,9 +225,9 @@ def test_sgd_is_theta_minus_lr_g_and_leaves_inputs_untouched() -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-@pytest.mark.parametrize("name", zo.OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_matches_torch(name: str, weight_decay: float) -> None:
-    cfg = zo.OptimizerConfig(name=name, lr=1e-2, weight_decay=weight_decay)
+    cfg = OptimizerConfig(name=name, lr=1e-2, weight_decay=weight_decay)
     param = torch.nn.Parameter(torch.from_numpy(THETA.copy()))
     opt: torch.optim.Optimizer = (
         torch.optim.Adam([param], lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
@@ -242,10 +244,10 @@ def test_optimizer_matches_torch(name: str, weight_decay: float) -> None:
 
 
 def test_adam_state_starts_at_zero_and_sgd_has_none() -> None:
-    s = zo.init_state(THETA, zo.OptimizerConfig(name="adam"))
+    s = zo.init_state(THETA, OptimizerConfig(name="adam"))
     assert s.step == 0 and s.m is not None and s.v is not None
     assert not s.m.any() and not s.v.any() and s.m.shape == (D,)
-    s2 = zo.init_state(THETA, zo.OptimizerConfig(name="sgd"))
+    s2 = zo.init_state(THETA, OptimizerConfig(name="sgd"))
     assert s2.m is None and s2.v is None
 
 
@@ -259,7 +261,7 @@ def test_adam_state_starts_at_zero_and_sgd_has_none() -> None:
 ], ids=str)
 def test_bad_zo_config_is_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        zo.ZOConfig(**kwargs)  # type: ignore[arg-type]
+        ZOConfig(**kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -268,9 +270,9 @@ def test_bad_zo_config_is_rejected(kwargs: dict[str, object]) -> None:
 ], ids=str)
 def test_bad_optimizer_config_is_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        zo.OptimizerConfig(**kwargs)  # type: ignore[arg-type]
+        OptimizerConfig(**kwargs)  # type: ignore[arg-type]
 
 
 def test_good_configs_are_accepted() -> None:
-    assert zo.ZOConfig(mu=1e-5, q=8, scheme="central", distribution="sphere").q == 8
-    assert zo.OptimizerConfig(name="adam", lr=1e-4).name == "adam"
+    assert ZOConfig(mu=1e-5, q=8, scheme="central", distribution="sphere").q == 8
+    assert OptimizerConfig(name="adam", lr=1e-4).name == "adam"

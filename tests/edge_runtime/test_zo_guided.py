@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge_runtime import zo
+from edge_runtime.protocol import OptimizerConfig, ZOConfig
 
 D, K = 1000, 8
 
@@ -65,12 +66,12 @@ def test_guided_update_lies_in_span_of_the_basis() -> None:
     u = _basis()
     f = _quadratic(_basis(seed=5), np.ones(D))
     theta = np.zeros(D, np.float32)
-    est = zo.estimate_guided(f, theta, 7, u, zo.ZOConfig(q=3))
+    est = zo.estimate_guided(f, theta, 7, u, ZOConfig(q=3))
     assert np.linalg.norm(est.grad) > 0
     outside = est.grad - u @ (u.T @ est.grad)
     assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(est.grad)
-    new, _ = zo.apply(theta, est.grad, zo.init_state(theta, zo.OptimizerConfig()),
-                      zo.OptimizerConfig(lr=0.1))
+    new, _ = zo.apply(theta, est.grad, zo.init_state(theta, OptimizerConfig(name="sgd")),
+                      OptimizerConfig(name="sgd", lr=0.1))
     step = new - theta
     assert np.linalg.norm(step - u @ (u.T @ step)) < 1e-5 * np.linalg.norm(step)
 
@@ -79,7 +80,7 @@ def test_isotropic_part_is_exactly_the_stated_one() -> None:
     """α > 0: outside span(U) the update is sqrt(αk/d)·ε, ε the seed's second draw."""
     u, alpha = _basis(), 0.1
     f = _quadratic(u, np.ones(D))
-    est = zo.estimate_guided(f, np.zeros(D, np.float32), 3, u, zo.ZOConfig(q=2), alpha)
+    est = zo.estimate_guided(f, np.zeros(D, np.float32), 3, u, ZOConfig(q=2), alpha)
     expected = np.zeros(D)
     for seed, p in zip(est.seeds, est.projected, strict=True):
         gen = np.random.Generator(np.random.PCG64(int(seed)))
@@ -97,7 +98,7 @@ def test_guided_estimate_is_unbiased_for_the_projected_gradient() -> None:
     f = _quadratic(np.eye(D, 40), target)  # gradient outside span(U) too
     theta = np.zeros(D, np.float32)
     grad = -(np.eye(D, 40) @ np.eye(D, 40).T @ target)
-    mean = np.mean([zo.estimate_guided(f, theta, s, u, zo.ZOConfig(mu=1e-4)).grad
+    mean = np.mean([zo.estimate_guided(f, theta, s, u, ZOConfig(mu=1e-4)).grad
                     for s in range(1500)], axis=0)
     projected = u @ (u.T @ grad)
     assert np.linalg.norm(mean - projected) < 0.2 * np.linalg.norm(projected)
@@ -108,14 +109,14 @@ def test_same_seed_reproduces_and_the_log_rebuilds_the_estimate() -> None:
     f = _quadratic(u, np.ones(D))
     theta = np.zeros(D, np.float32)
     for alpha in (0.0, 0.2):
-        a = zo.estimate_guided(f, theta, 11, u, zo.ZOConfig(q=2), alpha)
-        b = zo.estimate_guided(f, theta, 11, u, zo.ZOConfig(q=2), alpha)
+        a = zo.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
+        b = zo.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
         assert np.array_equal(a.grad, b.grad)
         assert np.array_equal(zo.reconstruct_guided(a.seeds, a.projected, u, alpha), a.grad)
     with pytest.raises(ValueError, match="alpha"):
         zo.guided_direction(1, u, 1.0)
     with pytest.raises(ValueError, match="rows"):
-        zo.estimate_guided(f, np.zeros(D + 1, np.float32), 1, u, zo.ZOConfig())
+        zo.estimate_guided(f, np.zeros(D + 1, np.float32), 1, u, ZOConfig())
 
 
 def _steps_to_solve(f, theta0: np.ndarray, step, lr: float, tol: float,  # noqa: ANN001
@@ -136,7 +137,7 @@ def test_guided_solves_a_low_rank_quadratic_20x_faster_at_equal_forwards() -> No
     target = np.random.default_rng(4).standard_normal(D).astype(np.float32)
     f = _quadratic(v, target)
     theta0 = np.zeros(D, np.float32)
-    cfg = zo.ZOConfig(mu=1e-4)
+    cfg = ZOConfig(mu=1e-4)
     guided = _steps_to_solve(f, theta0, lambda f, th, t: zo.estimate_guided(f, th, t, v, cfg),
                              1.0 / (K + 2), 1e-2, 100_000)
     limit = 40 * guided

@@ -220,7 +220,7 @@ def retained(broker: str, topic: str) -> object:
 
 def test_heron_server_stops_on_sigterm_and_says_offline(tmp_path: Path, runs: list[Run],
                                                         embedded_broker: str) -> None:
-    from edge_runtime import topics
+    from edge_runtime.protocol import topics
 
     out = tmp_path / "server"
     server = Run("server", "--broker", embedded_broker, "--out", str(out), "--devices", "1")
@@ -238,7 +238,7 @@ def test_heron_server_stops_on_sigterm_and_says_offline(tmp_path: Path, runs: li
 def test_heron_device_stops_on_sigterm_and_says_offline(tmp_path: Path, runs: list[Run],
                                                         embedded_broker: str) -> None:
     from devices.fleet import FleetOptions, make_shards
-    from edge_runtime import topics
+    from edge_runtime.protocol import topics
 
     [shard] = make_shards(FleetOptions(out=tmp_path, devices=1), tmp_path / "shards")
     device = Run("device", "--broker", embedded_broker, "--id", "dev-0", "--data", str(shard))

@@ -167,8 +167,8 @@ def test_clip_update_pulls_a_far_update_back_to_the_bound() -> None:
 
 def test_good_update_passes() -> None:
     assert check_update(A, 3) is None
-    assert check_update(A, 3, max_norm=float(np.linalg.norm(A))) is None
     assert check_update(np.zeros(0, np.float32), 0) is None
+    assert check_update(A * 1e6, 3) is None  # size alone is no reason to refuse
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -192,14 +192,6 @@ def test_wrong_shape_is_refused(w: np.ndarray) -> None:
 def test_wrong_dtype_is_refused(dtype: type) -> None:
     why = check_update(A.astype(dtype), 3)
     assert why is not None and "dtype" in why
-
-
-def test_norm_bound_is_enforced() -> None:
-    norm = float(np.linalg.norm(A))  # sqrt(21)
-    why = check_update(A, 3, max_norm=norm * 0.999)
-    assert why is not None and "norm" in why
-    assert check_update(A, 3, max_norm=norm * 1.001) is None
-    assert check_update(A * 1e6, 3) is None  # no bound given: size alone is fine
 
 
 # --- plan_round -----------------------------------------------------------------------------

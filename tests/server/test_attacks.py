@@ -27,8 +27,7 @@ import torch
 from conftest import ROOT, free_port, heron, mosquitto_binary, wait_port
 
 from devices.provision import ProvisionOptions, provision
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
     DeviceError,
@@ -42,6 +41,7 @@ from edge_runtime.messages import (
     chunk,
     encode,
     new_msg_id,
+    topics,
 )
 from edge_runtime.transport import Credentials, MqttTransport
 
@@ -124,8 +124,7 @@ def frame(kind: str, s: RoundStart, sender: str, meta: dict, arrays: dict | None
 def update_frame(s: RoundStart, who: str, *, weights: np.ndarray | None = None,
                  num_samples: object = DECLARED, telemetry: object = None) -> tuple[str, bytes]:
     return frame("update", s, who, {"num_samples": num_samples, "telemetry": telemetry or {}},
-                 {"weights": s.weights.copy() if weights is None else weights,
-                  "zo_seeds": np.zeros(0, np.uint64), "zo_grads": np.zeros(0, np.float32)})
+                 {"weights": s.weights.copy() if weights is None else weights})
 
 
 def join_frame(s: RoundStart, who: str, **profile: object) -> tuple[str, bytes]:

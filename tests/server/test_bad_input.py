@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import ROOT, heron
 
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,
     RoundStart,
     Smashed,
     Update,
     chunk,
     encode,
+    topics,
 )
 from edge_runtime.transport import MqttTransport
 

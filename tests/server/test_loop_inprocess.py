@@ -15,10 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime import topics
 from edge_runtime.device import Device, DeviceOptions, device_endpoint, message_limit
-from edge_runtime.messages import Message, Presence, Smashed, Update, new_msg_id
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.protocol import (
+    Message,
+    Presence,
+    Smashed,
+    TrainConfig,
+    Update,
+    new_msg_id,
+    topics,
+)
 from edge_runtime.transport import payloads
 from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
 from server.loop import Server, ServerOptions

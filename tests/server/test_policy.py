@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from edge_runtime.runtime import TrainConfig
+from edge_runtime.protocol import TrainConfig
 from server import policy
 from server.policy import (
     Guard,

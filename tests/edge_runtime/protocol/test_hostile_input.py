@@ -25,8 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime import topics
-from edge_runtime.messages import (
+from edge_runtime.protocol import (
     MAGIC,
     MAX_CHUNK_PAYLOAD,
     PARTIAL_OVERHEAD,
@@ -45,14 +44,15 @@ from edge_runtime.messages import (
     Smashed,
     Stop,
     Telemetry,
+    TrainConfig,
     Update,
     chunk,
     decode,
     encode,
     max_bytes,
     new_msg_id,
+    topics,
 )
-from edge_runtime.runtime import TrainConfig
 
 CHUNK_HEAD = struct.Struct("<4s16sIIQ")
 RUN = "a1b2c3d4e5f6"
@@ -219,8 +219,6 @@ def test_the_sample_count_bound_holds_what_aggregation_needs() -> None:
 @pytest.mark.parametrize(("msg", "field", "bad"), [
     (_update(), "weights", np.array([0, np.nan], np.float32)),
     (_update(), "weights", np.array([np.inf, 0], np.float32)),
-    (_update(zo_seeds=np.zeros(2, np.uint64), zo_grads=np.zeros(2, np.float32)), "zo_grads",
-     np.array([0, -np.inf], np.float32)),
     (RoundStart(RUN, 1, "server", weights=np.zeros(3, np.float32)), "weights",
      np.array([np.nan] * 3, np.float32)),
     (Smashed(RUN, 1, "dev-0", activations=np.zeros((2, 3), np.float32),
@@ -231,7 +229,7 @@ def test_the_sample_count_bound_holds_what_aggregation_needs() -> None:
              labels=np.zeros(2, np.int64)), "labels", np.array([1, 2**40], np.int64)),
     (Gradient(RUN, 1, "server", grad=np.zeros((2, 3), np.float32)), "grad",
      np.full((2, 3), np.inf, np.float32)),
-], ids=["weights-nan", "weights-inf", "zo-grads-inf", "round-weights-nan", "activations-nan",
+], ids=["weights-nan", "weights-inf", "round-weights-nan", "activations-nan",
         "label-negative", "label-huge", "grad-inf"])
 def test_arrays_with_values_out_of_bounds_are_refused(msg: Message, field: str,
                                                       bad: np.ndarray) -> None:
@@ -245,14 +243,12 @@ def test_arrays_with_values_out_of_bounds_are_refused(msg: Message, field: str,
     (Smashed(RUN, 1, "dev-0", activations=np.zeros((0, 3), np.float32),
              labels=np.zeros(0, np.int64)), None, "smashed.labels"),
     (Gradient(RUN, 1, "server", grad=np.zeros((0, 3), np.float32)), None, "grad.grad"),
-    (_update(zo_seeds=np.zeros(3, np.uint64), zo_grads=np.zeros(2, np.float32)), None,
-     "update.zo_grads"),
     (_update(weights=np.zeros((2, 5), np.float32)), None, "update.weights"),
     (Gradient(RUN, 1, "server", grad=np.zeros((1, 3), np.float32)),
      _set_meta(("loss",), float("nan")), "grad.loss"),
     (Smashed(RUN, 1, "dev-0", activations=np.zeros((1, 3), np.float32),
              labels=np.zeros(1, np.int64)), _set_meta(("step",), -1), "smashed.step"),
-], ids=["labels-not-batch", "empty-batch", "empty-grad", "zo-log-lengths", "weights-2d",
+], ids=["labels-not-batch", "empty-batch", "empty-grad", "weights-2d",
         "loss-nan", "step-negative"])
 def test_shapes_and_scalars_that_do_not_fit_the_kind_are_refused(
         msg: Message, edit: Callable[[dict[str, Any]], None] | None, where: str) -> None:
@@ -481,7 +477,7 @@ SEEDS: list[Message] = [
     Smashed(RUN, 2, "dev-0", step=3, activations=np.ones((2, 3, 2), np.float32),
             labels=np.array([1, 0], np.int64)),
     Gradient(RUN, 2, "server", step=3, grad=np.ones((2, 3, 2), np.float32), loss=0.5),
-    _update(zo_seeds=np.arange(4, dtype=np.uint64), zo_grads=np.ones(4, np.float32)),
+    _update(weights=np.arange(4, dtype=np.float32)),
     DeviceError(RUN, 2, "dev-0", error="shard has label 11"),
     Stop(RUN, 2, "server", reason="finished"),
 ]

@@ -125,13 +125,3 @@ def payload_kind(topic: str) -> str | None:
         return "presence"
     return None
 
-
-def matches(pattern: str, topic: str) -> bool:
-    """MQTT wildcard match ('+' one level, '#' the rest), used to test subscriptions."""
-    p, t = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(p):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(p) == len(t)

@@ -1,0 +1,254 @@
+"""The message kinds: frozen dataclasses sharing one envelope (run id, round, sender,
+message id), each with the bounds its fields and arrays are decoded with (`codec.decode`).
+
+Messages are not checked when built (the receiver is the boundary: a test must be able to
+send a NaN), but their nested records validate themselves and free text is cut to what a
+receiver takes. Size limits are per kind (`Message.max_bytes`, `max_bytes(kind)`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from edge_runtime.protocol.fields import (
+    MAX_ERROR_CHARS,
+    MAX_LOSS,
+    MAX_MESSAGE_BYTES,
+    MAX_NDIM,
+    MAX_PARTICIPANTS,
+    MAX_REASON_CHARS,
+    MAX_SAMPLES,
+    MAX_STEP,
+    SHA256,
+    choice,
+    clean_text,
+    config_object,
+    file_names,
+    free_text,
+    id_list,
+    integer,
+    matching,
+    optional,
+    real,
+)
+from edge_runtime.protocol.records import JoinProfile, Record, ServerInfo, Telemetry, nested
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ArraySpec(NamedTuple):
+    """What one array of a kind must be: dtype, number of dimensions, value bounds."""
+
+    dtype: str
+    ndim: tuple[int, int]  # min, max
+    finite: bool = False
+    nonneg: bool = False
+
+
+WEIGHTS = ArraySpec("float32", (1, 1), finite=True)
+
+
+# -- message kinds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Message:
+    """Envelope shared by every kind; subclasses add their fields."""
+
+    run_id: str
+    round: int
+    sender: str
+    msg_id: str = field(default_factory=new_msg_id)
+    kind: ClassVar[str] = "message"
+    max_bytes: ClassVar[int] = 64 * 1024  # the largest encoding of this kind a receiver takes
+    _arrays: ClassVar[dict[str, ArraySpec]] = {}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able fields other than the envelope and the arrays."""
+        out = {}
+        for name in self._meta:
+            v = getattr(self, name)
+            if isinstance(v, Record):
+                v = v.to_json()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[name] = {} if v is None and name in RECORD_FIELDS else v
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._arrays}
+
+    def _record(self, name: str, cls: type[Record]) -> None:
+        """Accept a record's JSON form (a dict) where the record goes; `{}` is None."""
+        v = getattr(self, name)
+        if isinstance(v, Mapping):
+            object.__setattr__(self, name, cls.from_json(v, f"{self.kind}.{name}") if v else None)
+
+
+RECORD_FIELDS = ("info", "profile", "telemetry")
+
+
+@dataclass(frozen=True)
+class Presence(Message):
+    """Retained device or server status; the offline variant is the device's last will.
+
+    The server's online presence carries a ServerInfo in `info`; devices send none."""
+
+    state: str = "online"  # online | offline
+    info: ServerInfo | None = None
+    kind: ClassVar[str] = "presence"
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "state": choice("online", "offline"), "info": nested(ServerInfo)}
+
+    def __post_init__(self) -> None:
+        self._record("info", ServerInfo)
+
+
+@dataclass(frozen=True)
+class Join(Message):
+    """A device announcing itself; asks for the bundle unless it has one with this sha."""
+
+    profile: JoinProfile | None = None
+    bundle_sha256: str | None = None
+    kind: ClassVar[str] = "join"
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "profile": nested(JoinProfile),
+        "bundle_sha256": optional(matching(SHA256, "a sha256 in lowercase hex"))}
+
+    def __post_init__(self) -> None:
+        self._record("profile", JoinProfile)
+
+
+@dataclass(frozen=True)
+class BundleFiles(Message):
+    """The bundle's files as raw bytes; the device verifies them against the manifest."""
+
+    names: tuple[str, ...] = ()
+    blobs: tuple[np.ndarray, ...] = ()  # uint8, one per name
+    kind: ClassVar[str] = "bundle"
+    max_bytes: ClassVar[int] = MAX_MESSAGE_BYTES
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "names": lambda w, v: file_names(w, v)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"file{i}": b for i, b in enumerate(self.blobs)}
+
+    def files(self) -> dict[str, bytes]:
+        return {n: b.tobytes() for n, b in zip(self.names, self.blobs, strict=True)}
+
+    def release(self) -> None:
+        """Drop the file data (a received bundle can be 80 MB): once it is stored, the
+        buffer it views is freed even while the message object is still referenced."""
+        object.__setattr__(self, "blobs", ())
+        object.__setattr__(self, "names", ())
+
+    def views(self) -> dict[str, memoryview]:
+        """The files without copying them (to write them to disk, say)."""
+        return {n: memoryview(b).cast("B") for n, b in zip(self.names, self.blobs, strict=True)}
+
+
+@dataclass(frozen=True)
+class RoundStart(Message):
+    """Global client+aux weights, the participants and the training config for the round."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    participants: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    bundle_sha256: str = ""
+    kind: ClassVar[str] = "round"
+    max_bytes: ClassVar[int] = 256 * 1024 * 1024
+    _arrays: ClassVar[dict[str, ArraySpec]] = {"weights": WEIGHTS}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "participants": id_list(MAX_PARTICIPANTS), "config": config_object,
+        "bundle_sha256": matching(re.compile(r"|[0-9a-f]{64}"), "a sha256 in lowercase hex")}
+
+
+@dataclass(frozen=True)
+class Smashed(Message):
+    """Cut-layer activations of one batch with its labels, for the server's FO step."""
+
+    step: int = 0
+    activations: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    kind: ClassVar[str] = "smashed"
+    max_bytes: ClassVar[int] = 128 * 1024 * 1024
+    _arrays: ClassVar[dict[str, ArraySpec]] = {
+        "activations": ArraySpec("float32", (1, MAX_NDIM), finite=True),
+        "labels": ArraySpec("int64", (1, 1), nonneg=True)}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {"step": integer(0, MAX_STEP)}
+
+
+@dataclass(frozen=True)
+class Gradient(Message):
+    """SplitFed only: the server's dL/d(smashed) for one uploaded step, and its loss."""
+
+    step: int = 0
+    grad: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    loss: float = 0.0
+    kind: ClassVar[str] = "grad"
+    max_bytes: ClassVar[int] = 128 * 1024 * 1024
+    _arrays: ClassVar[dict[str, ArraySpec]] = {
+        "grad": ArraySpec("float32", (1, MAX_NDIM), finite=True)}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "step": integer(0, MAX_STEP), "loss": real(-MAX_LOSS, MAX_LOSS)}
+
+
+@dataclass(frozen=True)
+class Update(Message):
+    """Round-end device weights, sample count and telemetry."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    num_samples: int = 1
+    telemetry: Telemetry | None = None
+    kind: ClassVar[str] = "update"
+    max_bytes: ClassVar[int] = 256 * 1024 * 1024
+    _arrays: ClassVar[dict[str, ArraySpec]] = {"weights": WEIGHTS}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "num_samples": integer(1, MAX_SAMPLES), "telemetry": nested(Telemetry)}
+
+    def __post_init__(self) -> None:
+        self._record("telemetry", Telemetry)
+
+
+@dataclass(frozen=True)
+class DeviceError(Message):
+    """A device reporting a problem it cannot fix itself (errors travel as messages).
+    Longer text is cut to MAX_ERROR_CHARS when the message is built."""
+
+    error: str = ""
+    kind: ClassVar[str] = "error"
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {"error": free_text(MAX_ERROR_CHARS)}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "error", clean_text(self.error, MAX_ERROR_CHARS))
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    reason: str = ""
+    kind: ClassVar[str] = "stop"
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {"reason": free_text(MAX_REASON_CHARS)}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", clean_text(self.reason, MAX_REASON_CHARS))
+
+
+KINDS: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Presence, Join, BundleFiles, RoundStart, Smashed, Gradient,
+                              Update, DeviceError, Stop)
+}
+
+
+def max_bytes(kind: str | None) -> int:
+    """The largest encoded message of `kind` a receiver accepts (any kind's if None)."""
+    cls = KINDS.get(kind) if kind is not None else None
+    return cls.max_bytes if cls is not None else MAX_MESSAGE_BYTES
+

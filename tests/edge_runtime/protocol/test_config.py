@@ -1,0 +1,37 @@
+"""One default per setting: the config's, read by the CLI; the protocol stays numpy-only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from edge_runtime.protocol import (
+    ZO_DEVICE_LR,
+    OptimizerConfig,
+    TrainConfig,
+    ZOConfig,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_nested_configs_default_to_the_train_configs_defaults() -> None:
+    cfg = TrainConfig()
+    assert cfg.optimizer == OptimizerConfig() and cfg.zo == ZOConfig()
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == ZO_DEVICE_LR
+
+
+def test_cli_defaults_are_the_configs() -> None:
+    from heron.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["run"])
+    assert _train_config(args) == TrainConfig()
+
+
+def test_protocol_imports_nothing_heavier_than_numpy() -> None:
+    code = ("import sys, edge_runtime.protocol\n"
+            "heavy = {'onnxruntime', 'torch', 'paho', 'psutil'} & {m.split('.')[0] for m in "
+            "sys.modules}\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
