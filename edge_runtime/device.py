@@ -47,6 +47,7 @@ import onnxruntime as ort
 import psutil
 
 from edge_runtime import topics
+from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
 from edge_runtime.bundle import (
     GRAPH_DATA,
     Bundle,
@@ -81,7 +82,6 @@ from edge_runtime.profiles import (
     memory_budget,
 )
 from edge_runtime.runtime import (
-    DEVICE_ALGORITHMS,
     LocalModel,
     RoundResult,
     TrainConfig,
@@ -170,7 +170,7 @@ class Device:
     """The ONNX Runtime device (heron, frozen). `baselines.torch_device.TorchDevice` reuses
     this loop and overrides only the model hooks (`_make_model`, `_train`, ...)."""
 
-    algorithms: tuple[str, ...] = DEVICE_ALGORITHMS
+    algorithms: tuple[str, ...] = ONNX_ALGORITHMS
     checks_memory = True  # dry-run memory check against the board profile (ORT device)
 
     def __init__(self, opts: DeviceOptions) -> None:
@@ -444,7 +444,7 @@ class Device:
             cfg = TrainConfig.from_json(msg.config)
             if cfg.algorithm not in self.algorithms:
                 hint = ("start the device with `heron device --torch` (needs torch)"
-                        if cfg.algorithm not in DEVICE_ALGORITHMS else
+                        if algorithm(cfg.algorithm).runtime == "torch" else
                         "start the device without --torch")
                 raise ValueError(f"the server runs {cfg.algorithm!r} but this device runs "
                                  f"{', '.join(self.algorithms)}; help: {hint}")

@@ -20,6 +20,7 @@ import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import psutil
 
 from edge_runtime import blockzo, zo
+from edge_runtime.algorithms import ALGORITHMS, ONNX_ALGORITHMS, algorithm
 from edge_runtime.bundle import (
     INPUT_NAME,
     LABEL_NAME,
@@ -29,13 +30,6 @@ from edge_runtime.bundle import (
     BundleError,
 )
 from edge_runtime.data import BatchSampler
-
-# Every algorithm a federation can run. The ONNX Runtime device runs DEVICE_ALGORITHMS; the
-# first-order baselines run on the torch device in `baselines/torch_device.py` (same protocol).
-ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
-DEVICE_ALGORITHMS = ("heron", "frozen")
-AUX_ALGORITHMS = ("heron", "cse-fsl", "frozen")  # a device loss through the aux head
-SPLITFED = ("sflv1", "sflv2")  # the device waits for the server's cut-layer gradient each step
 
 
 @dataclass(frozen=True)
@@ -307,10 +301,11 @@ def train_round(
     Block-wise (cfg.zo.perturb == "block"), `block_sampler` is where block draws start:
     the previous round's `RoundResult.block_sampler` on the same bundle, or None (uniform).
     """
-    if cfg.algorithm not in DEVICE_ALGORITHMS:
+    if algorithm(cfg.algorithm).runtime != "onnxruntime":
         raise ValueError(f"algorithm {cfg.algorithm!r} needs a first-order device; this ONNX "
-                         f"Runtime device runs {', '.join(DEVICE_ALGORITHMS)}. help: start "
+                         f"Runtime device runs {', '.join(ONNX_ALGORITHMS)}. help: start "
                          "the device with `heron device --torch` (needs torch installed)")
+    trains = algorithm(cfg.algorithm).device_update == "zo"  # else frozen: forwards only
     if not np.all(np.isfinite(theta)):
         raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
     sampler = BatchSampler(len(y), cfg.batch_size,
@@ -326,7 +321,7 @@ def train_round(
         idx = sampler.next_indices()
         xb, yb = x[idx], y[idx]
         upload = on_smashed is not None and step % cfg.upload_every == 0
-        if cfg.algorithm == "frozen":  # the reviewers' baseline: smashed data, no update
+        if not trains:  # frozen, the reviewers' baseline: smashed data, no update
             if upload:
                 outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT))
                 assert on_smashed is not None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edge_runtime import topics
+from edge_runtime.algorithms import ALGORITHMS, AUX_ALGORITHMS, algorithm
 
 SERVER_EXTRA_HINT = (
     "this command needs the server extra; help: `pip install torch==2.13.0` (CPU build) "
@@ -222,8 +223,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "all-MiniLM-L6-v2 with LoRA, for --dataset sst2/tsv) (default: fedcnn, the "
                    "FedAvg paper's CNN, for 1x28x28 images such as mnist; minilm for text; "
                    "cnn otherwise)")
-    g.add_argument("--algorithm", default="heron",
-                   choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+    g.add_argument("--algorithm", default="heron", choices=tuple(ALGORITHMS),
                    help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
                    "cse-fsl (client+aux by backprop), sflv1/sflv2 (SplitFed: per-step "
                    "server gradient; V1 one server copy per device, averaged; V2 one server "
@@ -303,10 +303,6 @@ def _default_model(args: argparse.Namespace, command: str) -> str:
     return default_model(ds.input_shape, ds.input_dtype)
 
 
-ZO_DEVICE_LR = 3e-4  # measured on digits (BENCHMARKS.md): 1e-2 loses 4-6 points to frozen
-FO_DEVICE_LR = 1e-3
-
-
 def _train_config(args: argparse.Namespace) -> Any:
     from edge_runtime.runtime import TrainConfig
     from edge_runtime.zo import OptimizerConfig, ZOConfig
@@ -316,8 +312,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size, seed=args.seed,
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
                     perturb=args.zo_perturb),
-        optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or (
-            ZO_DEVICE_LR if args.algorithm in ("heron", "frozen") else FO_DEVICE_LR)))
+        optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or
+                                  algorithm(args.algorithm).default_device_lr))
 
 
 def _server_argv(args: argparse.Namespace) -> list[str]:
@@ -524,12 +520,11 @@ def _check_federation(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as exc:
         _usage(cmd, str(exc))
     from devices.datasets import DATASETS, TEXT_DATASETS
-    from edge_runtime.runtime import AUX_ALGORITHMS
 
     if args.dataset not in DATASETS:
         _usage(cmd, f"unknown --dataset {args.dataset!r}; help: choose one of "
                f"{', '.join(DATASETS)}")
-    if args.aux_from_server and args.algorithm not in AUX_ALGORITHMS:
+    if args.aux_from_server and not algorithm(args.algorithm).aux_loss:
         _usage(cmd, f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} (the "
                f"algorithms that train an aux head), not {args.algorithm}")
     _model_options(args)
@@ -622,7 +617,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
-                         torch_devices=args.algorithm not in ("heron", "frozen"),
+                         torch_devices=algorithm(args.algorithm).runtime == "torch",
                          dataset_options=_dataset_options(args),
                          credentials_dir=Path(args.credentials_dir) if args.credentials_dir
                          else None)
@@ -1200,8 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure one device training step of an algorithm "
                           "in a fresh process; prints JSON")
-    prof.add_argument("--algorithm", default="heron",
-                      choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+    prof.add_argument("--algorithm", default="heron", choices=tuple(ALGORITHMS),
                       help="the device step to measure (heron)")
     _add_profile_options(prof, steps=20)
     prof.add_argument("--zo-perturb", default="full", choices=("full", "block"),
@@ -1237,7 +1231,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
     acc.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
     acc.add_argument("--algorithms",
-                     default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen,centralized",
+                     default=",".join((*ALGORITHMS, "centralized")),
                      help="comma-separated (all six, and centralized: the same network trained "
                      "by torch on the union of the devices' data for as many samples as the "
                      "devices process, the ceiling)")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from edge_runtime.runtime import SPLITFED, TrainConfig
+from edge_runtime.algorithms import algorithm
+from edge_runtime.runtime import TrainConfig
 
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run
@@ -88,7 +89,7 @@ class Bucket:
 def upload_interval(cfg: TrainConfig) -> int:
     """Steps between a device's smashed uploads: k, or every step for SplitFed (whose
     devices wait for the server's gradient of each step)."""
-    return 1 if cfg.algorithm in SPLITFED else cfg.upload_every
+    return 1 if algorithm(cfg.algorithm).waits_for_gradient else cfg.upload_every
 
 
 def smashed_budget(cfg: TrainConfig) -> int:
