@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.protocol import ALGORITHMS
+from edge_runtime.algorithms import ALGORITHMS
 
 CENTRALIZED = "centralized"  # a reference, not a federation: see the module docstring
+SUBJECT = "heron"  # the algorithm the report is about (bold row, thick line, the checks)
 BENCH_ALGORITHMS = (*ALGORITHMS, CENTRALIZED)
 MNIST_FORMAT = "mnist-format"  # a data set in MNIST's idx files: real MNIST, or digits-28
 DATASETS = ("digits", MNIST_FORMAT, "sst2")  # sst2: text, for --model minilm
@@ -336,7 +337,7 @@ def checks(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["dataset"], r["partition"], r["algorithm"]): r for r in table}
     out = []
     for ds, part in sorted({(r["dataset"], r["partition"]) for r in table}):
-        h = by.get((ds, part, "heron"))
+        h = by.get((ds, part, SUBJECT))
         if h is None:
             continue
         f = by.get((ds, part, "frozen"))
@@ -382,7 +383,7 @@ def markdown(report: dict[str, Any]) -> str:
         rss = "" if r["device_peak_rss_mb"] is None else f"{r['device_peak_rss_mb']:.0f}"
         mb = "" if r["mb_total"] is None else f"{r['mb_total']:,.1f}"
         step = "" if r["device_step_ms"] is None else f"{r['device_step_ms']:.2f}"
-        name = f"**{r['algorithm']}**" if r["algorithm"] == "heron" else r["algorithm"]
+        name = f"**{r['algorithm']}**" if r["algorithm"] == SUBJECT else r["algorithm"]
         lines.append(
             f"| {r['dataset']} | {r['partition']} | {name} | {_pct(r['acc_mean'])} ± "
             f"{_pct(r['acc_std'])} ({_pct(r['acc_min'])}-{_pct(r['acc_max'])}) | "
@@ -437,7 +438,7 @@ def plot_accuracy(report: dict[str, Any], out: Path) -> list[str]:
                     continue
                 x = (np.arange(1, acc.shape[1] + 1) if kind == "rounds" else
                      np.mean([r["bytes_per_round"] for r in rs], axis=0) / 1e6)
-                lw = 2.4 if alg == "heron" else 1.3
+                lw = 2.4 if alg == SUBJECT else 1.3
                 ax.plot(x, acc.mean(0), label=alg, color=colors.get(alg), lw=lw)
                 ax.fill_between(x, acc.min(0), acc.max(0), color=colors.get(alg), alpha=0.15)
             ax.set_title(f"{ds}, {part}")

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from baselines.steps import ALGORITHMS, ORT_ALGORITHMS, StepSpec, make_runner
+from baselines.steps import ORT_ALGORITHMS, StepSpec, make_runner
+from edge_runtime import algorithms as registry
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_STEPS = 40  # h, as edge_runtime.runtime.TrainConfig
@@ -248,26 +249,18 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
         return _wire_bytes(Update(run, 1, "dev-0", weights=np.zeros(d, np.float32),
                                   num_samples=10_000, telemetry=telemetry))
 
-    steps_per_round = h
-    if algorithm in ("heron", "cse-fsl"):
-        step_up, step_down = uploads * smashed / h, 0.0
-        up = uploads * smashed + update(device_params)
-        down = round_start(device_params)
-    elif algorithm in ("sflv1", "sflv2"):
-        grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
-            (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64)))
-        step_up, step_down = float(smashed), float(grad)
-        up = h * smashed + update(device_params)
-        down = h * grad + round_start(device_params)
-    elif algorithm == "fedavg":
-        step_up = step_down = 0.0
-        up, down = update(device_params), round_start(device_params)
-    elif algorithm == "frozen":
-        steps_per_round = uploads
-        step_up, step_down = float(smashed), 0.0
-        up, down = uploads * smashed, round_start(0)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}")
+    a = registry.algorithm(algorithm)
+    # a device that does not train works only on the steps that upload (frozen)
+    steps_per_round = h if a.device_update else uploads
+    n_smashed = (h if a.waits_for_gradient else uploads) if a.uploads_smashed else 0
+    n_grads = n_smashed if a.waits_for_gradient else 0  # SplitFed: one gradient per upload
+    grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
+        (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64))) if n_grads else 0
+    weights = device_params if a.sends_weights else 0
+    up = n_smashed * smashed + (update(weights, zo_log=a.device_update == "zo")
+                                if a.sends_weights else 0)
+    down = n_grads * grad + round_start(weights)
+    step_up, step_down = n_smashed * smashed / steps_per_round, n_grads * grad / steps_per_round
     return {"bytes_per_step": round(step_up + step_down), "bytes_per_round": up + down,
             "bytes_up_per_round": up, "bytes_down_per_round": down,
             "steps_per_round": steps_per_round, "local_steps": h, "upload_every": k,
@@ -329,9 +322,7 @@ def profile(
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
     `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; help: choose one of "
-                         f"{', '.join(ALGORITHMS)}")
+    alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup
     threads = threads or os.cpu_count() or 1
     for name, value, least in (("steps", steps, 1), ("warmup", warmup, 0),
@@ -382,13 +373,13 @@ def profile(
     m = bundle.manifest
     client = sum(p.size for p in m.params if p.role == "client")
     server = sum(p.numel() for p in split.server.parameters())
-    device_params = {"heron": m.num_params, "cse-fsl": m.num_params, "sflv1": client,
-                     "sflv2": client, "fedavg": client + server, "frozen": 0}[algorithm]
+    part_params = {"client": client, "aux": m.num_params - client, "server": server}
+    device_params = sum(part_params[p] for p in alg.trained_parts)
     step_ms, fwd_ms = got["step_ms"], got["forward_ms"]
     step_med, fwd_med = statistics.median(step_ms), statistics.median(fwd_ms)
     return {
         "algorithm": algorithm, "model": model, "cut": split.cut, "batch": batch,
-        **({"perturb": perturb} if algorithm == "heron" else {}),
+        **({"perturb": perturb} if alg.device_update == "zo" else {}),
         "input_shape": list(split.input_shape), "num_classes": num_classes,
         "threads": threads, "threads_used": got["threads_used"],
         "runtime": "onnxruntime" if algorithm in ORT_ALGORITHMS else "torch",
@@ -410,7 +401,7 @@ def profile(
         "torch_imported": got["torch_imported"],
         "onnxruntime_imported": got["onnxruntime_imported"],
         **({"segment_chain": got["chain"]} if got.get("chain") else {}),
-        "trained_params": device_params if algorithm != "frozen" else 0,
+        "trained_params": device_params,
         "flops_per_step": flops, "flops_method": flops_method,
         **payload_bytes(algorithm, batch=batch, smashed_shape=tuple(m.smashed_shape),
                         device_params=device_params, local_steps=local_steps,

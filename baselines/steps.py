@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_runtime.algorithms import ALGORITHMS, ONNX_ALGORITHMS, TORCH_ALGORITHMS, algorithm
 from edge_runtime.protocol.config import PERTURBS
 
-ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
-ORT_ALGORITHMS = ("heron", "frozen")  # ONNX Runtime on a bundle; the process never imports torch
-TORCH_ALGORITHMS = ("cse-fsl", "sflv1", "sflv2", "fedavg")
+ORT_ALGORITHMS = ONNX_ALGORITHMS  # ONNX Runtime on a bundle; the process never imports torch
+__all__ = ["ALGORITHMS", "ORT_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
 
 
@@ -55,20 +55,18 @@ class StepSpec:
     input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
-                             f"{', '.join(ALGORITHMS)}")
+        alg = algorithm(self.algorithm)  # ValueError naming the choices
         for name in ("batch", "threads", "upload_every", "local_steps", "num_classes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.algorithm in ORT_ALGORITHMS and not self.bundle_dir:
+        if alg.runtime == "onnxruntime" and not self.bundle_dir:
             raise ValueError(f"{self.algorithm} runs from an exported bundle; pass bundle_dir")
         if self.perturb not in PERTURBS:
             raise ValueError(f"perturb must be one of {', '.join(PERTURBS)}, got "
                              f"{self.perturb!r}")
         if self.input_dtype not in ("float32", "int64"):
             raise ValueError(f"input_dtype must be float32 or int64, got {self.input_dtype!r}")
-        if self.perturb != "full" and self.algorithm != "heron":
+        if self.perturb != "full" and alg.device_update != "zo":
             raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
                              "makes no ZO perturbation")
 
@@ -114,11 +112,10 @@ def random_batch(spec: StepSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_runner(spec: StepSpec) -> Runner:
-    if spec.algorithm == "heron":
-        return HeronRunner(spec)
-    if spec.algorithm == "frozen":
-        return FrozenRunner(spec)
-    return TorchRunner(spec)
+    a = algorithm(spec.algorithm)
+    if a.runtime == "torch":
+        return TorchRunner(spec)
+    return HeronRunner(spec) if a.device_update == "zo" else FrozenRunner(spec)
 
 
 # -- ONNX Runtime (torch-free) -----------------------------------------------------------------
@@ -323,9 +320,8 @@ class TorchRunner:
         split = build_split(spec.model, spec.input_shape, spec.num_classes, cut=spec.cut,
                             seed=spec.seed)
         self.split = split
-        trained = {"cse-fsl": [split.client, split.aux], "sflv1": [split.client],
-                   "sflv2": [split.client], "fedavg": [split.client, split.server]}
-        self.modules = trained[spec.algorithm]
+        self.alg = algorithm(spec.algorithm)
+        self.modules = [getattr(split, part) for part in self.alg.trained_parts]
         # frozen base weights (minilm: everything but the LoRA adapters) take no step
         params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in params)
@@ -346,24 +342,24 @@ class TorchRunner:
         idx = torch.from_numpy(self.rng.permutation(self.spec.batch))
         xb, yb = self.x[idx], self.y[idx]
         self.opt.zero_grad(set_to_none=True)
-        if self.spec.algorithm == "cse-fsl":
+        if self.alg.aux_loss:  # cse-fsl
             smashed = s.client(xb)
             F.cross_entropy(s.aux(smashed), yb).backward()
             if step % self.spec.upload_every == 0:
                 self.smashed = smashed.detach()  # a device would publish it here
-        elif self.spec.algorithm in ("sflv1", "sflv2"):
+        elif self.alg.waits_for_gradient:  # SplitFed
             smashed = s.client(xb)
             self.smashed = smashed.detach()  # published every step, before the gradient returns
             smashed.backward(self.cut_grad)
-        else:  # fedavg
+        else:  # fedavg: the whole model
             F.cross_entropy(s.server(s.client(xb)), yb).backward()
         self.opt.step()
 
     def _forward(self) -> None:
         s = self.split
-        if self.spec.algorithm == "cse-fsl":
+        if self.alg.aux_loss:
             s.aux(s.client(self.x))
-        elif self.spec.algorithm == "fedavg":
+        elif self.alg.ships_server_part:
             s.server(s.client(self.x))
         else:
             s.client(self.x)

@@ -23,17 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_runtime.algorithms import TORCH_ALGORITHMS, algorithm
 from edge_runtime.bundle import Bundle, Manifest
 from edge_runtime.data import BatchSampler
 from edge_runtime.device import Device, DeviceOptions
-from edge_runtime.protocol import SPLITFED, RoundStart, TrainConfig
+from edge_runtime.protocol import RoundStart, TrainConfig
 from edge_runtime.runtime import RoundResult, rss_mb
 from edge_runtime.transport import Transport
 from exporter.export import flat_from_split, load_flat_into
 from exporter.zoo import SplitModel, build_split
 from server.trainer import load_server_flat, server_flat
 
-TORCH_DEVICE_ALGORITHMS = ("cse-fsl", "sflv1", "sflv2", "fedavg")
+TORCH_DEVICE_ALGORITHMS = TORCH_ALGORITHMS  # the registry's runtime="torch" algorithms
 GRADIENT_TIMEOUT_S = 120.0  # SplitFed: how long a device waits for one cut-layer gradient
 
 # (step, smashed activations, labels) -> (dL/d smashed, server loss)
@@ -58,9 +59,10 @@ def check_shard(manifest: Manifest, x: np.ndarray, y: np.ndarray) -> None:
                          f"has {manifest.num_classes} classes")
 
 
-def weights_size(split: SplitModel, manifest: Manifest, algorithm: str) -> int:
-    """Length of the global weight vector: client+aux, plus the server part for fedavg."""
-    extra = server_flat(split.server).size if algorithm == "fedavg" else 0
+def weights_size(split: SplitModel, manifest: Manifest, name: str) -> int:
+    """Length of the global weight vector: client+aux, plus the server part where the
+    device trains the whole model (fedavg)."""
+    extra = server_flat(split.server).size if algorithm(name).ships_server_part else 0
     return manifest.num_params + extra
 
 
@@ -91,18 +93,18 @@ def train_round_torch(
     algorithms differ only in how they train.
     """
     alg = cfg.algorithm
-    if alg not in TORCH_DEVICE_ALGORITHMS:
+    a = algorithm(alg)
+    if a.runtime != "torch":
         raise ValueError(f"the torch device runs {TORCH_DEVICE_ALGORITHMS}, not {alg!r}")
-    if alg in SPLITFED and exchange is None:
+    if a.waits_for_gradient and exchange is None:
         raise ValueError(f"{alg} needs the server's gradient each step; pass `exchange`")
     if not np.all(np.isfinite(theta)):
         raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
     n = manifest.num_params
     load_flat_into(split, manifest, theta[:n])
-    if alg == "fedavg":
+    if a.ships_server_part:
         load_server_flat(split.server, theta[n:])
-    trained = {"cse-fsl": (split.client, split.aux), "sflv1": (split.client,),
-               "sflv2": (split.client,), "fedavg": (split.client, split.server)}[alg]
+    trained = [getattr(split, part) for part in a.trained_parts]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for m in (split.client, split.aux, split.server):
         m.train()
@@ -115,11 +117,11 @@ def train_round_torch(
         idx = sampler.next_indices()
         xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx].astype(np.int64))
         opt.zero_grad(set_to_none=True)
-        if alg == "fedavg":
+        if a.ships_server_part:  # fedavg: the whole model's loss, on the device
             loss = F.cross_entropy(split.server(split.client(xb)), yb)
             loss.backward()
             losses.append(float(loss.detach()))
-        elif alg == "cse-fsl":
+        elif a.aux_loss:  # cse-fsl
             smashed = split.client(xb)
             loss = F.cross_entropy(split.aux(smashed), yb)
             if on_smashed is not None and step % cfg.upload_every == 0:
@@ -144,7 +146,7 @@ def train_round_torch(
         times.append((time.perf_counter() - t0) * 1000.0)
         rss_mb()
     out = flat_from_split(split, manifest)
-    if alg == "fedavg":
+    if a.ships_server_part:
         out = np.concatenate([out, server_flat(split.server)])
     if not np.all(np.isfinite(out)):
         raise FloatingPointError(f"{alg} weights became NaN/Inf in round {round_idx}; help: "
@@ -195,4 +197,5 @@ class TorchDevice(Device):
                                  msg.weights.astype(np.float32), self.x, self.y, cfg,
                                  round_idx=msg.round, device_id=self.opts.device_id,
                                  on_smashed=send_smashed,
-                                 exchange=exchange if cfg.algorithm in SPLITFED else None)
+                                 exchange=exchange
+                                 if algorithm(cfg.algorithm).waits_for_gradient else None)

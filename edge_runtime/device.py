@@ -46,6 +46,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
+from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
 from edge_runtime.bundle import (
     GRAPH_DATA,
     Bundle,
@@ -81,7 +82,6 @@ from edge_runtime.protocol import (
     topics,
 )
 from edge_runtime.runtime import (
-    DEVICE_ALGORITHMS,
     LocalModel,
     RoundResult,
     TrainConfig,
@@ -187,7 +187,7 @@ class Device:
     """The ONNX Runtime device (heron, frozen). `devices.torch_device.TorchDevice` reuses
     this loop and overrides only the model hooks (`_make_model`, `_train`, ...)."""
 
-    algorithms: tuple[str, ...] = DEVICE_ALGORITHMS
+    algorithms: tuple[str, ...] = ONNX_ALGORITHMS
     checks_memory = True  # dry-run memory check against the board profile (ORT device)
 
     def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
@@ -461,7 +461,7 @@ class Device:
             cfg = TrainConfig.from_json(msg.config)
             if cfg.algorithm not in self.algorithms:
                 hint = ("start the device with `heron device --torch` (needs torch)"
-                        if cfg.algorithm not in DEVICE_ALGORITHMS else
+                        if algorithm(cfg.algorithm).runtime == "torch" else
                         "start the device without --torch")
                 raise ValueError(f"the server runs {cfg.algorithm!r} but this device runs "
                                  f"{', '.join(self.algorithms)}; help: {hint}")

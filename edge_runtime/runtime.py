@@ -18,6 +18,7 @@ import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import psutil
 
 from edge_runtime import blockzo, zo
+from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
 from edge_runtime.bundle import (
     INPUT_NAME,
     LABEL_NAME,
@@ -30,9 +31,8 @@ from edge_runtime.data import BatchSampler
 from edge_runtime.protocol import ZOConfig
 from edge_runtime.protocol.config import TrainConfig
 
-# The algorithms the ONNX Runtime device runs; the first-order baselines run on the torch
-# device in `devices/torch_device.py` (same protocol).
-DEVICE_ALGORITHMS = ("heron", "frozen")
+# The ONNX Runtime device runs the registry's ONNX_ALGORITHMS (`edge_runtime.algorithms`);
+# the first-order baselines run on the torch device in `devices/torch_device.py`.
 
 
 _POOL: list[int] = []  # the process-wide intra-op pool's size, once use_process_pool ran
@@ -228,10 +228,11 @@ def train_round(
     Block-wise (cfg.zo.perturb == "block"), `block_sampler` is where block draws start:
     the previous round's `RoundResult.block_sampler` on the same bundle, or None (uniform).
     """
-    if cfg.algorithm not in DEVICE_ALGORITHMS:
+    if algorithm(cfg.algorithm).runtime != "onnxruntime":
         raise ValueError(f"algorithm {cfg.algorithm!r} needs a first-order device; this ONNX "
-                         f"Runtime device runs {', '.join(DEVICE_ALGORITHMS)}. help: start "
+                         f"Runtime device runs {', '.join(ONNX_ALGORITHMS)}. help: start "
                          "the device with `heron device --torch` (needs torch installed)")
+    trains = algorithm(cfg.algorithm).device_update == "zo"  # else frozen: forwards only
     if not np.all(np.isfinite(theta)):
         raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
     sampler = BatchSampler(len(y), cfg.batch_size,
@@ -247,7 +248,7 @@ def train_round(
         idx = sampler.next_indices()
         xb, yb = x[idx], y[idx]
         upload = on_smashed is not None and step % cfg.upload_every == 0
-        if cfg.algorithm == "frozen":  # the reviewers' baseline: smashed data, no update
+        if not trains:  # frozen, the reviewers' baseline: smashed data, no update
             if upload:
                 outs = model.run(theta, xb, yb, (LOSS_OUTPUT, SMASHED_OUTPUT))
                 assert on_smashed is not None

@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from edge_runtime.algorithms import ALGORITHMS, AUX_ALGORITHMS, DEVICE_LR, algorithm
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.config import (
     DISTRIBUTIONS,
-    FO_DEVICE_LR,
     OPTIMIZERS,
     PERTURBS,
     SCHEMES,
-    ZO_DEVICE_LR,
     TrainConfig,
 )
 
@@ -231,8 +230,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    "all-MiniLM-L6-v2 with LoRA, for --dataset sst2/tsv) (default: fedcnn, the "
                    "FedAvg paper's CNN, for 1x28x28 images such as mnist; minilm for text; "
                    "cnn otherwise)")
-    g.add_argument("--algorithm", default=TrainConfig.algorithm,
-                   choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+    g.add_argument("--algorithm", default=TrainConfig.algorithm, choices=tuple(ALGORITHMS),
                    help="heron: devices train client+aux by ZO (ONNX Runtime). Baselines: "
                    "cse-fsl (client+aux by backprop), sflv1/sflv2 (SplitFed: per-step "
                    "server gradient; V1 one server copy per device, averaged; V2 one server "
@@ -293,9 +291,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     z.add_argument("--device-optimizer", default=train.optimizer.name, choices=OPTIMIZERS,
                    help="optimizer fed with the ZO estimate (%(default)s)")
     z.add_argument("--device-lr", type=positive_float, default=None,
-                   help=f"device learning rate (heron {ZO_DEVICE_LR:g}, the paper's order of "
+                   help=f"device learning rate (heron {DEVICE_LR['zo']:g}, the paper's order of "
                    "magnitude: larger rates turn Adam on ZO estimates into a random walk that "
-                   f"hurts accuracy; first-order baselines {FO_DEVICE_LR:g})")
+                   f"hurts accuracy; first-order baselines {DEVICE_LR['first-order']:g})")
     s = p.add_argument_group("server (first-order) training")
     s.add_argument("--server-optimizer", default="adam", choices=("adam", "sgd"))
     s.add_argument("--server-lr", type=positive_float, default=1e-3,
@@ -328,8 +326,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size, seed=args.seed,
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
                     perturb=args.zo_perturb),
-        optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or (
-            ZO_DEVICE_LR if args.algorithm in ("heron", "frozen") else FO_DEVICE_LR)))
+        optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or
+                                  algorithm(args.algorithm).default_device_lr))
 
 
 def _server_argv(args: argparse.Namespace) -> list[str]:
@@ -540,13 +538,12 @@ def _check_federation(args: argparse.Namespace) -> None:
         _train_config(args)
     except (ValueError, TypeError) as exc:
         _usage(cmd, str(exc))
-    from edge_runtime.protocol import AUX_ALGORITHMS
     from heron_data.datasets import DATASETS, TEXT_DATASETS
 
     if args.dataset not in DATASETS:
         _usage(cmd, f"unknown --dataset {args.dataset!r}; help: choose one of "
                f"{', '.join(DATASETS)}")
-    if args.aux_from_server and args.algorithm not in AUX_ALGORITHMS:
+    if args.aux_from_server and not algorithm(args.algorithm).aux_loss:
         _usage(cmd, f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} (the "
                f"algorithms that train an aux head), not {args.algorithm}")
     from server.policy import deterministic_conflict
@@ -644,7 +641,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=out, devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, device_threads=args.device_threads, prefix=args.prefix,
-                         torch_devices=args.algorithm not in ("heron", "frozen"),
+                         torch_devices=algorithm(args.algorithm).runtime == "torch",
                          dataset_options=_dataset_options(args),
                          credentials_dir=Path(args.credentials_dir) if args.credentials_dir
                          else None)
@@ -1222,8 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure one device training step of an algorithm "
                           "in a fresh process; prints JSON")
-    prof.add_argument("--algorithm", default="heron",
-                      choices=("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"),
+    prof.add_argument("--algorithm", default="heron", choices=tuple(ALGORITHMS),
                       help="the device step to measure (heron)")
     _add_profile_options(prof, steps=20)
     prof.add_argument("--zo-perturb", default="full", choices=("full", "block"),
@@ -1259,7 +1255,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
     acc.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
     acc.add_argument("--algorithms",
-                     default="heron,cse-fsl,sflv1,sflv2,fedavg,frozen,centralized",
+                     default=",".join((*ALGORITHMS, "centralized")),
                      help="comma-separated (all six, and centralized: the same network trained "
                      "by torch on the union of the devices' data for as many samples as the "
                      "devices process, the ceiling)")

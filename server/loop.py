@@ -6,7 +6,6 @@ functions in `server.aggregate`, training in `server.trainer`.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import statistics
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 
 from edge_runtime.protocol import (
-    SPLITFED,
     BundleFiles,
     DeviceError,
     Gradient,
@@ -37,7 +35,7 @@ from edge_runtime.protocol import (
     topics,
 )
 from edge_runtime.transport import RECONNECTED, Credentials, Incoming, Transport
-from exporter.export import aux_from_server, load_flat_into
+from exporter.export import aux_from_server
 from server.aggregate import (
     DeviceUpdate,
     aggregate,
@@ -64,12 +62,7 @@ from server.records import (
     save_checkpoint,
     write_json,
 )
-from server.trainer import (
-    ServerTrainer,
-    average_modules,
-    evaluate,
-    load_server_flat,
-)
+from server.trainer import evaluate
 
 if TYPE_CHECKING:
     from server.setup import Run
@@ -130,13 +123,9 @@ class _RoundState:
     telemetry: dict[str, Telemetry] = field(default_factory=dict)
     server_losses: list[float] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
-    copies: dict[str, ServerTrainer] = field(default_factory=dict)  # SplitFed V1: per device
     grads: dict[tuple[str, int], Gradient] = field(default_factory=dict)  # SplitFed replies
     smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
-    steps: dict[str, set[int]] = field(default_factory=dict)  # device -> steps trained on
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
-    # --deterministic: (device, step, activations, labels), trained at the round's end
-    held: list[tuple[str, int, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -162,6 +151,7 @@ class Server:
         self.bundle_sha = run.bundle_sha
         self.trainer = run.trainer
         self.algorithm = opts.train.algorithm
+        self.strategy = run.strategy
         self.theta = run.theta
         self.aux_copied = run.aux_copied
         self.online: set[str] = set()
@@ -359,9 +349,10 @@ class Server:
             self._update(device_id, msg, state)
 
     def _smashed(self, device_id: str, msg: Smashed, state: _RoundState) -> None:
-        """Train the server part on an upload; SplitFed also answers with the gradient."""
-        if self.algorithm == "fedavg":
-            self._reject(device_id, "unexpected smashed data: fedavg devices upload weights only")
+        """Hand a checked upload to the strategy: it trains the server part, and may answer
+        with the cut-layer gradient (SplitFed)."""
+        if self.strategy.refuses_smashed:
+            self._reject(device_id, self.strategy.refuses_smashed)
             return
         cfg = self.opts.train
         count = state.smashed[device_id] = state.smashed.get(device_id, 0) + 1
@@ -379,46 +370,22 @@ class Server:
         if why:
             self._reject(device_id, f"bad smashed data: {why}")
             return
-        if self.algorithm not in SPLITFED:
-            seen = state.steps.setdefault(device_id, set())
-            if msg.step in seen:
-                self._reject(device_id, f"duplicate smashed: step {msg.step} of round "
-                                        f"{state.start.round} was already trained on")
-                return
-            seen.add(msg.step)
-            self._train_smashed(device_id, msg, state)
+        out = self.strategy.on_smashed(device_id, msg.step, msg.activations, msg.labels)
+        if out.rejected:
+            self._reject(device_id, out.rejected)
+            return
+        if out.loss is not None:
+            state.server_losses.append(out.loss)
+        if out.gradient is None:
             return
         key = (device_id, msg.step)
         reply = state.grads.get(key)
-        if reply is None:  # a redelivered step gets the same answer, not a second step
-            trainer = self.trainer
-            if self.algorithm == "sflv1":  # one server copy per device, averaged at round end
-                if device_id not in state.copies:
-                    state.copies[device_id] = copy.deepcopy(self.trainer)
-                trainer = state.copies[device_id]
-            loss, grad = trainer.train_step_grad(msg.activations, msg.labels)
-            assert grad is not None
-            state.server_losses.append(loss)
+        if reply is None:  # a redelivered step gets the same message again
             reply = Gradient(self.run_id, state.start.round, "server", step=msg.step,
-                             grad=grad, loss=loss)
+                             grad=out.gradient, loss=out.reply_loss)
             state.grads[key] = reply
         self.bytes_down += self.transport.publish(
             topics.down_device(device_id, "grad", self.opts.prefix), reply)
-
-    def _train_smashed(self, device_id: str, msg: Smashed, state: _RoundState) -> None:
-        """Train on an upload now, or under --deterministic hold it for the round's end."""
-        if self.opts.deterministic:
-            state.held.append((device_id, msg.step, msg.activations, msg.labels))
-        else:
-            state.server_losses.append(self.trainer.train_step(msg.activations, msg.labels))
-
-    def _train_held(self, state: _RoundState) -> None:
-        """--deterministic: the round's uploads by step, then device id, whatever order they
-        arrived in (interleaved as they arrive when devices keep pace, not one device's
-        whole round after another's)."""
-        for _, _, x, y in sorted(state.held, key=lambda h: (h[1], h[0])):
-            state.server_losses.append(self.trainer.train_step(x, y))
-        state.held.clear()
 
     def _update(self, device_id: str, msg: Update, state: _RoundState) -> None:
         o = self.opts
@@ -482,7 +449,7 @@ class Server:
         profile = msg.profile.to_json() if msg.profile is not None else {}
         runs = list(msg.profile.algorithms) if msg.profile is not None else None
         if runs is not None and self.algorithm not in runs:
-            hint = "--torch" if self.algorithm not in ("heron", "frozen") else "no --torch"
+            hint = "--torch" if self.strategy.algorithm.runtime == "torch" else "no --torch"
             self._reject(device_id, f"wrong device kind: it runs {clip_text(str(runs), 80)}, "
                                     f"this server runs {self.algorithm!r}; help: restart it "
                                     f"with {hint}")
@@ -534,6 +501,7 @@ class Server:
                            participants=participants, config=o.train.to_json(),
                            bundle_sha256=self.bundle_sha)
         state = _RoundState(participants, start, o.min_devices)
+        self.strategy.begin_round(r)
         self._state = state
         self._broadcast(state)
         deadline = t0 + o.round_timeout
@@ -542,7 +510,7 @@ class Server:
                 self._poll(0.2, state, r)
         finally:
             self._state = None
-        self._train_held(state)
+        state.server_losses.extend(self.strategy.close_smashed())
         if not state.finished():
             log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
                         o.round_timeout, len(state.updates), len(participants))
@@ -559,13 +527,10 @@ class Server:
                                    o.weighting, o.aggregate, o.trim)
         else:
             log.warning("round %d: no device update arrived; keeping the global weights", r)
-        self._merge_server_copies(state)
-        n = self.manifest.num_params
+        self.strategy.end_round(state.updates)
         if self.aux_copied:  # next round's aux starts from the server's trained layers
             self.theta, _ = aux_from_server(self.split.server, self.manifest, self.theta)
-        load_flat_into(self.split, self.manifest, self.theta[:n])
-        if self.algorithm == "fedavg":
-            load_server_flat(self.split.server, self.theta[n:])
+        self.strategy.load_global(self.theta)
         ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), tel.peak_rss_mb)
@@ -597,15 +562,6 @@ class Server:
             "device_errors": dict(self.device_errors),
             "round_seconds": round(time.monotonic() - t0, 3),
         }
-
-    def _merge_server_copies(self, state: _RoundState) -> None:
-        """SplitFed V1: average the server copies of the devices whose update arrived."""
-        kept = [d for d in sorted(state.copies) if d in state.updates]
-        if not kept:
-            return
-        w = [float(state.updates[d].num_samples) if self.opts.weighting == "samples" else 1.0
-             for d in kept]
-        average_modules(self.trainer.model, [state.copies[d].model for d in kept], w)
 
     def run(self) -> dict[str, Any]:
         o = self.opts

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from edge_runtime.protocol import SPLITFED, TrainConfig
+from edge_runtime.algorithms import algorithm
+from edge_runtime.protocol import TrainConfig
 
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run
@@ -88,7 +89,7 @@ class Bucket:
 def upload_interval(cfg: TrainConfig) -> int:
     """Steps between a device's smashed uploads: k, or every step for SplitFed (whose
     devices wait for the server's gradient of each step)."""
-    return 1 if cfg.algorithm in SPLITFED else cfg.upload_every
+    return 1 if algorithm(cfg.algorithm).waits_for_gradient else cfg.upload_every
 
 
 def smashed_budget(cfg: TrainConfig) -> int:
@@ -211,16 +212,14 @@ class Guard:
 # the batches arrive, so no fixed order can be imposed without stalling the devices:
 # refused under --deterministic. (SplitFed V1 keeps one server copy per device, trained in
 # that device's step order, so it is deterministic as it is.)
-ARRIVAL_ORDER_ALGORITHMS = ("sflv2",)
-
-
-def deterministic_conflict(algorithm: str, min_devices: int | None) -> str | None:
+def deterministic_conflict(name: str, min_devices: int | None) -> str | None:
     """Why --deterministic cannot hold with these options, or None (no torch here: the
     CLI asks before anything heavy is imported)."""
-    if algorithm in ARRIVAL_ORDER_ALGORITHMS:
-        return (f"--deterministic does not apply to --algorithm {algorithm}: its server "
+    alg = algorithm(name)
+    if alg.waits_for_gradient and not alg.server_copy_per_device:
+        return (f"--deterministic does not apply to --algorithm {name}: its server "
                 "answers every device's batches from one model in the order they arrive; "
-                "help: sflv1 (one server copy per device) is deterministic")
+                "help: an algorithm with one server copy per device (sflv1) is deterministic")
     if min_devices is not None:
         return ("--deterministic cannot be used with --min-devices: a round would close with "
                 "whichever updates arrived first; help: drop --min-devices")

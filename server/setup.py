@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.algorithms import AUX_ALGORITHMS
 from edge_runtime.bundle import GRAPH, Bundle, Manifest, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
-from edge_runtime.protocol import AUX_ALGORITHMS, Presence, topics
+from edge_runtime.protocol import Presence, topics
 from edge_runtime.transport import Endpoint, Transport
 from exporter.export import aux_from_server, export_bundle
 from exporter.zoo import SplitModel, build_split
@@ -24,9 +25,11 @@ from server.aggregate import AGGREGATES, check_trim
 from server.loop import ServerOptions
 from server.policy import deterministic_conflict
 from server.records import load_checkpoint
-from server.trainer import ServerTrainer, server_flat
+from server.strategies import ServerStrategy, server_strategy
+from server.trainer import ServerTrainer
 
 log = logging.getLogger("heron.server")
+
 
 @dataclass
 class Run:
@@ -41,6 +44,7 @@ class Run:
     bundle: Bundle
     bundle_sha: str
     trainer: ServerTrainer
+    strategy: ServerStrategy  # what this run's algorithm does on the server
     theta: np.ndarray  # the global device weights the first round sends
     aux_copied: list[str]  # --aux-from-server: the aux tensors copied from the server
     checkpoint: dict[str, Any] | None = None  # what --resume continues from
@@ -91,15 +95,15 @@ def build_run(opts: ServerOptions) -> Run:
     trainer = ServerTrainer(split.server, optimizer=opts.server_optimizer, lr=opts.server_lr,
                             smashed_shape=manifest.smashed_shape,
                             num_classes=manifest.num_classes)
-    algorithm = opts.train.algorithm
-    theta = bundle.weights.copy()
-    if algorithm == "fedavg":  # the device trains the whole model: ship it all
-        theta = np.concatenate([theta, server_flat(split.server)])
+    strategy = server_strategy(opts.train.algorithm, trainer, split, manifest, opts.weighting,
+                               deterministic=opts.deterministic)
+    theta = strategy.initial_weights(bundle.weights.copy())
     aux_copied: list[str] = []
     if opts.aux_from_server:
-        if algorithm not in AUX_ALGORITHMS:
+        if not strategy.algorithm.aux_loss:
             raise ValueError(f"--aux-from-server applies to {', '.join(AUX_ALGORITHMS)} "
-                             f"(the algorithms that train an aux head), not {algorithm}")
+                             f"(the algorithms that train an aux head), not "
+                             f"{opts.train.algorithm}")
         theta, aux_copied = aux_from_server(split.server, manifest, theta)
         if not aux_copied:
             raise ValueError(f"--aux-from-server: no aux parameter of {opts.model} has a "
@@ -109,7 +113,7 @@ def build_run(opts: ServerOptions) -> Run:
         log.info("aux head follows the server each round: %d tensors (%s)",
                  len(aux_copied), ", ".join(aux_copied))
     run = Run(opts, uuid.uuid4().hex[:12], data, split, manifest, bundle_files, bundle,
-              manifest.files[GRAPH], trainer, theta, aux_copied)
+              manifest.files[GRAPH], trainer, strategy, theta, aux_copied)
     if opts.resume:
         _load_checkpoint(run)
     return run

@@ -23,11 +23,6 @@ from edge_runtime.protocol.chunks import (
 )
 from edge_runtime.protocol.codec import DTYPES, MAGIC, decode, encode
 from edge_runtime.protocol.config import (
-    ALGORITHMS,
-    AUX_ALGORITHMS,
-    FO_DEVICE_LR,
-    SPLITFED,
-    ZO_DEVICE_LR,
     OptimizerConfig,
     TrainConfig,
     ZOConfig,
@@ -57,9 +52,9 @@ from edge_runtime.protocol.records import (
 )
 
 __all__ = [
-    "ALGORITHMS", "AUX_ALGORITHMS", "CHUNK_MAGIC", "DTYPES", "FO_DEVICE_LR", "KINDS", "MAGIC",
-    "MAX_CHUNK_PAYLOAD", "MAX_MESSAGE_BYTES", "PARTIAL_OVERHEAD", "PIECE_OVERHEAD", "SPLITFED",
-    "ZO_DEVICE_LR", "BundleFiles", "CodecError", "DeviceError", "Gradient", "Join",
+    "CHUNK_MAGIC", "DTYPES", "KINDS", "MAGIC", "MAX_CHUNK_PAYLOAD", "MAX_MESSAGE_BYTES",
+    "PARTIAL_OVERHEAD", "PIECE_OVERHEAD", "BundleFiles", "CodecError", "DeviceError", "Gradient",
+    "Join",
     "JoinProfile", "Message", "OptimizerConfig", "Presence", "Reassembler", "RoundStart",
     "ServerInfo", "Smashed", "Stop", "Telemetry", "TrainConfig", "Update", "ZOConfig",
     "announced_train", "chunk", "decode", "encode", "max_bytes", "new_msg_id", "server_info",

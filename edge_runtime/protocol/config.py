@@ -14,21 +14,14 @@ from typing import Any
 
 import numpy as np
 
-# Every algorithm a federation can run (the names TrainConfig.algorithm and
-# JoinProfile.algorithms carry).
-ALGORITHMS = ("heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen")
-AUX_ALGORITHMS = ("heron", "cse-fsl", "frozen")  # a device loss through the aux head
-SPLITFED = ("sflv1", "sflv2")  # the device waits for the server's cut-layer gradient each step
+# TrainConfig.algorithm and JoinProfile.algorithms carry the registry's names
+from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
 OPTIMIZERS = ("sgd", "adam")
 PERTURBS = ("full", "block")
 
-# The device learning rate: ZO_DEVICE_LR for the zeroth-order devices (measured on digits,
-# BENCHMARKS.md: 1e-2 loses 4-6 points to frozen), FO_DEVICE_LR for first-order ones.
-ZO_DEVICE_LR = 3e-4
-FO_DEVICE_LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -56,7 +49,7 @@ class ZOConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "adam"
-    lr: float = ZO_DEVICE_LR
+    lr: float = DEVICE_LR["zo"]  # the registry's, by how the device trains
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

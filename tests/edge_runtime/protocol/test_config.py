@@ -6,12 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_runtime.protocol import (
-    ZO_DEVICE_LR,
-    OptimizerConfig,
-    TrainConfig,
-    ZOConfig,
-)
+from edge_runtime.algorithms import DEVICE_LR
+from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -19,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_nested_configs_default_to_the_train_configs_defaults() -> None:
     cfg = TrainConfig()
     assert cfg.optimizer == OptimizerConfig() and cfg.zo == ZOConfig()
-    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == ZO_DEVICE_LR
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == DEVICE_LR["zo"]
 
 
 def test_cli_defaults_are_the_configs() -> None:
