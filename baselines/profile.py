@@ -257,8 +257,7 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
     grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
         (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64))) if n_grads else 0
     weights = device_params if a.sends_weights else 0
-    up = n_smashed * smashed + (update(weights, zo_log=a.device_update == "zo")
-                                if a.sends_weights else 0)
+    up = n_smashed * smashed + (update(weights) if a.sends_weights else 0)
     down = n_grads * grad + round_start(weights)
     step_up, step_down = n_smashed * smashed / steps_per_round, n_grads * grad / steps_per_round
     return {"bytes_per_step": round(step_up + step_down), "bytes_per_round": up + down,
