@@ -248,10 +248,12 @@ def _check_saved_types(values: dict[str, Any], path: Path) -> None:
 def server_args(args: argparse.Namespace, url: str, out: Path) -> argparse.Namespace:
     """The server's options from the run's: every option they share, this run's broker and
     directory (its --resume and --password travel on the command line, not in the file)."""
-    server = command_parser("server").parse_args([])
-    for dest in vars(server):
-        if dest in vars(args) and dest not in ("broker", "out", "resume", "config"):
-            setattr(server, dest, getattr(args, dest))
+    parser = command_parser("server")
+    server = parser.parse_args([])
+    for action in parser._actions:
+        if action.option_strings and action.dest in vars(args) and \
+                action.dest not in ("broker", "out", "resume", "config"):
+            setattr(server, action.dest, getattr(args, action.dest))
     server.broker, server.out = url, str(out)
     return server
 
