@@ -116,7 +116,7 @@ def config_text(args: argparse.Namespace, command: str) -> str:
     if unset:
         head += "\n".join(textwrap.wrap("not set, their defaults apply: " + ", ".join(unset),
                                         width=96, initial_indent="# ",
-                                        subsequent_indent="#   ")) + "\n"
+                                        subsequent_indent="#   ", break_on_hyphens=False)) + "\n"
     return head + tomli_w.dumps(values)
 
 
