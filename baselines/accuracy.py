@@ -152,7 +152,8 @@ class CentralizedSpec:
 def centralized_spec(run_argv: Sequence[str]) -> CentralizedSpec:
     """The centralized twin of `heron run RUN_ARGV`: same data, model, initialisation seed and
     batch size, as many samples as its devices process, the server's optimizer and lr."""
-    from heron.cli import _dataset_options, _model_options, build_parser
+    from heron.cli import build_parser
+    from heron.cli.options import dataset_options, model_options
 
     args = build_parser().parse_args(["run", *run_argv])
     participants = args.per_round or args.devices
@@ -161,7 +162,7 @@ def centralized_spec(run_argv: Sequence[str]) -> CentralizedSpec:
         cut=args.cut, steps=participants * args.rounds * args.local_steps,
         steps_per_round=participants * args.local_steps, batch_size=args.batch_size,
         optimizer=args.server_optimizer, lr=args.server_lr,
-        dataset_options=_dataset_options(args), model_options=_model_options(args))
+        dataset_options=dataset_options(args), model_options=model_options(args))
 
 
 def train_centralized(spec: CentralizedSpec) -> dict[str, Any]:

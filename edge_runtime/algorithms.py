@@ -5,7 +5,7 @@ benchmark rows) and every check that depends on an algorithm reads this module: 
 elsewhere asks an `Algorithm` for a property instead of comparing its name. The behaviour
 of each family lives in one module per side: the server's in `server/strategies/` (one
 module per family), the ONNX Runtime device's in `edge_runtime.runtime.train_round` (which
-runs `device_update` "zo" or nothing), the torch device's in `baselines/torch_device.py`.
+runs `device_update` "zo" or nothing), the torch device's in `devices/torch_device.py`.
 
 Adding an algorithm of an existing family is one entry in `ALGORITHMS` (and one line in
 `server.strategies.STRATEGIES`); a new family is one new server strategy module besides.

@@ -289,7 +289,8 @@ def test_cli_force_failing_midway_says_the_old_credentials_are_unchanged(tmp_pat
 def test_cli_ctrl_c_says_the_old_credentials_are_unchanged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import devices.tls
-    from heron.cli import build_parser, cmd_provision
+    from heron.cli import build_parser
+    from heron.cli.fleet import cmd_provision
 
     _openssl()
     out = tmp_path / "b"
@@ -445,15 +446,16 @@ def test_cli_prints_the_commands(tmp_path: Path) -> None:
 
 
 def test_cli_credentials_file_supplies_tls_files(tmp_path: Path) -> None:
-    from heron.cli import _credentials, build_parser
+    from heron.cli import build_parser
+    from heron.cli.options import mqtt_credentials
 
     cred = tmp_path / "c.json"
     cred.write_text(json.dumps({"username": "u", "password": "p", "ca_file": "/ca.crt",
                                 "cert_file": "/c.crt", "key_file": "/c.key"}))
     base = ["device", "--broker", "mqtts://h", "--id", "d", "--data", "x.npz"]
     args = build_parser().parse_args([*base, "--credentials", str(cred)])
-    c = _credentials(args)
+    c = mqtt_credentials(args)
     assert (c.username, c.password, c.ca_file, c.cert_file, c.key_file) == \
         ("u", "p", "/ca.crt", "/c.crt", "/c.key")
     args = build_parser().parse_args([*base, "--credentials", str(cred), "--ca-file", "/o.crt"])
-    assert _credentials(args).ca_file == "/o.crt"  # the option wins
+    assert mqtt_credentials(args).ca_file == "/o.crt"  # the option wins

@@ -79,8 +79,9 @@ def throwaway(monkeypatch: pytest.MonkeyPatch) -> Algorithm:
 
 def test_a_registered_algorithm_is_accepted_everywhere_that_reads_the_registry(
         throwaway: Algorithm) -> None:
-    from edge_runtime.runtime import TrainConfig
-    from heron.cli import _train_config, build_parser
+    from edge_runtime.protocol import TrainConfig
+    from heron.cli import build_parser
+    from heron.cli.server import train_config
 
     cfg = TrainConfig(algorithm=throwaway.name)  # the wire config's validation
     assert TrainConfig.from_json(cfg.to_json()).algorithm == throwaway.name
@@ -89,14 +90,14 @@ def test_a_registered_algorithm_is_accepted_everywhere_that_reads_the_registry(
         args = build_parser().parse_args(argv)
         assert args.algorithm == throwaway.name
     run = build_parser().parse_args(["run", "--algorithm", throwaway.name])
-    assert _train_config(run).optimizer.lr == DEVICE_LR["zo"]  # its learning-rate class
+    assert train_config(run).optimizer.lr == DEVICE_LR["zo"]  # its learning-rate class
     args = build_parser().parse_args(["bench", "--out", "x"])
     assert throwaway.name in args.algorithms.split(",")
 
 
 def test_a_registered_algorithm_gets_its_familys_server_behaviour(throwaway: Algorithm) -> None:
     from baselines.profile import payload_bytes
-    from edge_runtime.runtime import TrainConfig
+    from edge_runtime.protocol import TrainConfig
     from server.policy import smashed_budget
 
     cfg = TrainConfig(algorithm=throwaway.name, local_steps=10, upload_every=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 
@@ -38,19 +39,23 @@ def test_bad_robustness_options_are_refused(tmp_path: Path, extra: tuple[str, ..
     assert message in proc.stderr
 
 
-def test_heron_run_forwards_the_robustness_options_to_its_server() -> None:
-    from heron.cli import _server_argv, build_parser
+def test_heron_run_forwards_the_robustness_options_to_its_server(tmp_path: Path) -> None:
+    from heron.cli import parse_args
+    from heron.cli.config import config_text
+    from heron.cli.run import server_args
 
-    parser = build_parser()
-    run = parser.parse_args(["run", "--aggregate", "trimmed-mean", "--trim", "0.3",
-                             "--clip-update-norm", "2.5", "--max-update-norm", "9",
-                             "--quarantine-after", "4"])
-    server = parser.parse_args(["server", "--broker", "mqtt://x", "--out", "o",
-                                *_server_argv(run)])
+    def handed(*run_argv: str) -> argparse.Namespace:
+        """What the server reads from the config file `heron run RUN_ARGV` hands it."""
+        path = tmp_path / "server.toml"
+        path.write_text(config_text(server_args(parse_args(["run", *run_argv]), "mqtt://x",
+                                                Path("o")), "server"))
+        return parse_args(["server", "--config", str(path)])
+
+    server = handed("--aggregate", "trimmed-mean", "--trim", "0.3", "--clip-update-norm", "2.5",
+                    "--max-update-norm", "9", "--quarantine-after", "4")
     for name, value in (("aggregate", "trimmed-mean"), ("trim", 0.3),
                         ("clip_update_norm", 2.5), ("max_update_norm", 9.0),
                         ("quarantine_after", 4)):
         assert getattr(server, name) == value, name
-    defaults = parser.parse_args(["server", "--broker", "mqtt://x", "--out", "o",
-                                  *_server_argv(parser.parse_args(["run"]))])
+    defaults = handed()
     assert (defaults.aggregate, defaults.trim, defaults.quarantine_after) == ("mean", 0.2, 10)

@@ -19,10 +19,11 @@ def test_nested_configs_default_to_the_train_configs_defaults() -> None:
 
 
 def test_cli_defaults_are_the_configs() -> None:
-    from heron.cli import _train_config, build_parser
+    from heron.cli import build_parser
+    from heron.cli.server import train_config
 
     args = build_parser().parse_args(["run"])
-    assert _train_config(args) == TrainConfig()
+    assert train_config(args) == TrainConfig()
 
 
 def test_protocol_imports_nothing_heavier_than_numpy() -> None:
