@@ -39,6 +39,7 @@ from server.aggregate import (
     plan_round,
     trimmed_count,
 )
+from server.fleet_view import fleet_observer
 from server.members import Members
 from server.policy import check_device_update, check_smashed
 from server.records import (
@@ -110,6 +111,7 @@ class Server:
                                run.bundle_sha, send_bundle=self._send_bundle,
                                leave_round=self._leave_round)
         self._trim_warned = False
+        self.view = fleet_observer(opts)  # what the live fleet page shows (--http)
         self.bytes_up = 0
         self.bytes_down = 0
         self.peak_rss: dict[str, float] = {}
@@ -184,6 +186,7 @@ class Server:
             log.exception("error handling a message on %s", inc.topic)
             self.members.reject(inc.topic, f"unhandled: {type(exc).__name__}: {exc}",
                                 device=False)
+        self.view.message(inc, self.members, state)
 
     def _dispatch(self, inc: Incoming, state: RoundState | None, round_idx: int) -> None:
         admitted = self.members.admit(inc, state, round_idx)
@@ -280,6 +283,7 @@ class Server:
         self.strategy.begin_round(r)
         self._state = state
         self._broadcast(state)
+        self.view.round_started(r, participants, o.round_timeout)
         deadline = t0 + o.round_timeout
         try:
             while not state.finished() and time.monotonic() < deadline:
@@ -323,6 +327,7 @@ class Server:
         t_start = time.monotonic() - self.elapsed_before
         self.transport.start()
         self._announce()
+        self.view.started(self.run_id, o, self.records)
         metrics_path = o.out / "metrics.jsonl"
         if not o.resume:
             metrics_path.unlink(missing_ok=True)
@@ -350,6 +355,7 @@ class Server:
                 # checkpoint first: a round is complete once its checkpoint exists
                 self._checkpoint(r, time.monotonic() - t_start)
                 append_jsonl(metrics_path, rec)
+                self.view.round_done(rec, self.members)
                 print(round_line(rec, o.rounds), flush=True)
             self.transport.publish(topics.down_all("stop", o.prefix),
                                    Stop(self.run_id, o.rounds, "server", reason="finished"),
@@ -358,6 +364,7 @@ class Server:
             interrupted = True
             print(f"run {self.run_id}: {exc}; continue with --resume", flush=True)
         finally:
+            self.view.finished()
             self.transport.publish(topics.server_status(o.prefix),
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)

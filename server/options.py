@@ -50,3 +50,5 @@ class ServerOptions:
     deterministic: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
     model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
+    http: str | None = None  # HOST:PORT of the live fleet page (server.fleet_page)
+    http_token: str | None = None  # bearer token every route of the page wants

@@ -16,7 +16,7 @@ from heron.cli.options import usage
 # never read from or written to a config file: the file itself, and argparse's own --help
 NOT_CONFIGURABLE = frozenset({"config", "help"})
 # read when given, never written: what one invocation does (resume, overwrite), and a secret
-NOT_WRITTEN = NOT_CONFIGURABLE | {"resume", "overwrite", "password"}
+NOT_WRITTEN = NOT_CONFIGURABLE | {"resume", "overwrite", "password", "http_token"}
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from heron.cli.config import add_config_option, command_parser, write_config
 from heron.cli.options import (
     add_broker,
     add_data,
+    add_http,
     add_model_options,
     dataset_options,
     need_server_extra,
@@ -34,6 +35,7 @@ from heron.cli.server import (
     check_model,
     check_resume,
     check_writable,
+    need_page_extra,
     resolve_model,
 )
 
@@ -59,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"dev-{args.devices - 1}` writes DIR/credentials/")
     check_federation(args)
     need_server_extra()
+    if args.http:
+        need_page_extra("run")
     if args.model is None:  # resolved once here, so run.json and the server agree
         args.model = resolve_model(args, "run")
     check_model(args)
@@ -71,8 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from server.broker import EmbeddedBroker
     from server.records import WriteError, write_json
 
-    saved = {k: v for k, v in vars(args).items()
-             if k not in ("func", "resume", "overwrite", "password", "config")}  # no secrets
+    saved = {k: v for k, v in vars(args).items()  # no secrets
+             if k not in ("func", "resume", "overwrite", "password", "http_token", "config")}
     try:
         write_json(out / "run.json", saved)
         write_config(out / RUN_CONFIG, argparse.Namespace(**{**vars(args), "out": str(out)}),
@@ -132,6 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 server = subprocess.Popen(
                     [sys.executable, "-m", "heron", "server", "--config", str(out / SERVER_CONFIG),
                      *(["--password", args.password] if args.password else []),  # not on disk
+                     *(["--http-token", args.http_token] if args.http_token else []),
                      *(["--resume"] if resume else [])],
                     stdout=subprocess.PIPE, stderr=(logs / "server.log").open("a"), text=True,
                     stdin=subprocess.DEVNULL, env=child_env())
@@ -266,6 +271,7 @@ def add_run_parser(sub: Any) -> None:
     add_data(run)
     add_training(run)
     add_model_options(run)
+    add_http(run)
     run.add_argument("--out", help="run directory (default runs/TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     run.add_argument("--credentials-dir", default=None,

@@ -14,6 +14,7 @@ from heron.cli.config import add_config_option, write_config
 from heron.cli.options import (
     add_broker,
     add_data,
+    add_http,
     add_model_options,
     dataset_options,
     model_options,
@@ -164,13 +165,15 @@ def server_options(args: argparse.Namespace) -> Any:
         aggregate=args.aggregate, trim=args.trim,
         limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
         aux_from_server=args.aux_from_server, deterministic=args.deterministic,
-        credentials=mqtt_credentials(args))
+        credentials=mqtt_credentials(args), http=args.http, http_token=args.http_token)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_federation(args)
     need_server_extra()
+    if args.http:
+        need_page_extra("server")
     args.model = args.model or resolve_model(args, "server")
     check_model(args)
     if args.resume:
@@ -200,14 +203,19 @@ def cmd_server(args: argparse.Namespace) -> int:
             opts = server_options(args)
             run = build_run(opts)
             server = Server(run, mqtt_transport(opts, run.run_id))
-            summary = server.run()
+            page = start_page(opts, server.view)
+            try:
+                summary = server.run()
+            finally:
+                if page is not None:
+                    page.stop()
         except Stopped as exc:
             print(f"heron server: {exc} before the first round", file=sys.stderr, flush=True)
             return exit_code(exc.signum)
         except WriteError as exc:  # before BrokerError: both are OSErrors
             print(f"heron server: {exc}", file=sys.stderr, flush=True)
             return 1
-        except (DatasetError, BrokerError, TimeoutError, ValueError) as exc:
+        except (DatasetError, BrokerError, TimeoutError, ValueError, OSError) as exc:
             print(f"heron server: {exc}", file=sys.stderr)
             return 2
     if summary.get("interrupted"):
@@ -222,6 +230,29 @@ def cmd_server(args: argparse.Namespace) -> int:
           f"files in {out.resolve()}", flush=True)
     return 0
 
+
+
+def need_page_extra(cmd: str) -> None:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        usage(cmd, "--http needs aiohttp; help: pip install 'heron-sfl[server]' (or aiohttp)")
+
+
+def start_page(opts: Any, view: Any) -> Any:
+    """The live fleet page when --http is given (None otherwise), listening before round 1."""
+    if not opts.http:
+        return None
+    from server.fleet_page import FleetPage
+
+    page = FleetPage(view, opts.http, opts.http_token)
+    url = page.start()  # OSError (the port is taken): exit 2 like other bad options
+    if page.host not in ("127.0.0.1", "::1", "localhost") and not opts.http_token:
+        print(f"heron server: the fleet page at {url} is open to the network without "
+              "--http-token", file=sys.stderr, flush=True)
+    print(f"fleet page: {url}" + (" (bearer token required)" if opts.http_token else ""),
+          flush=True)
+    return page
 
 
 # -- checks made before anything starts (exit 2, nothing written) ---------------------------
@@ -305,6 +336,7 @@ def add_server_parser(sub: Any) -> None:
     add_data(srv)
     add_training(srv)
     add_model_options(srv)
+    add_http(srv)
     srv.add_argument("--out", help="run directory")
     srv.add_argument("--resume", action="store_true",
                      help="continue the run in --out after its last completed round")

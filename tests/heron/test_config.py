@@ -135,7 +135,7 @@ SERVER_FIELDS: dict[str, tuple[str, ...]] = {
         "broker", "out", "dataset", "data_dir", "model", "cut", "devices", "rounds", "per_round",
         "server_optimizer", "server_lr", "weighting", "seed", "prefix", "join_timeout",
         "round_timeout", "min_devices", "resume", "max_update_norm", "clip_update_norm",
-        "aggregate", "trim", "aux_from_server", "deterministic")},
+        "aggregate", "trim", "aux_from_server", "deterministic", "http", "http_token")},
     "threads": ("server_threads",),
     "train.algorithm": ("algorithm",), "train.local_steps": ("local_steps",),
     "train.upload_every": ("upload_every",), "train.batch_size": ("batch_size",),
