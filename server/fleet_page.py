@@ -4,8 +4,8 @@ It only reads `FleetView.snapshot()`: `/` and `/static/*` are the page (package 
 `server/page`, no CDN), `/api/state` the snapshot as JSON, `/api/events` the snapshot again as
 server-sent events whenever it changed (checked twice a second, so a busy round costs the
 loop nothing more than the view's own bookkeeping). With a token every route wants
-`Authorization: Bearer TOKEN` or `?token=TOKEN` (a browser's EventSource cannot send
-headers).
+`Authorization: Bearer TOKEN`, or `?token=TOKEN`, which also sets a same-site cookie for the
+page's own requests (a browser's script tags and EventSource cannot send headers).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ log = logging.getLogger("heron.server")
 
 ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 EVENT_PERIOD_S = 0.5  # how often a connected page is checked for a new snapshot
+COOKIE = "heron_page_token"  # set once /?token=TOKEN was accepted: the assets, the events
 KEEPALIVE_S = 15.0  # an SSE comment at least this often, so proxies keep the stream open
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:"}
@@ -40,16 +41,18 @@ def make_app(view: FleetView, token: str | None = None) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if token is not None:
-            given = request.query.get("token", "")
+            given = request.query.get("token") or request.cookies.get(COOKIE, "")
             auth = request.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
                 given = auth[len("Bearer "):]
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return web.json_response({"error": "missing or wrong token; help: send "
-                                          "Authorization: Bearer TOKEN or ?token=TOKEN"},
-                                         status=401, headers=HEADERS)
+                                          "Authorization: Bearer TOKEN or open the page as "
+                                          "/?token=TOKEN"}, status=401, headers=HEADERS)
         resp = await handler(request)
         resp.headers.update(HEADERS)
+        if token is not None and "token" in request.query:  # the page's own requests
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
         return resp
 
     async def page(request: web.Request) -> web.Response:

@@ -192,3 +192,15 @@ def test_a_taken_port_is_an_error_naming_the_flag(page: tuple[FleetView, str]) -
     port = url.rstrip("/").rsplit(":", 1)[1]
     with pytest.raises(OSError, match=f"--http 127.0.0.1:{port}: cannot listen"):
         FleetPage(view, f"127.0.0.1:{port}").start()
+
+
+def test_a_page_opened_with_the_token_gets_a_cookie_for_its_own_requests(
+        page: tuple[FleetView, str]) -> None:
+    _, url = page
+    with urllib.request.urlopen(url + "?token=s3cret", timeout=10) as resp:
+        cookie = resp.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    req = urllib.request.Request(url + "static/app.js", headers={"Cookie": cookie.split(";")[0]})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    assert _get(url + "static/app.js")[0] == 401  # and nothing without it
