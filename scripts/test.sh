@@ -19,6 +19,12 @@ if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
+# the fleet page's browser test (tests/server/test_fleet_browser.py) drives Debian's chromium
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing chromium with apt-get"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 # the emulated-arm64 test (tests/test_aarch64.py): debootstrap an arm64 root, run it via qemu
 if { ! command -v debootstrap >/dev/null || ! command -v update-binfmts >/dev/null ||
      [ ! -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ]; } &&
