@@ -120,20 +120,9 @@ def port_number(text: str) -> int:
     return value
 
 
-def http_address(text: str) -> str:
-    """`--http`: HOST:PORT or PORT, checked now (the page starts after the model loads)."""
-    from server.fleet_view import split_address
-
-    try:
-        split_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--http {text!r}: ")) from exc
-    return text
-
-
 def add_http(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("live fleet page")
-    g.add_argument("--http", type=http_address, default=None, metavar="HOST:PORT",
+    g.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the live fleet page (devices, the round in progress, charts; "
                    "JSON at /api/state) at HOST:PORT; PORT alone binds 127.0.0.1 (default: off)")
     g.add_argument("--http-token", default=None, metavar="TOKEN",

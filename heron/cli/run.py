@@ -33,9 +33,9 @@ from heron.cli.server import (
     add_training,
     check_federation,
     check_model,
+    check_page,
     check_resume,
     check_writable,
-    need_page_extra,
     resolve_model,
 )
 
@@ -61,8 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"dev-{args.devices - 1}` writes DIR/credentials/")
     check_federation(args)
     need_server_extra()
-    if args.http:
-        need_page_extra("run")
+    check_page(args)
     if args.model is None:  # resolved once here, so run.json and the server agree
         args.model = resolve_model(args, "run")
     check_model(args)

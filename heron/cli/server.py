@@ -172,8 +172,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_federation(args)
     need_server_extra()
-    if args.http:
-        need_page_extra("server")
+    check_page(args)
     args.model = args.model or resolve_model(args, "server")
     check_model(args)
     if args.resume:
@@ -232,11 +231,21 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 
-def need_page_extra(cmd: str) -> None:
+def check_page(args: argparse.Namespace) -> None:
+    """--http's address (flag or config file) and aiohttp, before the model loads."""
+    if args.http is None:
+        return
+    from server.fleet_view import split_address
+
+    try:
+        split_address(args.http)
+    except ValueError as exc:
+        usage(args.command, str(exc))
     try:
         import aiohttp  # noqa: F401
     except ImportError:
-        usage(cmd, "--http needs aiohttp; help: pip install 'heron-sfl[server]' (or aiohttp)")
+        usage(args.command, "--http needs aiohttp; help: pip install 'heron-sfl[server]' (or "
+              "aiohttp)")
 
 
 def start_page(opts: Any, view: Any) -> Any:

@@ -15,7 +15,7 @@ import pytest
 from edge_runtime.algorithms import algorithm
 from edge_runtime.protocol import Presence, TrainConfig, topics
 from edge_runtime.transport import Incoming
-from heron.cli import parse_args
+from heron.cli import main
 from server.fleet_page import FleetPage
 from server.fleet_view import MAX_DEVICES, FleetObserver, FleetView, fleet_observer, split_address
 from server.members import Members
@@ -110,7 +110,7 @@ def test_http_addresses(text: str, want: tuple[str, int]) -> None:
 def test_a_bad_http_address_is_refused_by_the_cli(text: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        parse_args(["server", "--broker", "mqtt://h:1", "--out", "o", "--http", text])
+        main(["server", "--broker", "mqtt://h:1", "--out", "o", "--http", text])
     assert exited.value.code == 2
     assert "expected HOST:PORT or PORT" in capsys.readouterr().err
 
