@@ -5,11 +5,14 @@ socket: `/api/state`, the bearer token, server-sent events, the static assets.""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_runtime.algorithms import algorithm
@@ -204,3 +207,45 @@ def test_a_page_opened_with_the_token_gets_a_cookie_for_its_own_requests(
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200
     assert _get(url + "static/app.js")[0] == 401  # and nothing without it
+
+
+def test_a_run_feeds_the_view_what_the_page_shows(tmp_path: Path) -> None:
+    """The loop's hooks, through a real in-process federation (no browser needed)."""
+    from edge_runtime.device import Device, DeviceOptions, device_endpoint, message_limit
+    from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
+    from server.loop import Server
+    from server.setup import build_run, server_endpoint
+
+    broker = LoopbackBroker()
+    opts = ServerOptions(broker="loopback", out=tmp_path / "run", devices=2, rounds=2,
+                         join_timeout=60, round_timeout=60, threads=1, http="0",
+                         train=TrainConfig(local_steps=4, upload_every=2, batch_size=16))
+    run = build_run(opts)
+    server = Server(run, LoopbackTransport.at(broker, server_endpoint(P, run.run_id)))
+    assert isinstance(server.view, FleetView)
+    threads = []
+    for i in range(2):
+        shard = tmp_path / f"dev-{i}.npz"
+        np.savez(shard, x=run.data.x_train[i::2].astype(np.float32),
+                 y=run.data.y_train[i::2].astype(np.int64))
+        ep = device_endpoint(f"dev-{i}", P)
+        t = LoopbackTransport(broker, ep.client_id, ep.subscriptions, will=ep.will,
+                              max_message_bytes=message_limit(None))
+        dev = Device(DeviceOptions(broker="loopback", device_id=f"dev-{i}", data=shard,
+                                   threads=1, bundle_cache=tmp_path / "cache"), t)
+        threads.append(threading.Thread(target=dev.run, daemon=True))
+        threads[-1].start()
+    server.run()
+    for th in threads:
+        th.join(30)
+    snap = server.view.snapshot()
+    assert snap["run"]["state"] == "finished" and snap["round"] is None
+    assert [h["round"] for h in snap["history"]] == [1, 2]
+    assert [h["test_accuracy"] for h in snap["history"]] == \
+        [r["test_accuracy"] for r in server.records]
+    assert [d["id"] for d in snap["devices"]] == ["dev-0", "dev-1"]
+    for dev in snap["devices"]:
+        assert dev["bytes_up"] > 0 and dev["peak_rss_mb"] > 0 and dev["step_ms_median"] > 0
+        assert dev["profile"]["samples"] > 0 and dev["rejected"] == 0
+    # a share of all the server received (which also counts messages from no device)
+    assert sum(d["bytes_up"] for d in snap["devices"]) <= server.bytes_up
