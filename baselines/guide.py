@@ -5,7 +5,7 @@ own part. On a guide set that no device receives (SST-2: rows of ``dev.tsv``, wh
 federation never hands out) it computes the gradient of the *full* model's loss,
 server(client(x)), with respect to the device's trainable tensors, one gradient per guide
 batch, and sends the top-k left singular vectors of that (d, m) matrix as the round's
-basis (`edge_runtime.zo.orthonormal_basis`). Aux tensors are not in the full model, so
+basis (`edge_runtime.zo_guided.orthonormal_basis`). Aux tensors are not in the full model, so
 their rows of the basis are zero: with the aux head a copy of the server (layer5,
 ``--aux-from-server``) a guided step moves exactly what the evaluated model uses.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.bundle import Manifest
-from edge_runtime.zo import orthonormal_basis
+from edge_runtime.zo_guided import orthonormal_basis
 from exporter.export import ROLE_PREFIXES
 from exporter.zoo import SplitModel
 

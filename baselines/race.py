@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from baselines import guide
 from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_grads, tail_logits
-from edge_runtime import zo
+from edge_runtime import zo, zo_guided
 from edge_runtime.blockzo import SegmentChain
 from edge_runtime.data import BatchSampler
 from edge_runtime.protocol import OptimizerConfig
@@ -135,7 +135,7 @@ def subset_basis(st: Setting, sub: Subset, theta: np.ndarray, k: int, batch: int
                          f"than --guide-rank {k}; help: at least {k * batch} rows")
     grads = tail_grads(st.split, st.manifest, theta, sub.start, sub.hg, sub.mask_g, sub.yg,
                        sub.lo, sub.hi, batch)
-    return zo.orthonormal_basis(grads, k)
+    return zo_guided.orthonormal_basis(grads, k)
 
 
 @dataclass
@@ -172,7 +172,7 @@ def zo_round(st: Setting, sub: Subset, theta: np.ndarray, cfg: Any, *, round_idx
             signs = np.where(np.random.default_rng([seed, NOISE_KEY]).random(size.size) < 0.5,
                              -1.0, 1.0).astype(np.float32)
             seeds = zo.direction_seeds(seed, size.size)
-            grad = zo.reconstruct_guided(seeds, size * signs, basis, alpha)
+            grad = zo_guided.reconstruct_guided(seeds, size * signs, basis, alpha)
         else:
             hb, yb = sub.h_ort[idx], st.y[idx]
 
@@ -185,7 +185,7 @@ def zo_round(st: Setting, sub: Subset, theta: np.ndarray, cfg: Any, *, round_idx
             loss0 = f(v)
             if mode == "guided":
                 assert basis is not None
-                est = zo.estimate_guided(f, v, seed, basis, cfg.zo, alpha, loss0)
+                est = zo_guided.estimate_guided(f, v, seed, basis, cfg.zo, alpha, loss0)
                 log.sizes[(round_idx, step)] = np.abs(est.projected)
             else:
                 est = zo.estimate(f, v, seed, cfg.zo, loss0)

@@ -49,7 +49,7 @@ from torch import nn
 
 from baselines import guide
 from baselines.progress import Setting, open_setting
-from edge_runtime import zo
+from edge_runtime import zo_guided
 from edge_runtime.data import BatchSampler
 
 DEFAULT_SETS = ("lora-all", "lora-last1", "lora-last2", "lora-B", "lnbias-last1",
@@ -442,7 +442,7 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
                         raise ValueError(f"--guide-size {len(gy)} gives {grads.shape[1]} "
                                          f"guide batches, fewer than the rank {k}")
                     out = np.zeros((manifest.num_params, k), dtype=np.float32)
-                    out[lo:hi] = zo.orthonormal_basis(grads, k)
+                    out[lo:hi] = zo_guided.orthonormal_basis(grads, k)
                     return out
             else:
                 def basis_fn(theta: np.ndarray, k: int = k, rng: np.random.Generator = rng,
