@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.bundle import Manifest
+from edge_runtime.manifest import Manifest
 from edge_runtime.zo_guided import orthonormal_basis
 from exporter.export import ROLE_PREFIXES
 from exporter.zoo import SplitModel

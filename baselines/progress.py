@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from devices.torch_device import split_for, train_round_torch
-from edge_runtime.bundle import Manifest, load_bundle
+from edge_runtime.bundle import load_bundle
+from edge_runtime.manifest import Manifest
 from edge_runtime.protocol import OptimizerConfig, TrainConfig
 from edge_runtime.runtime import LocalModel, train_round
 from edge_runtime.zo_guided import DIRECTIONS

@@ -19,15 +19,9 @@ import psutil
 
 from edge_runtime import blockzo, zo
 from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
-from edge_runtime.bundle import (
-    INPUT_NAME,
-    LABEL_NAME,
-    LOSS_OUTPUT,
-    SMASHED_OUTPUT,
-    Bundle,
-    BundleError,
-)
+from edge_runtime.bundle import Bundle
 from edge_runtime.data import BatchSampler
+from edge_runtime.manifest import INPUT_NAME, LABEL_NAME, LOSS_OUTPUT, SMASHED_OUTPUT, BundleError
 from edge_runtime.protocol import ZOConfig
 from edge_runtime.protocol.config import TrainConfig
 
