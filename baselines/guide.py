@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,11 @@ from edge_runtime.manifest import Manifest
 from edge_runtime.zo_guided import orthonormal_basis
 from exporter.export import ROLE_PREFIXES
 from exporter.zoo import SplitModel
+
+if TYPE_CHECKING:
+    from baselines.progress import Setting
+
+GUIDE_KEY = 0x6775696465  # "guide": the guide draw's stream, apart from the batches'
 
 
 def manifest_params(split: SplitModel, manifest: Manifest) -> list[nn.Parameter | None]:
@@ -138,3 +144,15 @@ def random_basis(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     out = np.zeros((mask.size, k), dtype=np.float32)
     out[mask] = q
     return out
+
+
+def guide_rows(st: Setting, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`size` held-out rows (the guide set), a seeded draw no device received."""
+    if st.x_dev is None or st.y_dev is None:
+        raise ValueError("a guide set needs held-out rows the devices never get (SST-2: "
+                         "dev.tsv next to train.tsv); help: put a dev.tsv in --data-dir")
+    if size > len(st.y_dev):
+        raise ValueError(f"--guide-size {size} is more than the {len(st.y_dev)} held-out "
+                         "rows the run loaded")
+    idx = np.random.default_rng([seed, GUIDE_KEY]).permutation(len(st.y_dev))[:size]
+    return st.x_dev[idx], st.y_dev[idx]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import guide
-from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_grads, tail_logits
+from baselines.minilm_tail import prefix, tail_grads, tail_logits
 from edge_runtime import zo, zo_guided
 from edge_runtime.blockzo import SegmentChain
 from edge_runtime.data import BatchSampler
@@ -237,7 +237,7 @@ def run_subset(st: Setting, cfg: ProgressConfig, base: Any, every: int,
     seed = base.seed if cfg.seed is None else cfg.seed
     needs_guide = ("guided" in cfg.heron_directions and "heron" in cfg.arms) or \
         "guide-only" in cfg.arms
-    gx, gy = guide_rows(st, cfg.guide_size, seed) if needs_guide else (None, None)
+    gx, gy = guide.guide_rows(st, cfg.guide_size, seed) if needs_guide else (None, None)
     sub = open_subset(st, cfg.train_set, cfg.threads, gx, gy)
     eval_every = cfg.eval_every or every
     guide_every = cfg.guide_every or every
@@ -394,4 +394,4 @@ def write_race(out: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["GUIDE_KEY", "check_train_set", "race_summary", "run_subset", "write_race"]
+__all__ = ["check_train_set", "race_summary", "run_subset", "write_race"]
