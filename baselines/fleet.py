@@ -434,6 +434,17 @@ def _fill_row(row: dict[str, Any], cfg: FleetConfig, out: Path, watch: _Watch,
             row["error"] = f"{lost} of {row['updates_expected']} updates lost"
         elif row.get("broker_dropped"):
             row["error"] = f"the broker dropped {row['broker_dropped']:.0f} messages"
+        elif cfg.broker == "embedded":
+            row["error"] = _broker_complaint(out / "logs" / "broker.log")
+
+
+def _broker_complaint(log_path: Path) -> str | None:
+    """The embedded broker's first complaint (`server.broker.QuietBrokerLog`), if any."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln.split(";")[0] for ln in lines if ln.startswith("heron: ")), None)
 
 
 def _peak(sampler: Sampler, role: str) -> float | None:
