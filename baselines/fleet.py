@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
 import statistics
@@ -312,7 +313,10 @@ def run_one(n: int, cfg: FleetConfig, out: Path, progress: Callable[[str], None]
         sampler.add("server", server.pid)
 
         def mark(what: str) -> None:
-            marks[what] = {"t": time.monotonic(), **sampler.snapshot()}
+            marks[what] = {"t": time.monotonic(), "load": os.getloadavg()[0],
+                           **sampler.snapshot()}
+
+        mark("launched")
 
         relay = threading.Thread(target=_relay_server, name="fleet-server-stdout",
                                  args=(server.stdout, watch, cfg.rounds, n, mark, progress),
@@ -401,7 +405,11 @@ def _fill_row(row: dict[str, Any], cfg: FleetConfig, out: Path, watch: _Watch,
              and all(isinstance(r.get(k), (int, float)) for r in recs)}
     row["server_time_split_seconds"] = split or None  # as far as metrics.jsonl gives it
     start, end = marks.get("start"), marks.get("end")
-    row["join_seconds"] = None
+    launched = marks.get("launched")
+    # from the server's start to every device ready: its startup, N connections, N bundles
+    row["join_seconds"] = round(start["t"] - launched["t"], 1) if start and launched else None
+    # other processes on the machine compete for its cores: the 1-minute load average
+    row["load_average"] = [round(m["load"], 2) for m in (start, end) if m is not None]
     window = None
     if start is not None and end is not None:
         window = end["t"] - start["t"]
