@@ -112,6 +112,10 @@ def cmd_host(args: argparse.Namespace) -> int:
                              credentials=mqtt_credentials(args),
                              bundle_cache=Path(args.bundle_cache) if args.bundle_cache else None)
         opts = shard_options(shards, ids, base)
+        if args.credentials_dir:  # a provisioned broker: each device logs in as itself
+            from dataclasses import replace
+
+            opts = [replace(o, credentials=_device_credentials(args, o.device_id)) for o in opts]
     except ValueError as exc:
         raise SystemExit(f"heron devices host: {exc}") from exc
     print(f"heron devices host: {len(ids)} devices ({ids[0]} .. {ids[-1]}) in this process, "
@@ -129,6 +133,13 @@ def cmd_host(args: argparse.Namespace) -> int:
           + (f"; first error: {next(iter(bad))}: {next(iter(bad.values()))}" if bad else ""),
           flush=True)
     return 1 if bad else 0
+
+
+def _device_credentials(args: argparse.Namespace, device_id: str) -> Any:
+    """DIR/ID.json from `heron devices provision`, read as `--credentials` would be."""
+    path = Path(args.credentials_dir) / f"{device_id}.json"
+    one = argparse.Namespace(**{**vars(args), "credentials": str(path)})
+    return mqtt_credentials(one)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -247,6 +258,9 @@ def add_fleet_parsers(sub: Any) -> None:
                       help="host at most this many of the ids (default: all)")
     host.add_argument("--threads", type=positive_int, default=1,
                       help="ONNX Runtime threads shared by all devices of the process (1)")
+    host.add_argument("--credentials-dir", default=None,
+                      help="DIR/credentials from `heron devices provision`: device ID logs in "
+                      "with ID.json (default: --credentials or --username for all)")
     host.add_argument("--bundle-cache", default=None,
                       help="where bundles whose frozen tensors are memory-mapped are stored")
     host.set_defaults(func=cmd_host)
