@@ -14,6 +14,17 @@ shard; what the devices of one process share:
   measures the process's peak RSS, i.e. the whole host, not one device (a board runs
   `heron device`, which checks). The telemetry's `peak_rss_mb` is then the host's too.
 
+Two settings keep hundreds of devices in one process connected (the first fleet bench lost
+74 of 300 devices to keepalive timeouts without them: 250 training threads starved paho's
+network threads of the GIL, steps took 1.6 s instead of 8 ms and the broker cut the silent
+clients off):
+
+- one device of a host trains at a time (`TRAIN_SLOTS`): the process is GIL-bound with
+  one ONNX Runtime thread, so more concurrent training only slows every step and the pings;
+  a device's step times are measured inside its slot and stay a board's, its `round_s`
+  includes the wait;
+- a keepalive of `KEEPALIVE_S` instead of `heron device`'s 15 s, for the waits left.
+
 A device costs its shard, its MQTT client (two threads: paho's network loop and the device
 loop; three file descriptors) and its bundle copy (the received files; the session is shared).
 """
@@ -23,15 +34,28 @@ from __future__ import annotations
 import logging
 import resource
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge_runtime.bundle import Bundle
-from edge_runtime.device import Device, DeviceExit, DeviceOptions
-from edge_runtime.runtime import LocalModel
+from edge_runtime.device import (
+    Device,
+    DeviceExit,
+    DeviceOptions,
+    device_endpoint,
+    message_limit,
+)
+from edge_runtime.protocol import RoundStart
+from edge_runtime.runtime import LocalModel, RoundResult, TrainConfig
+from edge_runtime.transport import Transport
 
 log = logging.getLogger("heron.host")
+
+TRAIN_SLOTS = 1  # devices of one host training at once (module doc)
+KEEPALIVE_S = 60  # MQTT keepalive of a hosted device
 
 FDS_PER_DEVICE = 4  # the MQTT socket, paho's wake-up socket pair, headroom for the shard
 FDS_BASE = 256  # the interpreter, ONNX Runtime, logs
@@ -44,6 +68,22 @@ class SharedModelDevice(Device):
     checks_memory = False
     _models: dict[tuple[str, int | None], LocalModel] = {}
     _lock = threading.Lock()
+    _slots = threading.BoundedSemaphore(TRAIN_SLOTS)
+
+    def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
+        if transport is None:
+            from edge_runtime.transport.mqtt import MqttTransport
+
+            ep = device_endpoint(opts.device_id, opts.prefix)
+            transport = MqttTransport(opts.broker, ep.client_id, ep.subscriptions, will=ep.will,
+                                      credentials=opts.credentials, keepalive=KEEPALIVE_S,
+                                      max_message_bytes=message_limit(opts.profile))
+        super().__init__(opts, transport)
+
+    def _train(self, msg: RoundStart, cfg: TrainConfig,
+               send_smashed: Callable[[int, np.ndarray, np.ndarray], None]) -> RoundResult:
+        with self._slots:
+            return super()._train(msg, cfg, send_smashed)
 
     def _make_model(self, bundle: Bundle) -> tuple[object, int | None]:
         key = (bundle.manifest.files.get("train.onnx", ""), self.opts.threads)
