@@ -317,13 +317,6 @@ class MemoryVerdict:
                 f"help: run the server with --batch-size {best} or smaller, or give this "
                 "device a profile with a larger budget")
 
-    def join_fields(self) -> dict[str, Any]:
-        """What the server learns at join: the profile and the measured memory."""
-        return {"profile": self.profile, "budget_mb": round(self.budget_mb, 1),
-                "memory_mb": round(self.needed_mb, 1), "memory_batch": self.batch,
-                "memory_extrapolated": self.extrapolated,
-                "max_batch_measured_fit": self.largest_fitting}
-
 
 def check_memory(
     measure: Callable[[int], float],

@@ -1,8 +1,9 @@
 """What the server accepts from each device: rate limits, per-round budgets, quarantine.
 
-Pure bookkeeping over explicit clocks, tested without a broker; `server.loop` asks it before
-doing any work for a message. A device is known by its topic, which a provisioned broker's
-ACL binds to the device's own login, so what it counts is what that login did.
+Pure bookkeeping over explicit clocks, tested without a broker; `server.members` asks it
+before doing any work for a message, `server.loop` before using a round's upload. A device is
+known by its topic, which a provisioned broker's ACL binds to the device's own login, so what
+it counts is what that login did.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edge_runtime.algorithms import algorithm
 from edge_runtime.protocol import TrainConfig
+from server.aggregate import check_update
 
 # Rejection kinds (the text before the first ':' of a rejection) that an honest device can
 # cause through no fault of its own: late messages after a round closed, messages for a run
@@ -111,6 +115,20 @@ def check_smashed_step(step: int, cfg: TrainConfig) -> str | None:
     return None
 
 
+def check_smashed(count: int, step: int, batch: int, cfg: TrainConfig,
+                  round_idx: int) -> str | None:
+    """Why a device's `count`-th smashed upload of a round is refused before the server
+    trains on it (the whole rejection, its kind first), or None."""
+    budget, slack = smashed_budget(cfg), redelivery_slack(cfg)
+    if count > budget + slack:
+        return (f"too many smashed: upload {count} in round {round_idx}; its config makes "
+                f"{budget} (+{slack} redelivered)")
+    why = check_smashed_step(step, cfg)
+    if why is None and batch > cfg.batch_size:
+        why = f"batch of {batch} exceeds the round's batch size {cfg.batch_size}"
+    return f"bad smashed data: {why}" if why else None
+
+
 def check_declared_samples(samples: object, limit: int = MAX_DECLARED_SAMPLES) -> str | None:
     """Why a join's declared sample count is unusable, or None."""
     if not isinstance(samples, int) or isinstance(samples, bool):
@@ -129,6 +147,25 @@ def check_num_samples(num_samples: object, declared: int | None) -> str | None:
         return "no sample count was declared at join"
     if not 1 <= num_samples <= declared:
         return f"sample count {num_samples} outside 1..{declared} (declared at join)"
+    return None
+
+
+def check_device_update(weights: np.ndarray, num_samples: object, declared: int | None,
+                        theta: np.ndarray, max_weight_abs: float,
+                        max_update_norm: float | None) -> str | None:
+    """Why a round's update is refused (the whole rejection, its kind first), or None: its
+    sample count, shape, finiteness, weight bound and distance from the global weights."""
+    why = check_num_samples(num_samples, declared)
+    why = why or check_update(weights, theta.size)
+    if why is None and float(np.abs(weights).max(initial=0.0)) > max_weight_abs:
+        why = f"weights exceed |{max_weight_abs:g}|"
+    if why:
+        return f"bad update: {why}"
+    if max_update_norm is not None:
+        norm = float(np.linalg.norm(weights.astype(np.float64) - theta))
+        if norm > max_update_norm:
+            return (f"update norm: {norm:.3g} from the global weights exceeds "
+                    f"--max-update-norm {max_update_norm:g}")
     return None
 
 

@@ -1,4 +1,5 @@
-"""What a run leaves on disk: metrics.jsonl, summary.json and checkpoints.
+"""What a run leaves on disk: metrics.jsonl, summary.json and checkpoints (what they hold,
+and how they are written), and the console line of each round's record.
 
 Every write either completes or leaves the previous file as it was: whole files go to a temp
 file that is fsynced and renamed over the old one; a metrics line is appended and, if the
@@ -13,14 +14,22 @@ import errno
 import io
 import json
 import os
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edge_runtime.files import atomic_write
 
-# what Server._checkpoint writes; a file without one of them is not a heron checkpoint
+if TYPE_CHECKING:
+    from edge_runtime.manifest import Manifest
+    from server.loop import RoundState
+    from server.members import Members
+    from server.options import ServerOptions
+    from server.trainer import Evaluation
+
+# what server.loop.Server._checkpoint writes; a file without one is not a heron checkpoint
 CHECKPOINT_KEYS = ("round", "run_id", "device_weights", "server_state", "server_optimizer",
                    "manifest", "train_config", "records", "counters")
 
@@ -63,6 +72,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_jsonl(path: Path, objs: list[Any]) -> None:
+    """A whole metrics file at once (a resumed run's, rebuilt from its checkpoint)."""
+    atomic_write_bytes(path, "".join(json.dumps(o) + "\n" for o in objs).encode())
 
 
 def append_jsonl(path: Path, obj: Any) -> None:
@@ -143,3 +157,92 @@ def check_checkpoint_matches(ckpt: dict[str, Any], path: Path, *, model: str,
     if wrong:
         raise CheckpointError(f"{path} was written by a run with {', '.join(wrong)}; help: "
                               "resume with the options of the run that wrote it")
+
+
+def round_record(state: RoundState, ev: Evaluation, members: Members, *, bytes_up: int,
+                 bytes_down: int, round_bytes_up: int, round_bytes_down: int,
+                 seconds: float) -> dict[str, Any]:
+    """A closed round's line of metrics.jsonl (and of the checkpoint's records)."""
+    m, participants = members, state.participants
+    tel = state.telemetry.values()
+    return {
+        "round": state.start.round,
+        "test_accuracy": ev.accuracy,
+        "test_loss": ev.loss,
+        "server_train_loss": statistics.fmean(state.server_losses)
+        if state.server_losses else None,
+        "device_local_loss": statistics.fmean(t.loss_mean for t in tel) if tel else None,
+        "participants": list(participants),
+        "updates": sorted(state.updates),
+        "dropped": sorted(state.gone - set(state.updates)),
+        "smashed_batches": len(state.server_losses),
+        "round_bytes_up": round_bytes_up,
+        "round_bytes_down": round_bytes_down,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "device_peak_rss_mb": {d: t.peak_rss_mb for d, t in state.telemetry.items()},
+        "device_step_ms": {d: t.step_ms_median for d, t in state.telemetry.items()},
+        "device_memory_mb": {d: m.profiles.get(d, {}).get("memory_mb")
+                             for d in participants},  # measured by its dry run at join
+        "clipped": state.clipped,
+        "rejected": dict(m.rejected),
+        "quarantined": dict(m.guard.quarantined),
+        "device_errors": dict(m.device_errors),
+        "round_seconds": seconds,
+    }
+
+
+def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: Members,
+                records: list[dict[str, Any]], *, bytes_up: int, bytes_down: int,
+                peak_rss: dict[str, float], interrupted: bool,
+                wall_seconds: float) -> dict[str, Any]:
+    """summary.json: the run's options, outcome, traffic and what was refused."""
+    o, m = opts, members
+    accs = [r["test_accuracy"] for r in records]
+    return {
+        "run_id": run_id,
+        "algorithm": o.train.algorithm,
+        "model": o.model,
+        "cut": manifest.cut,
+        "dataset": o.dataset,
+        "devices": sorted(m.ready) if m.ready else o.devices,
+        "num_devices": o.devices,
+        "rounds": o.rounds,
+        "completed_rounds": len(records),
+        "interrupted": interrupted,
+        "deterministic": o.deterministic,
+        "final_test_accuracy": accs[-1] if accs else None,
+        "test_accuracy_per_round": accs,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "device_peak_rss_mb": peak_rss,
+        "device_profiles": m.profiles,  # join profiles: board profile, measured memory
+        "device_params": manifest.num_params,
+        "rejected": dict(m.rejected),
+        "rejected_by_device": m.guard.by_device,
+        # device -> why, for the rest of the run; quarantine_dropped: messages dropped since
+        "quarantined": dict(m.guard.quarantined),
+        "quarantine_dropped": dict(m.guard.dropped),
+        "device_errors": dict(m.device_errors),
+        "config": {"train": o.train.to_json(), "server_optimizer": o.server_optimizer,
+                   "server_lr": o.server_lr, "weighting": o.weighting, "seed": o.seed,
+                   "per_round": o.per_round, "min_devices": o.min_devices,
+                   "round_timeout": o.round_timeout, "aggregate": o.aggregate,
+                   "trim": o.trim, "max_update_norm": o.max_update_norm,
+                   "clip_update_norm": o.clip_update_norm,
+                   "limits": o.limits.to_json(), "deterministic": o.deterministic},
+        "wall_seconds": wall_seconds,
+    }
+
+
+def round_line(rec: dict[str, Any], rounds: int) -> str:
+    """A round's metrics record as the one line printed for it."""
+    rss = [v for v in rec["device_peak_rss_mb"].values() if v is not None]
+    steps = [v for v in rec["device_step_ms"].values() if v is not None]
+    return (f"round {rec['round']:>3}/{rounds}  test acc {rec['test_accuracy']:.4f}  "
+            f"test loss {rec['test_loss']:.4f}  "
+            f"devices {len(rec['updates'])}/{len(rec['participants'])}  "
+            f"up {rec['bytes_up'] / 1e6:.2f} MB  down {rec['bytes_down'] / 1e6:.2f} MB  "
+            f"device peak RSS {max(rss) if rss else float('nan'):.0f} MB  "
+            f"step {statistics.median(steps) if steps else float('nan'):.2f} ms  "
+            f"{rec['round_seconds']:.1f} s")

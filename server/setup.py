@@ -23,7 +23,7 @@ from exporter.export import aux_from_server, export_bundle
 from exporter.zoo import SplitModel, build_split
 from heron_data.datasets import Dataset, load_dataset
 from server.aggregate import AGGREGATES, check_trim
-from server.loop import ServerOptions
+from server.options import ServerOptions
 from server.policy import deterministic_conflict
 from server.records import load_checkpoint
 from server.strategies import ServerStrategy, server_strategy

@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
     from heron_data.datasets import DatasetError
-    from server.broker import EmbeddedBroker
+    from server.broker import EmbeddedBroker, too_many_devices
     from server.records import WriteError, write_json
 
     saved = {k: v for k, v in vars(args).items()
@@ -122,6 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     url = broker.url
             if broker is not None:
                 print(f"embedded MQTT broker on {url}", flush=True)
+                warning = too_many_devices(args.devices)
+                if warning:
+                    print(f"heron run: warning: {warning}", file=sys.stderr, flush=True)
             logs.mkdir(exist_ok=True)
             try:
                 write_config(out / SERVER_CONFIG, server_args(args, url, out), "server")

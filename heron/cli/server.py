@@ -148,7 +148,7 @@ SERVER_CONFIG = "server.toml"  # the server's resolved options, beside its resul
 def server_options(args: argparse.Namespace) -> Any:
     """The server's options from its flags (tests/heron/test_config.py checks that every
     ServerOptions field has exactly one flag and every flag a field)."""
-    from server.loop import ServerOptions
+    from server.options import ServerOptions
     from server.policy import Limits
 
     return ServerOptions(

@@ -1,5 +1,6 @@
-"""The device loop's reading of the server's presence: the run's training config sizes the
-join-time memory check; an old server's presence or a malformed one falls back to the default."""
+"""The device's reading of the server's presence: the run's training config sizes the
+join-time memory check; a presence without one, or a malformed one, falls back to the
+default."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_the_servers_presence_carries_the_runs_training_config() -> None:
     assert isinstance(got, Presence) and announced_config(got.info) == cfg
 
 
-def test_a_server_that_predates_it_announces_nothing() -> None:
+def test_a_presence_without_a_config_announces_nothing() -> None:
     assert announced_config({"model": "cnn", "cut": "conv2", "dataset": "digits"}) is None
     assert announced_config({}) is None
 

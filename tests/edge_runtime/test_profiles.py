@@ -153,8 +153,7 @@ def test_stops_before_a_step_that_would_not_fit_and_names_what_fits() -> None:
     msg = v.message()
     assert "batch size 16 fits" in msg and "--batch-size 16" in msg and "help:" in msg
     assert "would need about 228 MB" in msg and "rpi-zero-2w" in msg
-    fields = v.join_fields()
-    assert fields["profile"] == "rpi-zero-2w" and fields["max_batch_measured_fit"] == 16
+    assert v.profile == "rpi-zero-2w"  # what the device's join profile names
 
 
 def test_nothing_fits() -> None:

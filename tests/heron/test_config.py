@@ -163,7 +163,7 @@ SERVER_FLAGS_WITHOUT_FIELD = {
 
 
 def test_every_server_option_field_has_its_flag_and_every_flag_a_field() -> None:
-    from server.loop import ServerOptions
+    from server.options import ServerOptions
 
     stop = set(SERVER_FIELDS) | set(SERVER_FIELDS_WITHOUT_FLAG)
     assert _leaf_fields(ServerOptions, "", stop) == stop

@@ -27,7 +27,8 @@ from edge_runtime.protocol import (
 )
 from edge_runtime.transport import payloads
 from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
-from server.loop import Server, ServerOptions
+from server.loop import Server
+from server.options import ServerOptions
 from server.setup import Run, build_run, server_endpoint
 
 P = topics.DEFAULT_PREFIX

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from edge_runtime.protocol import TrainConfig
@@ -14,7 +15,9 @@ from server.policy import (
     Limits,
     Rate,
     check_declared_samples,
+    check_device_update,
     check_num_samples,
+    check_smashed,
     check_smashed_step,
     clip_text,
     redelivery_slack,
@@ -147,6 +150,36 @@ def test_splitfed_uploads_every_step(alg: str) -> None:
 def test_a_step_the_round_never_uploads_is_refused(step: int) -> None:
     why = check_smashed_step(step, TrainConfig(local_steps=40, upload_every=2))
     assert why is not None and f"step {step}" in why
+
+
+def test_a_rounds_smashed_uploads_beyond_budget_and_slack_are_too_many() -> None:
+    cfg = TrainConfig(local_steps=40, upload_every=2)
+    most = smashed_budget(cfg) + redelivery_slack(cfg)
+    assert check_smashed(most, 0, 8, cfg, 3) is None
+    why = check_smashed(most + 1, 0, 8, cfg, 3) or ""
+    assert why.startswith("too many smashed:") and "round 3" in why
+
+
+def test_a_smashed_batch_off_step_or_over_the_batch_size_is_bad_data() -> None:
+    cfg = TrainConfig(local_steps=40, upload_every=2, batch_size=16)
+    assert (check_smashed(1, 1, 8, cfg, 1) or "").startswith("bad smashed data: step 1")
+    assert "exceeds the round's batch size 16" in (check_smashed(1, 0, 17, cfg, 1) or "")
+
+
+def test_an_update_is_checked_for_samples_shape_bounds_and_distance() -> None:
+    theta = np.zeros(4, np.float32)
+
+    def check(weights: np.ndarray, samples: object = 10, norm: float | None = None) -> str:
+        return check_device_update(weights, samples, 10, theta, 1e4, norm) or ""
+
+    ok = np.full(4, 0.5, np.float32)
+    assert check(ok) == "" and check(ok, norm=1.0) == ""  # |ok - theta| = 1
+    assert check(ok, samples=11).startswith("bad update: sample count 11")
+    assert check(np.zeros(3, np.float32)).startswith("bad update: weights have shape")
+    assert check(np.array([np.nan, 0, 0, 0], np.float32)).startswith("bad update:")
+    assert check(np.full(4, 2e4, np.float32)) == "bad update: weights exceed |10000|"
+    assert check(ok, norm=0.5).startswith("update norm: 1 from the global weights exceeds "
+                                          "--max-update-norm 0.5")
 
 
 @pytest.mark.parametrize("value", [0, -5, 10**8 + 1, 1.5, float("nan"), "100", True, None])

@@ -19,6 +19,7 @@ from server.records import (
     WriteError,
     append_jsonl,
     atomic_write_bytes,
+    round_line,
     save_checkpoint,
     write_json,
 )
@@ -145,3 +146,15 @@ def test_other_write_errors_are_named(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(os, "fsync", read_only)
     with pytest.raises(WriteError, match=r"Read-only file system \(EROFS\)"):
         atomic_write_bytes(tmp_path / "x", b"1")
+
+
+def test_a_round_line_says_accuracy_devices_traffic_and_time() -> None:
+    rec = {"round": 3, "test_accuracy": 0.91234, "test_loss": 0.3, "updates": ["a", "b"],
+           "participants": ["a", "b", "c"], "bytes_up": 2_500_000, "bytes_down": 1_000_000,
+           "device_peak_rss_mb": {"a": 80.0, "b": None}, "device_step_ms": {"a": 2.0, "b": 4.0},
+           "round_seconds": 1.25}
+    line = round_line(rec, 20)
+    assert line.startswith("round   3/20  test acc 0.9123  test loss 0.3000  devices 2/3")
+    assert "up 2.50 MB  down 1.00 MB  device peak RSS 80 MB  step 3.00 ms  1.2 s" in line
+    rec["device_peak_rss_mb"], rec["device_step_ms"] = {}, {}
+    assert "RSS nan MB  step nan ms" in round_line(rec, 20)  # no telemetry came in

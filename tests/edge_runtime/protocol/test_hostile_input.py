@@ -331,21 +331,22 @@ def test_empty_records_are_none_and_typed_access_cannot_fail() -> None:
     assert isinstance(tel.steps, int)
 
 
-def test_what_devices_send_today_decodes(tmp_path: Path) -> None:
-    """The device's own profile and memory verdict (edge_runtime/device.py), built by its code."""
-    from edge_runtime.device import DeviceOptions, _profile
+def test_the_devices_join_profile_decodes(tmp_path: Path) -> None:
+    """The device's own profile and memory verdict, built by its code
+    (`edge_runtime.device.join_profile`)."""
+    from edge_runtime.device import join_profile
     from edge_runtime.profiles import MemoryVerdict
 
-    profile = _profile(DeviceOptions("mqtt://x", "dev-0", tmp_path), 120, None)
-    profile["algorithms"] = ["heron", "frozen"]
-    profile["profile"] = "none"
-    profile.update(MemoryVerdict(32, 900.0, "the rpi4 profile's budget", {1: 90.0, 32: 180.0},
-                                 True, 180.0, False, "rpi4").join_fields())
-    got = decode(encode(Join("", -1, "dev-0", profile=profile, bundle_sha256="ab" * 32)))
-    assert isinstance(got, Join) and got.profile is not None
-    assert got.profile.to_json() == {k: v for k, v in profile.items() if v is not None}
-    legacy = _edit(encode(got), _set_meta(("profile", "threads"), None))  # sent as null today
-    assert decode(legacy).profile.threads is None  # type: ignore[attr-defined]
+    verdict = MemoryVerdict(32, 900.0, "the rpi4 profile's budget", {1: 90.0, 32: 180.0},
+                            True, 180.0, False, "rpi4")
+    for v in (None, verdict):
+        profile = join_profile(120, None, ("heron", "frozen"), None, v)
+        got = decode(encode(Join("", -1, "dev-0", profile=profile, bundle_sha256="ab" * 32)))
+        assert isinstance(got, Join) and got.profile == profile
+    assert profile.profile == "rpi4" and profile.max_batch_measured_fit == 32
+    assert profile.budget_mb == 900.0 and profile.memory_mb == 180.0
+    nulled = _edit(encode(got), _set_meta(("profile", "threads"), None))
+    assert decode(nulled).profile.threads is None  # type: ignore[attr-defined]
 
 
 # -- every other field -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from edge_runtime.protocol import (
 # total bytes. Written out here so that a silent change of the wire format fails a test.
 CHUNK_HEAD = struct.Struct("<4s16sIIQ")
 ENV: dict[str, Any] = {"run_id": "run-7", "round": 3, "sender": "dev-0"}
-# What a device sends today (edge_runtime/device.py `_on_round`, `_profile`, `_join`).
+# What a device sends (edge_runtime/device/records.py `round_telemetry`, `join_profile`).
 TELEMETRY: dict[str, Any] = {
     "peak_rss_mb": 80.0, "step_ms_median": 1.5, "step_ms_mean": 2.0, "round_s": 3.25,
     "loss_first": 2.3, "loss_last": 1.25, "loss_mean": 1.5, "steps": 40, "smashed_sent": 20,

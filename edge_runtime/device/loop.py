@@ -1,72 +1,36 @@
-"""The device's network loop: join, receive the bundle, train the rounds it is picked for.
+"""The device's loop: join, receive the bundle, train the rounds it is picked for.
 
-All MQTT traffic of a device goes through this one loop; training itself is
-`runtime.train_round`, which knows nothing about the network.
-
-Whom a device obeys. It acts only on the kinds the server sends, each on its own topic
-(`server_kinds`: the retained server presence, ``down/{own id}/bundle|grad``,
-``down/all/round|stop``) with sender "server", and only for the run it joined: the run id
-comes from the server's online presence on the retained server status topic and from nowhere
-else. A bundle, round, gradient or stop for another run, a kind on the wrong topic or a
-payload that does not decode is ignored, counted in `Device.ignored` and logged, never a
-crash (only a bundle of the joined run that cannot be received or verified ends the device:
-it reports why to the server and exits 4). What that proves about the sender depends on the
-broker:
-
-- provisioned (`heron devices provision`): the broker refuses anonymous clients, its ACL
-  lets only the server's account write under ``down/`` and ``server/status`` while each
-  device writes only its own ``up/`` and ``status/`` topics, and client ids are the user
-  names (`tests/test_security.py` checks each against a real Mosquitto). So whatever a
-  device acts on was published with the server's credentials, and the run is the one that
-  account announced last: that is the server's identity. With ``--tls`` the device also
-  checks the broker's certificate against the fleet's CA; without TLS a machine on the
-  network path could pose as the broker.
-- an open broker: anyone who connects can publish as the server (the run id is in its
-  retained presence for all to read); the run-id check then only keeps stale and other
-  runs' traffic out.
-
-Either way a bundle cannot make the device read or write outside the bundle's folder
-(`edge_runtime.bundle`: external data confinement, checked before any session exists), and
-a message larger than the device's memory budget can hold is refused at its first chunk
-(`message_limit`).
+All traffic of a device goes through this one loop, over whatever `Transport` it is given
+(MQTT by default, `bus.mqtt_transport`); training itself is a subclass's `_train`
+(`runtime.train_round` on `Device`), which knows nothing about the network. Which messages
+the loop acts on, and why that is safe, is `bus`'s doc.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
-import onnxruntime as ort
-import psutil
 
-from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
+from edge_runtime.algorithms import algorithm
 from edge_runtime.bundle import (
     GRAPH_DATA,
     Bundle,
-    BundleError,
     bundle_from_files,
     default_bundle_cache,
     load_bundle,
     store_bundle_files,
 )
 from edge_runtime.data import load_shard
-from edge_runtime.profiles import (
-    MEMORY_EXIT_CODE,
-    MemoryVerdict,
-    Profile,
-    check_bundle_memory,
-    memory_budget,
-)
+from edge_runtime.device.bus import message_limit, mqtt_transport, server_kinds
+from edge_runtime.device.options import DeviceExit, DeviceOptions, RoundAborted
+from edge_runtime.device.records import announced_config, join_profile, round_telemetry
+from edge_runtime.manifest import BundleError
+from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict
 from edge_runtime.protocol import (
-    MAX_CHUNK_PAYLOAD,
-    MAX_MESSAGE_BYTES,
     BundleFiles,
     DeviceError,
     Gradient,
@@ -76,119 +40,25 @@ from edge_runtime.protocol import (
     RoundStart,
     Smashed,
     Stop,
+    TrainConfig,
     Update,
-    announced_train,
     new_msg_id,
     topics,
 )
-from edge_runtime.runtime import (
-    LocalModel,
-    RoundResult,
-    TrainConfig,
-    peak_rss_mb,
-    train_round,
-    use_process_pool,
-)
-from edge_runtime.transport import RECONNECTED, Credentials, Endpoint, Incoming, Transport
-from edge_runtime.zo import BlockSampler
+from edge_runtime.runtime import RoundResult
+from edge_runtime.transport import RECONNECTED, Incoming, Transport
 
 log = logging.getLogger("heron.device")
 
 
-@dataclass(frozen=True)
-class DeviceOptions:
-    broker: str
-    device_id: str
-    data: Path
-    prefix: str = topics.DEFAULT_PREFIX
-    bundle: Path | None = None  # a local bundle instead of the server's
-    threads: int | None = None
-    credentials: Credentials | None = None
-    wait_server_s: float = 600.0  # give up if no server shows up for this long
-    profile: Profile | None = None  # board profile: memory budget (and default threads)
-    # where bundles from the server are stored when their graph data must be on disk to be
-    # memory-mapped (None: bundle.default_bundle_cache())
-    bundle_cache: Path | None = None
+class DeviceLoop:
+    """The device's loop, whatever model it trains. A subclass gives the model hooks
+    (`_make_model`, `_expected_weights`, `_train`, and `_check_memory` where
+    `checks_memory`): `Device` with ONNX Runtime, `devices.torch_device.TorchDevice` with
+    torch."""
 
-
-class RoundAborted(Exception):
-    """The round cannot go on (no gradient from the server, server gone); no update is sent."""
-
-
-class DeviceExit(Exception):
-    """Raised to end the device loop with a message and an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def announced_config(info: object) -> TrainConfig | None:
-    """The run's training config from the server's presence, for the join-time memory check:
-    None from a server that predates it, or (with a warning) when it is malformed."""
-    try:
-        obj = announced_train(info)
-        if obj is None:
-            return None
-        batch = obj.get("batch_size")
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch_size {batch!r} is not a positive integer")
-        return TrainConfig.from_json(obj)
-    except (TypeError, ValueError) as exc:
-        log.warning("ignoring the training config in the server's presence (%s); the join-time "
-                    "memory check uses batch size %d", exc, TrainConfig().batch_size)
-        return None
-
-
-def message_limit(profile: Profile | None) -> int:
-    """The largest message, in bytes, this device takes: half of what its memory budget
-    (`profiles.memory_budget`) leaves above what the process holds now, since a bundle
-    verified in memory is held twice for a moment (the message and its files); at least one
-    chunk, so presences and small rounds always pass, and at most the codec's limit. A
-    bundle over it is refused at its first chunk, before any of it is held."""
-    budget_mb, _ = memory_budget(profile)
-    room = int(budget_mb * 2**20) - psutil.Process().memory_info().rss
-    return max(MAX_CHUNK_PAYLOAD, min(MAX_MESSAGE_BYTES, room // 2))
-
-
-def server_kinds(device_id: str, prefix: str) -> dict[str, type[Message]]:
-    """topic -> the one message kind the server sends there (module doc)."""
-    return {topics.server_status(prefix): Presence,
-            topics.down_device(device_id, "bundle", prefix): BundleFiles,
-            topics.down_device(device_id, "grad", prefix): Gradient,
-            topics.down_all("round", prefix): RoundStart,
-            topics.down_all("stop", prefix): Stop}
-
-
-def device_endpoint(device_id: str, prefix: str) -> Endpoint:
-    """The device on the bus: its downlinks, broadcasts and the server's presence; an
-    offline presence as its will."""
-    return Endpoint(f"heron-{device_id}", topics.device_subscriptions(device_id, prefix),
-                    (topics.device_status(device_id, prefix),
-                     Presence("", -1, device_id, state="offline")))
-
-
-def mqtt_transport(opts: DeviceOptions, max_message_bytes: int) -> Transport:
-    """The device's MQTT connection, as `heron device` makes it."""
-    from edge_runtime.transport.mqtt import MqttTransport
-
-    ep = device_endpoint(opts.device_id, opts.prefix)
-    return MqttTransport(opts.broker, ep.client_id, ep.subscriptions, will=ep.will,
-                         credentials=opts.credentials, max_message_bytes=max_message_bytes)
-
-
-def _profile(opts: DeviceOptions, n: int, threads: int | None) -> dict[str, object]:
-    return {"samples": n, "python": platform.python_version(), "machine": platform.machine(),
-            "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads,
-            "rss_mb": round(peak_rss_mb(), 1)}
-
-
-class Device:
-    """The ONNX Runtime device (heron, frozen). `devices.torch_device.TorchDevice` reuses
-    this loop and overrides only the model hooks (`_make_model`, `_train`, ...)."""
-
-    algorithms: tuple[str, ...] = ONNX_ALGORITHMS
-    checks_memory = True  # dry-run memory check against the board profile (ORT device)
+    algorithms: tuple[str, ...] = ()  # what it can run, said at join
+    checks_memory = False  # dry-run memory check against the board profile, at join and round
 
     def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
         """`transport`: where its messages go (default: MQTT to `opts.broker`); one made
@@ -198,12 +68,9 @@ class Device:
         self.x, self.y = load_shard(opts.data)
         self.bundle: Bundle | None = load_bundle(opts.bundle) if opts.bundle else None
         self.threads: int | None = None
-        self.model: object | None = None  # LocalModel here; a torch split on TorchDevice
-        self.memory: dict[int, float] = {}  # batch -> measured peak RSS MB (this bundle)
+        self.model: object | None = None  # set by `_make_model` once there is a bundle
         self.memory_verdict: MemoryVerdict | None = None  # the check made at join
         self.announced: TrainConfig | None = None  # the run's config, from the server's presence
-        # block-wise ZO: (run id, sampler) where the next round's block draws start
-        self.block_sampler: tuple[str, BlockSampler] | None = None
         if self.bundle is not None:
             self._load_model(self.bundle)
         self.run_id: str | None = None
@@ -217,61 +84,35 @@ class Device:
         self.transport = transport if transport is not None else \
             mqtt_transport(opts, self.max_message_bytes)
 
-    # -- model hooks (overridden by the torch device) ------------------------------------
+    # -- model hooks ---------------------------------------------------------------------
     @staticmethod
     def prepare_process(opts: DeviceOptions) -> None:
-        """Process-wide setup before the device starts: one ONNX Runtime thread pool for
-        all its sessions (`runtime.use_process_pool`)."""
-        use_process_pool(opts.threads)
+        """Process-wide setup before the device starts (`run_device`)."""
 
     def _make_model(self, bundle: Bundle) -> tuple[object, int | None]:
         """The local model for a verified bundle, checked against the shard; and threads."""
-        model = LocalModel(bundle, self.opts.threads)
-        model.check_data(self.x, self.y)
-        return model, model.threads
+        raise NotImplementedError
 
     def _expected_weights(self, cfg: TrainConfig) -> int:
         """Length of the global weight vector a round carries for this algorithm."""
-        assert self.bundle is not None
-        return self.bundle.manifest.num_params
+        raise NotImplementedError
 
     def _train(self, msg: RoundStart, cfg: TrainConfig,
                send_smashed: Callable[[int, np.ndarray, np.ndarray], None]) -> RoundResult:
-        assert isinstance(self.model, LocalModel)
-        # the block sampler's per-block energies carry over between the rounds of one run on
-        # one bundle: later rounds draw the blocks that moved the loss more often
-        carried = self.block_sampler
-        sampler = carried[1] if carried is not None and carried[0] == msg.run_id else None
-        result = train_round(self.model, msg.weights.astype(np.float32), self.x, self.y, cfg,
-                             round_idx=msg.round, device_id=self.opts.device_id,
-                             on_smashed=send_smashed, block_sampler=sampler)
-        if result.block_sampler is not None:
-            start = sampler.probs() if sampler is not None else None
-            log.info("%s: round %d block draw probabilities %s -> %s", self.opts.device_id,
-                     msg.round, "uniform" if start is None else np.round(start, 3).tolist(),
-                     np.round(result.block_sampler.probs(), 3).tolist())
-        self.block_sampler = ((msg.run_id, result.block_sampler)
-                              if result.block_sampler is not None else None)
-        return result
-
-    def _load_model(self, bundle: Bundle) -> None:
-        self.model, self.threads = self._make_model(bundle)
-        self.memory, self.memory_verdict = {}, None
-        self.block_sampler = None
-        log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
-                 self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
-                 bundle.manifest.num_params, self.threads)
+        """One round's local training from the round's global weights."""
+        raise NotImplementedError
 
     def _check_memory(self, batch: int, theta: np.ndarray,
                       cfg: TrainConfig | None) -> MemoryVerdict:
         """Real dry-run steps at growing batches up to `batch`, against the budget."""
-        assert isinstance(self.model, LocalModel)
-        before = len(self.memory)
-        verdict = check_bundle_memory(self.model, theta, self.x, self.y, batch,
-                                      self.opts.profile, known=self.memory, cfg=cfg)
-        log.log(logging.INFO if len(self.memory) > before or not verdict.fits else logging.DEBUG,
-                "%s: memory check: %s", self.opts.device_id, verdict.message())
-        return verdict
+        raise NotImplementedError
+
+    def _load_model(self, bundle: Bundle) -> None:
+        self.model, self.threads = self._make_model(bundle)
+        self.memory_verdict = None
+        log.info("%s: bundle %s/%s ready (%d trainable params, %s threads)",
+                 self.opts.device_id, bundle.manifest.model, bundle.manifest.cut,
+                 bundle.manifest.num_params, self.threads)
 
     def _refuse(self, why: str) -> None:
         """Say no instead of being OOM-killed: tell the server, then stop."""
@@ -290,11 +131,8 @@ class Device:
             if self.memory_verdict.largest_fitting is None:
                 self._refuse(f"bundle refused: {self.memory_verdict.message()}")
         sha = self.bundle.manifest.files.get("train.onnx") if self.bundle else None
-        profile = _profile(self.opts, len(self.y), self.threads if self.model else None)
-        profile["algorithms"] = list(self.algorithms)
-        profile["profile"] = self.opts.profile.name if self.opts.profile else "none"
-        if self.memory_verdict is not None:
-            profile.update(self.memory_verdict.join_fields())
+        profile = join_profile(len(self.y), self.threads if self.model else None,
+                               self.algorithms, self.opts.profile, self.memory_verdict)
         self.transport.publish(topics.up(self.opts.device_id, "join", self.opts.prefix),
                                Join(self.run_id or "", -1, self.opts.device_id,
                                     profile=profile, bundle_sha256=sha))
@@ -489,18 +327,9 @@ class Device:
         except (ValueError, FloatingPointError, RoundAborted) as exc:
             self._report(f"round {msg.round} failed: {exc}")
             return
-        telemetry = {
-            "peak_rss_mb": round(peak_rss_mb(), 2),
-            "step_ms_median": round(statistics.median(result.step_ms), 3),
-            "step_ms_mean": round(statistics.fmean(result.step_ms), 3),
-            "round_s": round(time.perf_counter() - t0, 3),
-            "loss_first": result.losses[0], "loss_last": result.losses[-1],
-            "loss_mean": float(np.mean(result.losses)),
-            "steps": cfg.local_steps, "smashed_sent": result.smashed_sent,
-            "threads": self.threads, "algorithm": cfg.algorithm,
-            "bytes_in": t.bytes_in - bytes_in0, "bytes_out": t.bytes_out - bytes_out0,
-        }
         try:  # the codec's bounds hold on the way out too (a NaN loss, say)
+            telemetry = round_telemetry(result, cfg, time.perf_counter() - t0, self.threads,
+                                        t.bytes_in - bytes_in0, t.bytes_out - bytes_out0)
             update = Update(msg.run_id, msg.round, dev, weights=result.theta,
                             num_samples=len(self.y), telemetry=telemetry)
         except ValueError as exc:
@@ -511,8 +340,7 @@ class Device:
         self.rounds_done += 1
         log.info("%s: round %d done: local loss %.4f -> %.4f, %.1f ms/step, peak RSS %.1f MB",
                  dev, msg.round, result.losses[0], result.losses[-1],
-                 telemetry["step_ms_median"], telemetry["peak_rss_mb"])
-
+                 telemetry.step_ms_median, telemetry.peak_rss_mb)
 
     def await_gradient(self, round_idx: int, step: int, timeout: float) -> Gradient:
         """SplitFed: block until the server's cut-layer gradient for (round, step) arrives.
@@ -556,14 +384,3 @@ class Device:
                 self.pending.append(msg)  # handled by the main loop once this round ends
                 raise RoundAborted(f"the server moved on to round {msg.round}")
             log.debug("%s: ignoring %s while waiting for a gradient", dev, msg.kind)
-
-
-def run_device(opts: DeviceOptions, device_cls: type[Device] = Device) -> int:
-    """Entry point used by `heron device` (`device_cls`: TorchDevice for `--torch`)."""
-    try:
-        device_cls.prepare_process(opts)
-        device = device_cls(opts)
-        return device.run()
-    except (BundleError, ValueError, OSError) as exc:  # BrokerError is an OSError
-        print(f"heron device: {exc}", file=sys.stderr)
-        return 2
