@@ -35,19 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
-
+from baselines.fleet_probes import Sampler, SysCounters
+from baselines.fleet_report import markdown, plot_fleet, summary_line
 from baselines.profile import machine
 from devices.host import raise_open_files
 
-SYS_TOPICS = {  # Mosquitto's $SYS counters -> our names
-    "$SYS/broker/messages/received": "msgs_in",
-    "$SYS/broker/messages/sent": "msgs_out",
-    "$SYS/broker/bytes/received": "bytes_in",
-    "$SYS/broker/bytes/sent": "bytes_out",
-    "$SYS/broker/publish/messages/dropped": "dropped",
-    "$SYS/broker/clients/connected": "clients",
-}
 ROUNDS_START = "devices, rounds "  # the server's line once every device is ready
 # Mosquitto's stock max_queued_messages is 1000 per client: a server busy training while a
 # thousand devices upload needs its session to queue a whole round's updates and smashed data
@@ -120,114 +112,6 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None
 
 def _heron(*args: str) -> list[str]:
     return [sys.executable, "-m", "heron", *args]
-
-
-class Sampler:
-    """CPU seconds and peak RSS of named processes, every `every` seconds in a thread; a
-    snapshot of the counters can be taken at any moment (`snapshot`)."""
-
-    def __init__(self, every: float = 0.5) -> None:
-        self.every = every
-        self.procs: dict[str, list[psutil.Process]] = {}
-        self.cpu: dict[str, dict[int, float]] = {}  # role -> pid -> last CPU seconds
-        self.main_cpu: dict[str, dict[int, float]] = {}  # role -> pid -> main thread's
-        self.hwm: dict[str, dict[int, float]] = {}  # role -> pid -> peak RSS MB
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="fleet-sampler", daemon=True)
-
-    def add(self, role: str, pid: int) -> None:
-        with self._lock:
-            self.procs.setdefault(role, []).append(psutil.Process(pid))
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sample()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self.sample()
-
-    def sample(self) -> None:
-        with self._lock:
-            for role, procs in self.procs.items():
-                for p in procs:
-                    try:
-                        with p.oneshot():
-                            t = p.cpu_times()
-                            cpu = t.user + t.system
-                            main = next((th.user_time + th.system_time for th in p.threads()
-                                         if th.id == p.pid), None)
-                        hwm = _vm_hwm_mb(p.pid)
-                    except (psutil.Error, OSError):
-                        continue  # exited: its last sample stands
-                    self.cpu.setdefault(role, {})[p.pid] = cpu
-                    if main is not None:
-                        self.main_cpu.setdefault(role, {})[p.pid] = main
-                    if hwm is not None:
-                        self.hwm.setdefault(role, {})[p.pid] = hwm
-
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        self.sample()
-        with self._lock:
-            return {"cpu": {r: sum(v.values()) for r, v in self.cpu.items()},
-                    "main_cpu": {r: sum(v.values()) for r, v in self.main_cpu.items()}}
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-class SysCounters:
-    """Mosquitto's $SYS counters as they arrive: name -> [(monotonic time, value)]."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.series: dict[str, list[tuple[float, float]]] = {}
-        self._client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                   client_id=f"heron-fleet-bench-{port}")
-        self._client.on_connect = lambda c, *a: [c.subscribe(t) for t in SYS_TOPICS]
-        self._client.on_message = self._on_message
-        self._client.connect("127.0.0.1", port)
-        self._client.loop_start()
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            value = float(msg.payload.decode())
-        except ValueError:
-            return
-        self.series.setdefault(SYS_TOPICS[msg.topic], []).append((time.monotonic(), value))
-
-    def rate(self, name: str, t0: float, t1: float) -> float | None:
-        """Per second between the last sample at or before t0 and the first at or after t1."""
-        s = self.series.get(name, [])
-        before = [p for p in s if p[0] <= t0]
-        after = [p for p in s if p[0] >= t1]
-        if not before or not after or after[0][0] <= before[-1][0]:
-            return None
-        (ta, va), (tb, vb) = before[-1], after[0]
-        return (vb - va) / (tb - ta)
-
-    def last(self, name: str) -> float | None:
-        s = self.series.get(name)
-        return s[-1][1] if s else None
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 @dataclass
@@ -498,98 +382,6 @@ def run_fleet(out: str | Path, cfg: FleetConfig, *, command: str | None = None,
     plot = plot_fleet(report, out / "fleet.png")
     report["plot"] = str(plot) if plot else None
     return report
-
-
-def summary_line(row: dict[str, Any]) -> str:
-    med = row["round_seconds_median"]
-    return (f"round {med if med is not None else float('nan'):.1f} s (median), updates "
-            f"{row['updates_received']}/{row['updates_expected']}, "
-            f"cores busy {row.get('cores_busy')}, "
-            f"broker {row.get('broker_msgs_in_per_s')} msg/s in, "
-            f"{row['wall_seconds']:.0f} s in all"
-            + (f"; error: {row['error']}" if row["error"] else ""))
-
-
-def _f(v: Any, fmt: str = "{:.1f}") -> str:
-    return "n/a" if v is None else fmt.format(v)
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The fleet table as BENCHMARKS.md shows it."""
-    cfg, m = report["config"], report["machine"]
-    lines = [
-        f"Fleet: {cfg['model']} on {cfg['dataset']}, {cfg['rounds']} rounds of "
-        f"{cfg['local_steps']} local steps, {cfg['broker']} broker, devices in processes of "
-        f"{cfg['per_host']}; {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GB",
-        "",
-        "| devices | round s (median) | updates recv/exp | cores busy: server / broker / "
-        "devices | server main thread busy | broker msg/s in / out | broker MB/s in / out "
-        "| server CPU s / peak RSS MB | broker CPU s / peak RSS MB | device hosts peak RSS MB "
-        "(largest / all) | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        busy = r.get("cores_busy") or {}
-        cpu = r.get("cpu_seconds", {})
-        mb_in = r.get("broker_bytes_in_per_s")
-        mb_out = r.get("broker_bytes_out_per_s")
-        lines.append(
-            f"| {r['devices']} | {_f(r['round_seconds_median'])} "
-            f"| {r['updates_received']}/{r['updates_expected']} "
-            f"| {_f(busy.get('server'), '{:.2f}')} / {_f(busy.get('broker'), '{:.2f}')} / "
-            f"{_f(busy.get('hosts'), '{:.2f}')} | {_f(r.get('server_main_thread_busy'), '{:.2f}')}"
-            f" | {_f(r.get('broker_msgs_in_per_s'), '{:.0f}')} / "
-            f"{_f(r.get('broker_msgs_out_per_s'), '{:.0f}')} "
-            f"| {_f(None if mb_in is None else mb_in / 1e6, '{:.2f}')} / "
-            f"{_f(None if mb_out is None else mb_out / 1e6, '{:.2f}')} "
-            f"| {_f(cpu.get('server'))} / {_f(r.get('server_peak_rss_mb'), '{:.0f}')} "
-            f"| {_f(cpu.get('broker'))} / {_f(r.get('broker_peak_rss_mb'), '{:.0f}')} "
-            f"| {_f(r.get('host_peak_rss_mb'), '{:.0f}')} / "
-            f"{_f(r.get('hosts_peak_rss_mb_total'), '{:.0f}')} | {r['error'] or ''} |")
-    lines += ["", "Cores busy: CPU seconds per wall second over the rounds (from the first "
-              "round's start to the last round's end), summed over the group's processes. "
-              "Broker rates from Mosquitto's $SYS counters (1 s resolution). Peak RSS: VmHWM "
-              "per process, MB = 2^20 bytes."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_fleet(report: dict[str, Any], path: Path) -> Path | None:
-    """Round time and broker throughput against N; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [r for r in report["rows"] if r["round_seconds_median"] is not None]
-    if not rows:
-        return None
-    ns = [r["devices"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(ns, [r["round_seconds_median"] for r in rows], "o-", color="tab:red")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("devices")
-    ax1.set_ylabel("round wall time (s, median)")
-    ax1.set_title("round time")
-    for key, label in (("broker_msgs_in_per_s", "messages in"),
-                       ("broker_msgs_out_per_s", "messages out")):
-        vals = [r.get(key) for r in rows]
-        if any(v is not None for v in vals):
-            ax2.plot(ns, [v if v is not None else float("nan") for v in vals], "o-",
-                     label=label)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("devices")
-    ax2.set_ylabel("messages / s through the broker")
-    ax2.set_title("broker throughput")
-    ax2.legend()
-    cfg = report["config"]
-    fig.suptitle(f"{cfg['model']} on {cfg['dataset']}, {cfg['local_steps']} local steps, "
-                 f"{cfg['broker']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def parse_devices(text: str) -> tuple[int, ...]:
