@@ -34,6 +34,7 @@ from heron.cli.server import (
     check_model,
     check_resume,
     check_writable,
+    need_tensorboard,
     resolve_model,
 )
 
@@ -59,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"dev-{args.devices - 1}` writes DIR/credentials/")
     check_federation(args)
     need_server_extra()
+    need_tensorboard(args, "run")
     if args.model is None:  # resolved once here, so run.json and the server agree
         args.model = resolve_model(args, "run")
     check_model(args)
