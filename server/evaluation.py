@@ -10,8 +10,7 @@ cores (torch threads) and gives the server's own setting back afterwards.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,9 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.trainer import Evaluation, Progress, evaluate
-
-PROGRESS_EVERY_S = 5.0  # a progress line at most this often while an evaluation runs
+from heron.progress import throttled
+from server.trainer import Evaluation, evaluate
 
 
 @dataclass(frozen=True)
@@ -66,21 +64,6 @@ def all_cores(threads: int | None = None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def progress_printer(label: str, every_s: float = PROGRESS_EVERY_S,
-                     clock: Callable[[], float] = time.monotonic,
-                     out: Callable[[str], None] = lambda s: print(s, flush=True)) -> Progress:
-    """A callback for `evaluate`'s progress that prints at most one line per `every_s`."""
-    t0 = clock()
-    last = [t0]
-
-    def report(done: int, total: int) -> None:
-        now = clock()
-        if done < total and now - last[0] >= every_s:
-            last[0] = now
-            out(f"{label}: {done}/{total} examples ({now - t0:.0f} s)")
-    return report
-
-
 def evaluate_round(plan: EvalPlan, r: int, last: int, client: nn.Module, server: nn.Module,
                    x: np.ndarray, y: np.ndarray, threads: int | None = None
                    ) -> Evaluation | None:
@@ -94,4 +77,4 @@ def evaluate_round(plan: EvalPlan, r: int, last: int, client: nn.Module, server:
     what = "the full test set" if idx is None else f"{len(idx)} test examples (--eval-limit)"
     with all_cores(threads):
         return evaluate(client, server, x, y,
-                        progress=progress_printer(f"round {r}: evaluating on {what}"))
+                        progress=throttled(f"round {r}: evaluating on {what}", "examples"))

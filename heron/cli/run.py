@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_writable("run", out)
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
+    from heron.progress import throttled
     from heron_data.datasets import DatasetError
     from server.broker import EmbeddedBroker
     from server.records import WriteError, write_json
@@ -107,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 existing = sorted((out / "shards").glob("dev-*.npz"),
                                   key=lambda p: int(p.stem[4:]))
                 shards = existing if resume and len(existing) == args.devices else \
-                    make_shards(fleet, out / "shards")
+                    make_shards(fleet, out / "shards",
+                                throttled("heron run: wrote", "device shards"))
             except (DatasetError, ValueError) as exc:
                 usage("run", str(exc))
             except OSError as exc:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from server.evaluation import EvalPlan, all_cores, evaluate_round, progress_printer
+from server.evaluation import EvalPlan, all_cores, evaluate_round
 from server.tensorboard import RoundLog, round_scalars
 from server.trainer import evaluate
 
@@ -43,16 +43,6 @@ def test_the_subset_is_seeded_the_same_each_round_and_the_last_round_takes_all()
 def test_a_bad_plan_is_refused_naming_the_flag(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EvalPlan(**kw)  # type: ignore[arg-type]
-
-
-def test_progress_prints_at_most_one_line_per_interval() -> None:
-    now = [0.0]
-    lines: list[str] = []
-    report = progress_printer("eval", every_s=5.0, clock=lambda: now[0], out=lines.append)
-    for done, t in ((100, 1.0), (200, 5.5), (300, 7.0), (400, 11.0), (500, 20.0)):
-        now[0] = t
-        report(done, 500)  # the last call is the end: no line for it
-    assert lines == ["eval: 200/500 examples (6 s)", "eval: 400/500 examples (11 s)"]
 
 
 def test_evaluation_takes_the_cores_and_gives_the_thread_count_back() -> None:
