@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from heron.progress import throttled
+from heron_data.progress import throttled
 from server.trainer import Evaluation, evaluate
 
 

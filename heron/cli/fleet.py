@@ -52,7 +52,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, dataset_options=dataset_options(args))
-    from heron.progress import throttled
+    from heron_data.progress import throttled
 
     target = Path(args.out)
     print(f"heron devices partition: loading {args.dataset} and writing {args.devices} shards "

@@ -69,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_writable("run", out)
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
-    from heron.progress import throttled
     from heron_data.datasets import DatasetError
+    from heron_data.progress import throttled
     from server.broker import EmbeddedBroker
     from server.records import WriteError, write_json
 

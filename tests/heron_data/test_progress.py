@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heron.progress import throttled
+from heron_data.progress import throttled
 
 
 def test_progress_prints_at_most_one_line_per_interval() -> None:

@@ -1,5 +1,6 @@
 """A throttled progress line for long work (evaluation, partition, pack): at most one line
-per interval, so a long command shows it is alive without flooding a log."""
+per interval, so a long command shows it is alive without flooding a log. Here, beside the
+shard writer, because the server, the fleet and the CLI may all import the data package."""
 
 from __future__ import annotations
 
