@@ -39,6 +39,7 @@ from server.aggregate import (
     plan_round,
     trimmed_count,
 )
+from server.evaluation import EvalPlan, evaluate_round
 from server.members import Members
 from server.policy import check_device_update, check_smashed
 from server.records import (
@@ -50,7 +51,7 @@ from server.records import (
     write_json,
     write_jsonl,
 )
-from server.trainer import evaluate
+from server.tensorboard import RoundLog
 
 if TYPE_CHECKING:
     from server.setup import Run
@@ -77,6 +78,7 @@ class RoundState:
     grads: dict[tuple[str, int], Gradient] = field(default_factory=dict)  # SplitFed replies
     smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
+    seconds_training: float = 0.0  # server steps on smashed data, while the round is open
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -115,6 +117,7 @@ class Server:
         self.peak_rss: dict[str, float] = {}
         self.records: list[dict[str, Any]] = []  # one per completed round
         self.first_round = 1
+        self.eval_plan = EvalPlan(opts.eval_every, opts.eval_limit, opts.seed)
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
@@ -210,7 +213,9 @@ class Server:
         if why:
             self.members.reject(device_id, why)
             return
+        t0 = time.perf_counter()
         out = self.strategy.on_smashed(device_id, msg.step, msg.activations, msg.labels)
+        state.seconds_training += time.perf_counter() - t0
         if out.rejected:
             self.members.reject(device_id, out.rejected)
             return
@@ -286,7 +291,9 @@ class Server:
                 self._poll(0.2, state, r)
         finally:
             self._state = None
+        t_closed = time.monotonic()
         state.server_losses.extend(self.strategy.close_smashed())
+        t_trained = time.monotonic()
         if not state.finished():
             log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
                         o.round_timeout, len(state.updates), len(participants))
@@ -307,7 +314,13 @@ class Server:
         if self.aux_copied:  # next round's aux starts from the server's trained layers
             self.theta, _ = aux_from_server(self.split.server, self.manifest, self.theta)
         self.strategy.load_global(self.theta)
-        ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
+        t_aggregated = time.monotonic()
+        ev = evaluate_round(self.eval_plan, r, o.rounds, self.split.client, self.split.server,
+                            self.data.x_test, self.data.y_test, o.threads)
+        times = {"seconds_waiting": t_closed - t0 - state.seconds_training,
+                 "seconds_training": state.seconds_training + t_trained - t_closed,
+                 "seconds_evaluating": time.monotonic() - t_aggregated,
+                 "seconds_aggregating": t_aggregated - t_trained}
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), tel.peak_rss_mb)
         m = self.members
@@ -316,7 +329,7 @@ class Server:
         return round_record(state, ev, m, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
                             round_bytes_up=self.bytes_up - up0,
                             round_bytes_down=self.bytes_down - down0,
-                            seconds=round(time.monotonic() - t0, 3))
+                            seconds=round(time.monotonic() - t0, 3), times=times)
 
     def run(self) -> dict[str, Any]:
         o = self.opts
@@ -327,6 +340,7 @@ class Server:
         if not o.resume:
             metrics_path.unlink(missing_ok=True)
         interrupted = False
+        board = RoundLog(o.tensorboard) if o.tensorboard is not None else None
         try:
             if self.first_round > o.rounds:
                 print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
@@ -350,6 +364,8 @@ class Server:
                 # checkpoint first: a round is complete once its checkpoint exists
                 self._checkpoint(r, time.monotonic() - t_start)
                 append_jsonl(metrics_path, rec)
+                if board is not None:
+                    board.add(rec)
                 print(round_line(rec, o.rounds), flush=True)
             self.transport.publish(topics.down_all("stop", o.prefix),
                                    Stop(self.run_id, o.rounds, "server", reason="finished"),
@@ -362,6 +378,8 @@ class Server:
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)
             self.transport.stop()
+            if board is not None:
+                board.close()
         return self._finish(t_start, interrupted)
 
     def _finish(self, t_start: float, interrupted: bool = False) -> dict[str, Any]:

@@ -56,9 +56,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, dataset_options=dataset_options(args))
+    from heron_data.progress import throttled
+
     target = Path(args.out)
+    print(f"heron devices partition: loading {args.dataset} and writing {args.devices} shards "
+          f"to {target}", flush=True)
     try:
-        make_shards(fleet, target)
+        make_shards(fleet, target, throttled("heron devices partition: wrote", "shards"))
     except (DatasetError, ValueError) as exc:
         raise SystemExit(f"heron devices partition: {exc}") from exc
     index = json.loads((target / "shards.json").read_text())

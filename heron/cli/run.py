@@ -34,6 +34,7 @@ from heron.cli.server import (
     check_model,
     check_resume,
     check_writable,
+    need_tensorboard,
     resolve_model,
 )
 
@@ -59,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"dev-{args.devices - 1}` writes DIR/credentials/")
     check_federation(args)
     need_server_extra()
+    need_tensorboard(args, "run")
     if args.model is None:  # resolved once here, so run.json and the server agree
         args.model = resolve_model(args, "run")
     check_model(args)
@@ -68,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
     from heron_data.datasets import DatasetError
+    from heron_data.progress import throttled
     from server.broker import EmbeddedBroker, too_many_devices
     from server.records import WriteError, write_json
 
@@ -105,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 existing = sorted((out / "shards").glob("dev-*.npz"),
                                   key=lambda p: int(p.stem[4:]))
                 shards = existing if resume and len(existing) == args.devices else \
-                    make_shards(fleet, out / "shards")
+                    make_shards(fleet, out / "shards",
+                                throttled("heron run: wrote", "device shards"))
             except (DatasetError, ValueError) as exc:
                 usage("run", str(exc))
             except OSError as exc:

@@ -79,6 +79,16 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="start each round's aux head as a copy of the server's first layers "
                    "and classifier (every aux tensor with a same-named server tensor; minilm), "
                    "instead of the devices' average")
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-every", type=positive_int, default=1,
+                   help="evaluate the model every N rounds, and always after the last; the "
+                   "others have null test accuracy in metrics.jsonl (1)")
+    e.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate on this many test examples (a seeded subset, the same each "
+                   "round) while training; the last round uses the full test set (default: all)")
+    e.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write per-round scalars (accuracy, losses, bytes, per-device memory "
+                   "and step time, time split) for TensorBoard to DIR (needs tensorboard)")
     z = p.add_argument_group("device (zeroth-order) training")
     train = TrainConfig()  # every default below is the config's
     z.add_argument("--local-steps", type=positive_int, default=train.local_steps,
@@ -142,6 +152,15 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 
+def need_tensorboard(args: argparse.Namespace, command: str) -> None:
+    """--tensorboard without the package is a usage error before anything starts."""
+    import importlib.util
+
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        usage(command, "--tensorboard needs the tensorboard package; help: pip install "
+              "tensorboard (in heron's server extra), or leave out --tensorboard")
+
+
 SERVER_CONFIG = "server.toml"  # the server's resolved options, beside its results
 
 
@@ -164,6 +183,8 @@ def server_options(args: argparse.Namespace) -> Any:
         aggregate=args.aggregate, trim=args.trim,
         limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
         aux_from_server=args.aux_from_server, deterministic=args.deterministic,
+        eval_every=args.eval_every, eval_limit=args.eval_limit,
+        tensorboard=Path(args.tensorboard) if args.tensorboard else None,
         credentials=mqtt_credentials(args))
 
 
@@ -171,6 +192,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_federation(args)
     need_server_extra()
+    need_tensorboard(args, "server")
     args.model = args.model or resolve_model(args, "server")
     check_model(args)
     if args.resume:
