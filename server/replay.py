@@ -19,7 +19,7 @@ import numpy as np
 from edge_runtime.bundle import Manifest
 from edge_runtime.protocol import TrainConfig, Update
 from edge_runtime.replay import check_log, replay_round, weights_hash
-from edge_runtime.runtime import step_seed
+from edge_runtime.zo import step_seed
 
 
 @dataclass(frozen=True)
