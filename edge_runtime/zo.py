@@ -26,6 +26,7 @@ Guided directions, drawn in a basis the server sends, are in `edge_runtime.zo_gu
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +51,13 @@ class ZOEstimate:
         default_factory=lambda: np.zeros(0, dtype=np.int64))
     probs: np.ndarray = field(  # the probability each block was drawn with, else empty
         default_factory=lambda: np.zeros(0, dtype=np.float64))
+
+
+def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
+    """A distinct, reproducible integer seed per (run seed, round, device, step)."""
+    key = zlib.crc32(device_id.encode())
+    return int(np.random.SeedSequence([base, round_idx, key, step]).generate_state(
+        1, dtype=np.uint64)[0])
 
 
 def direction_seeds(step_seed: int, q: int) -> np.ndarray:

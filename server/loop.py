@@ -51,6 +51,7 @@ from server.records import (
     write_json,
     write_jsonl,
 )
+from server.replay import replay_update
 from server.tensorboard import RoundLog
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class RoundState:
     smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
     seconds_training: float = 0.0  # server steps on smashed data, while the round is open
+    replay_ms: dict[str, float] = field(default_factory=dict)  # --device-sync replay: cost
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -234,17 +236,23 @@ class Server:
 
     def _update(self, device_id: str, msg: Update, state: RoundState) -> None:
         o = self.opts
-        if device_id in state.updates:
+        if device_id in state.updates or (o.train.device_sync == "replay" and
+                                          device_id in state.gone):
             self.members.reject(device_id, "duplicate update: already have this round's update")
             return
-        why = check_device_update(msg.weights, msg.num_samples,
-                                  self.members.declared_samples(device_id), self.theta,
-                                  o.max_weight_abs, o.max_update_norm)
+        got = replay_update(msg, state.start.weights, o.train, self.manifest,
+                            state.start.round, device_id)
+        weights = got.weights
+        why = got.rejected or check_device_update(
+            weights, msg.num_samples, self.members.declared_samples(device_id), self.theta,
+            o.max_weight_abs, o.max_update_norm)
+        if got.seconds:
+            state.replay_ms[device_id] = round(got.seconds * 1000.0, 3)
         if why:
             self.members.reject(device_id, why)
             state.gone.add(device_id)
             return
-        weights = msg.weights
+        assert weights is not None
         if o.clip_update_norm is not None:
             weights, norm = clip_update(weights, self.theta, o.clip_update_norm)
             if norm > o.clip_update_norm:

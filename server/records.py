@@ -187,6 +187,7 @@ def round_record(state: RoundState, ev: Evaluation | None, members: Members, *, 
         "device_memory_mb": {d: m.profiles.get(d, {}).get("memory_mb")
                              for d in participants},  # measured by its dry run at join
         "clipped": state.clipped,
+        "replay_ms": dict(state.replay_ms),  # --device-sync replay: server ms per device
         "rejected": dict(m.rejected),
         "quarantined": dict(m.guard.quarantined),
         "device_errors": dict(m.device_errors),

@@ -45,6 +45,7 @@ from edge_runtime.protocol import (
     new_msg_id,
     topics,
 )
+from edge_runtime.replay import weights_hash
 from edge_runtime.runtime import RoundResult
 from edge_runtime.transport import RECONNECTED, Incoming, Transport
 
@@ -332,6 +333,10 @@ class DeviceLoop:
                                         t.bytes_in - bytes_in0, t.bytes_out - bytes_out0)
             update = Update(msg.run_id, msg.round, dev, weights=result.theta,
                             num_samples=len(self.y), telemetry=telemetry)
+            if cfg.device_sync == "replay":  # the log instead of the weights (README)
+                update = replace(update, weights=np.zeros(0, np.float32), seeds=result.seeds,
+                                 projected=result.projected,
+                                 weights_hash=weights_hash(result.theta))
         except ValueError as exc:
             self._report(f"round {msg.round} failed: its update is not valid: {exc}")
             return

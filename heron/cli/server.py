@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.algorithms import ALGORITHMS, AUX_ALGORITHMS, DEVICE_LR, algorithm
-from edge_runtime.protocol.config import DISTRIBUTIONS, OPTIMIZERS, PERTURBS, SCHEMES, TrainConfig
+from edge_runtime.protocol.config import (
+    DEVICE_SYNCS,
+    DISTRIBUTIONS,
+    OPTIMIZERS,
+    PERTURBS,
+    SCHEMES,
+    TrainConfig,
+)
 from heron.cli.config import add_config_option, write_config
 from heron.cli.options import (
     add_broker,
@@ -109,6 +116,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="full: each direction perturbs all device weights (the paper); block: "
                    "one block per direction, re-run from that block's cached input "
                    "(beyond the paper, cheaper steps; BENCHMARKS.md) (%(default)s)")
+    z.add_argument("--device-sync", default=train.device_sync, choices=DEVICE_SYNCS,
+                   help="what a device uploads at round end: weights, or replay: its (seed, "
+                   "projected gradient) log and a hash of its weights, which the server "
+                   "replays and checks; ZO devices (heron) only (%(default)s)")
     z.add_argument("--device-optimizer", default=train.optimizer.name, choices=OPTIMIZERS,
                    help="optimizer fed with the ZO estimate (%(default)s)")
     z.add_argument("--device-lr", type=positive_float, default=None,
@@ -148,7 +159,8 @@ def train_config(args: argparse.Namespace) -> Any:
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
                     perturb=args.zo_perturb),
         optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or
-                                  algorithm(args.algorithm).default_device_lr))
+                                  algorithm(args.algorithm).default_device_lr),
+        device_sync=args.device_sync)
 
 
 
