@@ -5,7 +5,7 @@ own part. On a guide set that no device receives (SST-2: rows of ``dev.tsv``, wh
 federation never hands out) it computes the gradient of the *full* model's loss,
 server(client(x)), with respect to the device's trainable tensors, one gradient per guide
 batch, and sends the top-k left singular vectors of that (d, m) matrix as the round's
-basis (`edge_runtime.zo.orthonormal_basis`). Aux tensors are not in the full model, so
+basis (`edge_runtime.zo_guided.orthonormal_basis`). Aux tensors are not in the full model, so
 their rows of the basis are zero: with the aux head a copy of the server (layer5,
 ``--aux-from-server``) a guided step moves exactly what the evaluated model uses.
 
@@ -17,16 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.bundle import Manifest
-from edge_runtime.zo import orthonormal_basis
+from edge_runtime.manifest import Manifest
+from edge_runtime.zo_guided import orthonormal_basis
 from exporter.export import ROLE_PREFIXES
 from exporter.zoo import SplitModel
+
+if TYPE_CHECKING:
+    from baselines.progress import Setting
+
+GUIDE_KEY = 0x6775696465  # "guide": the guide draw's stream, apart from the batches'
 
 
 def manifest_params(split: SplitModel, manifest: Manifest) -> list[nn.Parameter | None]:
@@ -138,3 +144,15 @@ def random_basis(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     out = np.zeros((mask.size, k), dtype=np.float32)
     out[mask] = q
     return out
+
+
+def guide_rows(st: Setting, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`size` held-out rows (the guide set), a seeded draw no device received."""
+    if st.x_dev is None or st.y_dev is None:
+        raise ValueError("a guide set needs held-out rows the devices never get (SST-2: "
+                         "dev.tsv next to train.tsv); help: put a dev.tsv in --data-dir")
+    if size > len(st.y_dev):
+        raise ValueError(f"--guide-size {size} is more than the {len(st.y_dev)} held-out "
+                         "rows the run loaded")
+    idx = np.random.default_rng([seed, GUIDE_KEY]).permutation(len(st.y_dev))[:size]
+    return st.x_dev[idx], st.y_dev[idx]

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from devices.torch_device import split_for, train_round_torch
-from edge_runtime.bundle import Manifest, load_bundle
+from edge_runtime.bundle import load_bundle
+from edge_runtime.manifest import Manifest
 from edge_runtime.protocol import OptimizerConfig, TrainConfig
 from edge_runtime.runtime import LocalModel, train_round
-from edge_runtime.zo import DIRECTIONS
+from edge_runtime.zo_guided import DIRECTIONS
 from exporter.export import aux_from_server as aux_from_server_fn
 from exporter.export import load_flat_into
 from exporter.zoo import SplitModel

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from baselines import guide
-from baselines.screen import GUIDE_KEY, guide_rows, prefix, tail_grads, tail_logits
-from edge_runtime import zo
+from baselines.minilm_tail import prefix, tail_grads, tail_logits
+from edge_runtime import zo, zo_guided
 from edge_runtime.blockzo import SegmentChain
 from edge_runtime.data import BatchSampler
 from edge_runtime.protocol import OptimizerConfig
@@ -135,7 +135,7 @@ def subset_basis(st: Setting, sub: Subset, theta: np.ndarray, k: int, batch: int
                          f"than --guide-rank {k}; help: at least {k * batch} rows")
     grads = tail_grads(st.split, st.manifest, theta, sub.start, sub.hg, sub.mask_g, sub.yg,
                        sub.lo, sub.hi, batch)
-    return zo.orthonormal_basis(grads, k)
+    return zo_guided.orthonormal_basis(grads, k)
 
 
 @dataclass
@@ -172,7 +172,7 @@ def zo_round(st: Setting, sub: Subset, theta: np.ndarray, cfg: Any, *, round_idx
             signs = np.where(np.random.default_rng([seed, NOISE_KEY]).random(size.size) < 0.5,
                              -1.0, 1.0).astype(np.float32)
             seeds = zo.direction_seeds(seed, size.size)
-            grad = zo.reconstruct_guided(seeds, size * signs, basis, alpha)
+            grad = zo_guided.reconstruct_guided(seeds, size * signs, basis, alpha)
         else:
             hb, yb = sub.h_ort[idx], st.y[idx]
 
@@ -185,7 +185,7 @@ def zo_round(st: Setting, sub: Subset, theta: np.ndarray, cfg: Any, *, round_idx
             loss0 = f(v)
             if mode == "guided":
                 assert basis is not None
-                est = zo.estimate_guided(f, v, seed, basis, cfg.zo, alpha, loss0)
+                est = zo_guided.estimate_guided(f, v, seed, basis, cfg.zo, alpha, loss0)
                 log.sizes[(round_idx, step)] = np.abs(est.projected)
             else:
                 est = zo.estimate(f, v, seed, cfg.zo, loss0)
@@ -237,7 +237,7 @@ def run_subset(st: Setting, cfg: ProgressConfig, base: Any, every: int,
     seed = base.seed if cfg.seed is None else cfg.seed
     needs_guide = ("guided" in cfg.heron_directions and "heron" in cfg.arms) or \
         "guide-only" in cfg.arms
-    gx, gy = guide_rows(st, cfg.guide_size, seed) if needs_guide else (None, None)
+    gx, gy = guide.guide_rows(st, cfg.guide_size, seed) if needs_guide else (None, None)
     sub = open_subset(st, cfg.train_set, cfg.threads, gx, gy)
     eval_every = cfg.eval_every or every
     guide_every = cfg.guide_every or every
@@ -394,4 +394,4 @@ def write_race(out: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["GUIDE_KEY", "check_train_set", "race_summary", "run_subset", "write_race"]
+__all__ = ["check_train_set", "race_summary", "run_subset", "write_race"]

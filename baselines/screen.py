@@ -27,7 +27,8 @@ backprop steps 5,000 ZO steps are worth. For lnbias sets ρ² is relative to the
 energy (a different parametrisation: it can exceed 1).
 
 The forward from a set's first trained layer on starts from cached hidden states (the
-layers below it are fixed), so screening the last layers is cheap.
+layers below it are fixed, `baselines.minilm_tail`), so screening the last layers is cheap;
+the report's rows and markdown are `baselines.screen_report`'s.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines import guide
+from baselines.minilm_tail import device_layers, prefix, tail_grads, tail_logits
 from baselines.progress import Setting, open_setting
-from edge_runtime import zo
+from baselines.screen_report import row_md, screen_markdown, summarise
+from edge_runtime import zo_guided
 from edge_runtime.data import BatchSampler
 
 DEFAULT_SETS = ("lora-all", "lora-last1", "lora-last2", "lora-B", "lnbias-last1",
                 "lnbias-last2", "lnbias-all", "guided-1", "guided-4", "guided-16", "random-16")
-GUIDE_KEY = 0x6775696465  # "guide": the guide draw's stream, apart from the batches'
 _SET = re.compile(r"^(lora-all|lora-B|lnbias-all|(lora|lora-B|lnbias)-last(\d+)|"
                   r"(guided|random)-(\d+)(-last(\d+))?)$")
 
@@ -92,85 +94,6 @@ class ScreenConfig:
             raise ValueError("--guide-size and --guide-batch must be >= 1")
 
 
-def guide_rows(st: Setting, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`size` held-out rows (the guide set), a seeded draw no device received."""
-    if st.x_dev is None or st.y_dev is None:
-        raise ValueError("a guide set needs held-out rows the devices never get (SST-2: "
-                         "dev.tsv next to train.tsv); help: put a dev.tsv in --data-dir")
-    if size > len(st.y_dev):
-        raise ValueError(f"--guide-size {size} is more than the {len(st.y_dev)} held-out "
-                         "rows the run loaded")
-    idx = np.random.default_rng([seed, GUIDE_KEY]).permutation(len(st.y_dev))[:size]
-    return st.x_dev[idx], st.y_dev[idx]
-
-
-# --- the network from a given layer on (minilm), with the layers below it cached ---------
-
-def _layers(split: Any) -> nn.ModuleList:
-    layers = getattr(split.client, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(split.client, "embeddings"):
-        raise ValueError("the screen needs a minilm split (client.embeddings + layers); "
-                         f"got {split.model}")
-    return layers
-
-
-def _add_mask(mask: torch.Tensor) -> torch.Tensor:
-    return (1.0 - mask.to(torch.float32))[:, None, None, :] * torch.finfo(torch.float32).min
-
-
-def prefix(split: Any, x: np.ndarray, start: int) -> torch.Tensor:
-    """Hidden states entering layer `start` (-1: the raw token ids), no grad."""
-    xt = torch.from_numpy(np.ascontiguousarray(x))
-    if start < 0:
-        return xt
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(xt), 128):
-            xb = xt[i:i + 128]
-            ids, mask = xb[:, 0], xb[:, 1]
-            h = split.client.embeddings(ids)
-            for layer in _layers(split)[:start]:
-                h = layer(h, _add_mask(mask))
-            out.append(h)
-    return torch.cat(out)
-
-
-def tail_logits(split: Any, start: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """server(client(x)) from layer `start`'s input h (start -1: h are the token ids)."""
-    if start < 0:
-        return split.server(split.client(h))
-    add = _add_mask(mask)
-    for layer in _layers(split)[start:]:
-        h = layer(h, add)
-    return split.server(torch.cat([h, mask.to(h.dtype).unsqueeze(-1)], dim=-1))
-
-
-def tail_grads(split: Any, manifest: Any, theta: np.ndarray, start: int, h: torch.Tensor,
-               mask: torch.Tensor, y: np.ndarray, lo: int, hi: int, batch: int) -> np.ndarray:
-    """(hi - lo, m): the full loss's gradient on θ[lo:hi] (client tensors of layers >=
-    `start`) for each batch of the cached inputs h (the guide set's, for a guide basis)."""
-    guide.load_device(split, manifest, theta)
-    owned = guide.manifest_params(split, manifest)
-    tensors = [(spec, p) for spec, p in zip(manifest.params, owned, strict=True)
-               if p is not None and lo <= spec.offset < hi]
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    cols = []
-    with guide.grads_for(split, [p for _, p in tensors]):
-        for i in range(0, len(yt), batch):
-            for _, p in tensors:
-                p.grad = None
-            logits = tail_logits(split, start, h[i:i + batch], mask[i:i + batch])
-            F.cross_entropy(logits, yt[i:i + batch]).backward()
-            col = np.zeros(hi - lo, dtype=np.float32)
-            for spec, p in tensors:
-                if p.grad is not None:
-                    col[spec.offset - lo:spec.offset - lo + spec.size] = p.grad.numpy().ravel()
-            cols.append(col)
-        for _, p in tensors:
-            p.grad = None
-    return np.stack(cols, axis=1)
-
-
 @dataclass
 class _Cached:
     start: int
@@ -198,7 +121,7 @@ def _is_lnbias(name: str, module: nn.Module) -> bool:
 
 def set_params(split: Any, name: str) -> list[tuple[str, nn.Parameter]]:
     """(client name, parameter) of a parameter set, e.g. lora-last2."""
-    n_layers = len(_layers(split))
+    n_layers = len(device_layers(split))
     m = _SET.match(name)
     assert m is not None
     last = int(m.group(3)) if m.group(3) else n_layers
@@ -326,7 +249,7 @@ def signal_check(st: Setting, gx: np.ndarray | None, gy: np.ndarray | None,
     diagnostic only: the test set never trains anything. A federation's shards are data
     the server already fit; their gradient can point away from held-out data's."""
     split, manifest = st.split, st.manifest
-    n = len(_layers(split))
+    n = len(device_layers(split))
     start = n - layers
     names = {nm for nm, _ in set_params(split, f"lora-last{layers}")}
     offs = [spec.offset for spec in manifest.params
@@ -361,11 +284,11 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
     st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=True,
                       threads=cfg.threads, eval_samples=cfg.eval_samples)
     split, manifest = st.split, st.manifest
-    _layers(split)
+    device_layers(split)
     guide.load_device(split, manifest, st.theta0)
     mask = guide.client_mask(manifest)
     needs_guide = any(s.startswith("guided") for s in cfg.sets)
-    gx, gy = guide_rows(st, cfg.guide_size, cfg.seed) if needs_guide else (None, None)
+    gx, gy = guide.guide_rows(st, cfg.guide_size, cfg.seed) if needs_guide else (None, None)
 
     # shard gradient at the start, for rho^2: all LoRA and every LayerNorm / bias
     union = sorted({n for s in cfg.sets if not s.startswith(("guided", "random"))
@@ -416,7 +339,7 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
         kind = m.group(4)
         if kind:  # a subspace of all LoRA, or of the LoRA of the last N layers
             k = int(m.group(5))
-            rng = np.random.default_rng([cfg.seed, GUIDE_KEY, k])
+            rng = np.random.default_rng([cfg.seed, guide.GUIDE_KEY, k])
             if m.group(7):
                 inside = {n for n, _ in set_params(split, f"lora-last{m.group(7)}")}
             else:
@@ -442,7 +365,7 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
                         raise ValueError(f"--guide-size {len(gy)} gives {grads.shape[1]} "
                                          f"guide batches, fewer than the rank {k}")
                     out = np.zeros((manifest.num_params, k), dtype=np.float32)
-                    out[lo:hi] = zo.orthonormal_basis(grads, k)
+                    out[lo:hi] = zo_guided.orthonormal_basis(grads, k)
                     return out
             else:
                 def basis_fn(theta: np.ndarray, k: int = k, rng: np.random.Generator = rng,
@@ -465,8 +388,8 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
         runs = [_train(st, cfg, name, lr, cache_for(start), start_eval, fn, progress)
                 for lr in lrs]
         guide.load_device(split, manifest, st.theta0)
-        rows.append(_summarise(name, d_set, rho2, runs, start_eval))
-        progress(_row_md(rows[-1]))
+        rows.append(summarise(name, d_set, rho2, runs, start_eval))
+        progress(row_md(rows[-1]))
     report = {"workload": "screen", "command": command,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
               "run": {"model": manifest.model, "cut": manifest.cut,
@@ -482,55 +405,3 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
     (out / "screen.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "screen.md").write_text(screen_markdown(report))
     return report
-
-
-def _summarise(name: str, d_set: int, rho2: float, runs: list[dict[str, Any]],
-               start: dict[str, float]) -> dict[str, Any]:
-    best_loss = min((p["test_loss"], p["step"], r["lr"]) for r in runs
-                     for p in r["curve"][1:])
-    best_acc = max((p["test_accuracy"], -p["step"], r["lr"]) for r in runs
-                    for p in r["curve"][1:])
-    by_loss = next(r for r in runs if r["lr"] == best_loss[2])
-    last = by_loss["curve"][-1]
-    return {"set": name, "d": d_set, "rho2": rho2, "zo_merit_5000": 5000.0 * rho2 / (d_set + 2),
-            "best_lr": best_loss[2], "best_dloss": best_loss[0] - start["test_loss"],
-            "best_dloss_step": best_loss[1],
-            "best_dacc": best_acc[0] - start["test_accuracy"], "best_dacc_step": -best_acc[1],
-            "best_dacc_lr": best_acc[2],
-            "last_dloss": last["test_loss"] - start["test_loss"],
-            "last_dacc": last["test_accuracy"] - start["test_accuracy"],
-            "ms_per_step": min(r["ms_per_step"] for r in runs), "runs": runs}
-
-
-def _row_md(r: dict[str, Any]) -> str:
-    return (f"| {r['set']} | {r['d']:,} | {r['rho2']:.3g} | {r['zo_merit_5000']:.3g} | "
-            f"{r['best_lr']:.3g} | {r['best_dloss']:+.4f} ({r['best_dloss_step']}) | "
-            f"{100 * r['best_dacc']:+.2f} ({r['best_dacc_step']}) | "
-            f"{r['last_dloss']:+.4f} / {100 * r['last_dacc']:+.2f} | {r['ms_per_step']:.0f} |")
-
-
-def screen_markdown(report: dict[str, Any]) -> str:
-    r, s, c = report["run"], report["start"], report["config"]
-    lines = [f"{r['model']}/{r['cut']} on {r['dataset']}, server fixed, aux = server; "
-             f"{c['device']}'s {r['shard_samples']} samples, batch {r['batch_size']}, "
-             f"{c['steps']} backprop steps ({c.get('optimizer', 'adam')}) per set and lr, test set "
-             f"({r['test_samples']}) every {c['eval_every']} steps. Start (frozen device): "
-             f"acc {100 * s['test_accuracy']:.2f}, loss {s['test_loss']:.4f}.",
-             "", "rho2: share of the shard's mean-gradient energy in the set (lnbias: "
-             "relative to all-LoRA's); merit: 5000·rho2/(d+2) ~ backprop steps that 5,000 "
-             "q=1 ZO steps are worth; best: over the curve and the lr grid, selected on the "
-             "test set (a ceiling). Subspace lr = move/sqrt(K).", ""]
-    if "cos_guide_shard" in report:
-        lines += [f"guide: {report['guide_size']} held-out rows, batches of "
-                  f"{c['guide_batch']}, basis recomputed every {c['guide_every']} steps; "
-                  f"cos(guide mean gradient, shard gradient) = "
-                  f"{report['cos_guide_shard']:.3f}", ""]
-    sig = report.get("signal", {})
-    if sig:
-        lines += ["mean gradients on the LoRA of the last device layer (a diagnostic; the test "
-                  "set trains nothing): " + ", ".join(
-                      f"{k.replace('_', ' ')} {v:.3f}" for k, v in sig.items()), ""]
-    lines += ["| set | d | rho2 | merit | lr | best Δ loss (step) | best Δ acc pts (step) | "
-              "last Δ loss / Δ acc | ms/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [_row_md(row) for row in report["rows"]]
-    return "\n".join(lines) + "\n"

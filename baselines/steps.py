@@ -141,7 +141,7 @@ class _OrtBase:
         self.smashed: np.ndarray | None = None
 
     def _feeds(self) -> dict[str, np.ndarray]:
-        from edge_runtime.bundle import INPUT_NAME, LABEL_NAME
+        from edge_runtime.manifest import INPUT_NAME, LABEL_NAME
 
         return {INPUT_NAME: self.x, LABEL_NAME: self.y, **self.bundle.unflatten(self.theta)}
 
@@ -205,7 +205,7 @@ class HeronRunner(_OrtBase):
 
     def _passes(self, step: int) -> list[tuple[str, ...]]:
         """The outputs of each forward pass train_round makes at `step` (with uploads on)."""
-        from edge_runtime.bundle import LOSS_OUTPUT, SMASHED_OUTPUT
+        from edge_runtime.manifest import LOSS_OUTPUT, SMASHED_OUTPUT
 
         upload = step % self.cfg.upload_every == 0
         zc = self.cfg.zo
@@ -241,7 +241,7 @@ class HeronRunner(_OrtBase):
 
     def _chain_forwards(self, n: int) -> list[float]:
         """Full perturbation on the segment chain: the same passes on fixed weights."""
-        from edge_runtime.bundle import SMASHED_OUTPUT
+        from edge_runtime.manifest import SMASHED_OUTPUT
 
         chain = self.fast_chain
         assert chain is not None
@@ -284,7 +284,7 @@ class FrozenRunner(_OrtBase):
         return self.spec.upload_every
 
     def steps(self, n: int) -> list[float]:
-        from edge_runtime.bundle import SMASHED_OUTPUT
+        from edge_runtime.manifest import SMASHED_OUTPUT
 
         rng = np.random.default_rng([self.spec.seed, 1])
         times = []
@@ -297,7 +297,7 @@ class FrozenRunner(_OrtBase):
         return times
 
     def forwards(self, n: int) -> list[float]:
-        from edge_runtime.bundle import SMASHED_OUTPUT
+        from edge_runtime.manifest import SMASHED_OUTPUT
 
         return self._timed_passes(n, [[(SMASHED_OUTPUT,)]] * n)
 

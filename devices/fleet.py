@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ class FleetOptions:
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
 
 
-def make_shards(opts: FleetOptions, shard_dir: Path) -> list[Path]:
-    """One dev-N.npz per device from the dataset's training split, in `shard_dir`."""
+def make_shards(opts: FleetOptions, shard_dir: Path,
+                progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """One dev-N.npz per device from the dataset's training split, in `shard_dir`;
+    `progress(done, total)` after each shard."""
     ds = load_dataset(opts.dataset, opts.data_dir, seed=opts.seed, **opts.dataset_options)
     parts = partition(ds.y_train, opts.devices, opts.partition, opts.alpha, opts.seed)
-    return write_shards(ds.x_train, ds.y_train, parts, shard_dir)
+    return write_shards(ds.x_train, ds.y_train, parts, shard_dir, progress=progress)
 
 
 def _heron(*args: str) -> list[str]:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,13 +116,24 @@ def find_source(source: Path | None) -> Path:
     return root
 
 
-def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise PackError(f"{what} took more than 15 minutes; help: check the connection to "
-                        "the package index") from exc
+def _run(cmd: list[str], what: str, limit_s: float = 900.0,
+         every_s: float = 5.0) -> subprocess.CompletedProcess[str]:
+    """pip, quiet, with a line every `every_s` while it runs (a download can take minutes)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    while True:
+        try:
+            out, err = proc.communicate(timeout=every_s)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        except subprocess.TimeoutExpired as exc:
+            elapsed = time.monotonic() - t0
+            if elapsed > limit_s:
+                proc.kill()
+                proc.communicate()
+                raise PackError(f"{what} took more than {limit_s / 60:.0f} minutes; help: "
+                                "check the connection to the package index") from exc
+            print(f"heron devices pack: {what} ({elapsed:.0f} s)", flush=True)
 
 
 def build_wheel(source: Path, dest: Path) -> Path:

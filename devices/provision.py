@@ -19,6 +19,9 @@ device-only install can provision too.
 swapped in by renames only when complete, so a failure part-way (openssl, a full disk, Ctrl-C)
 leaves the previous credentials exactly as they were and the deployed devices logged in.
 
+What goes into those files is `devices.provision_files`'s; this module checks the options,
+finds the broker's account, and does the locking, staging and swapping below.
+
 One provision at a time writes a DIR: each holds an exclusive lock on DIR/.provision.lock (removed
 when it ends) and another one fails at once. A staging folder (`DIR/.provision-*`) that is there
 when the lock is free was left by a provision that was killed (SIGKILL, power loss), so it holds
@@ -30,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import socket
 import stat
@@ -40,13 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices import tls
-from devices.mosquitto import SERVER_USER, WILDCARD_HOSTS, acl_text, mosquitto_conf, mosquitto_hash
-from edge_runtime.files import atomic_write
+from devices.mosquitto import SERVER_USER, WILDCARD_HOSTS
+from devices.provision_files import SERVER_CREDENTIALS, stage_files
+from edge_runtime.files import fsync_dir
 from edge_runtime.protocol import topics
 
-SERVER_CREDENTIALS = "server"  # DIR/credentials/server.json
 CERT_DAYS = 825
-PASSWORD_BYTES = 24
 
 
 class ProvisionError(Exception):
@@ -106,20 +107,6 @@ def _check(opts: ProvisionOptions) -> None:
         raise ProvisionError("--client-certs needs --tls")
     if opts.days < 1:
         raise ProvisionError("--days must be at least 1")
-
-
-# -- files ------------------------------------------------------------------------------------
-def _write(path: Path, text: str, mode: int) -> None:
-    atomic_write(path, text.encode(), mode)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk before a rename makes it the live one."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _current_user() -> str | None:
@@ -187,7 +174,7 @@ def _url(host: str, port: int, tls: bool) -> str:
 
 # -- the whole job ------------------------------------------------------------------------
 # What `provision` owns in OUT, swapped in this order; anything else there is left alone.
-_SWAPPED = ("credentials", "tls", "passwd", "acl", "mosquitto.conf")
+SWAPPED = ("credentials", "tls", "passwd", "acl", "mosquitto.conf")
 # The staging folders (tempfile.mkdtemp prefix; the replaced files go into one's `old/`) and
 # the lock file, which must not match the prefix.
 STAGE_PREFIX = ".provision-"
@@ -219,7 +206,7 @@ def provision(opts: ProvisionOptions) -> Provisioned:
                      "--broker-user mosquitto (as root) lets it drop privileges")
 
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
-    previous = any(os.path.lexists(out / name) for name in _SWAPPED)
+    previous = any(os.path.lexists(out / name) for name in SWAPPED)
     kept = (f"the previous credentials in {out} are unchanged" if previous
             else f"nothing was left in {out}")
     try:
@@ -235,7 +222,7 @@ def provision(opts: ProvisionOptions) -> Provisioned:
                 _check_reachable(out, user, owner)  # the folders just made, under this umask
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))  # 0700, same fs
             try:
-                paths, ca_file = _stage(opts, out, stage, url, advertise, port, user, owner)
+                paths, ca_file = stage_files(opts, out, stage, url, advertise, port, user, owner)
                 _swap_in(stage / "new", stage / "old", out)
             except _Stuck:
                 raise
@@ -249,7 +236,7 @@ def provision(opts: ProvisionOptions) -> Provisioned:
                              f"{exc}; help: rm -rf {stage}")
     except (_Stuck, _Busy):
         raise  # a stuck swap's old files are in its staging folder, which must stay
-    except (ProvisionError, OSError) as exc:
+    except (ProvisionError, OSError, tls.TLSError) as exc:
         _remove_empty(made)
         raise ProvisionError(f"{exc}; {kept}") from exc
     except BaseException as exc:  # Ctrl-C
@@ -260,80 +247,15 @@ def provision(opts: ProvisionOptions) -> Provisioned:
     return Provisioned(out, url, opts.prefix, out / "mosquitto.conf", paths, ca_file, user, notes)
 
 
-def _stage(opts: ProvisionOptions, out: Path, stage: Path, url: str, advertise: str, port: int,
-           user: str | None, owner: tuple[int, int, set[int]] | None,
-           ) -> tuple[dict[str, Path], Path | None]:
-    """Write everything `_SWAPPED` names into stage/new, naming the final paths in OUT inside
-    the files; returns (name -> final credentials path, final CA path)."""
-    new = stage / "new"
-    new.mkdir(mode=0o700)
-    creds_dir, tls_dir = new / "credentials", new / "tls"
-    creds_dir.mkdir(mode=0o700)
-    ca_file: Path | None = None
-    certs: dict[str, tuple[Path, Path]] = {}
-    if opts.tls:
-        hosts = [advertise] + ([opts.host] if opts.host not in WILDCARD_HOSTS else [])
-        clients = ([(SERVER_CREDENTIALS, SERVER_USER)] + [(d, d) for d in opts.device_ids]
-                   if opts.client_certs else [])
-        work = stage / "openssl"
-        work.mkdir(mode=0o700)
-        try:
-            tls.make_tls(work, tls.subject_alt_names([*hosts, "127.0.0.1", "localhost"]),
-                         clients, opts.days)
-        except tls.TLSError as exc:
-            raise ProvisionError(str(exc)) from exc
-        tls_dir.mkdir(mode=0o755)
-        moves = [(name, tls_dir, 0o644) for name in ("ca.crt", "server.crt")]
-        moves += [(name, tls_dir, 0o600) for name in ("ca.key", "server.key")]
-        moves += [(f"client-{name}.{ext}", creds_dir, 0o600)
-                  for name, _ in clients for ext in ("crt", "key")]
-        for name, folder, mode in moves:
-            os.chmod(work / name, mode)
-            _fsync(work / name)
-            os.replace(work / name, folder / name.removeprefix("client-"))
-        for name, _ in clients:
-            certs[name] = (out / "credentials" / f"{name}.crt",
-                           out / "credentials" / f"{name}.key")
-        ca_file = out / "tls" / "ca.crt"
-
-    logins = {SERVER_CREDENTIALS: SERVER_USER, **{d: d for d in opts.device_ids}}
-    entries, paths = [], {}
-    for name, username in logins.items():
-        password = secrets.token_urlsafe(PASSWORD_BYTES)
-        entries.append(f"{username}:{mosquitto_hash(password)}")
-        obj: dict[str, str] = {"username": username, "password": password, "broker": url,
-                               "prefix": opts.prefix}
-        if ca_file is not None:
-            obj["ca_file"] = str(ca_file)
-        if name in certs:
-            obj["cert_file"], obj["key_file"] = (str(p) for p in certs[name])
-        _write(creds_dir / f"{name}.json", json.dumps(obj, indent=2) + "\n", 0o600)
-        paths[name] = out / "credentials" / f"{name}.json"
-
-    passwd, acl = new / "passwd", new / "acl"
-    _write(passwd, "\n".join(entries) + "\n", 0o600)
-    _write(acl, acl_text(list(opts.device_ids), opts.prefix), 0o600)
-    _write(new / "mosquitto.conf", mosquitto_conf(out, port, opts.host, user, tls=opts.tls,
-                                                  client_certs=opts.client_certs), 0o644)
-    if owner is not None:  # the broker reads these after dropping root
-        broker_files = [passwd, acl] + ([tls_dir / "server.key"] if opts.tls else [])
-        for path in broker_files:
-            os.chown(path, owner[0], owner[1])
-    for folder in (creds_dir, *([tls_dir] if opts.tls else [])):
-        with contextlib.suppress(OSError):  # not every platform can open a folder
-            _fsync(folder)
-    return paths, ca_file
-
-
 def _swap_in(new: Path, old: Path, out: Path) -> None:
     """Move what is in `new` into `out`, the files it replaces into `old`. Every step is a
     rename on one filesystem; on a failure part-way (Ctrl-C included) the undo reads where
     things are rather than a log, so an interrupt between a rename and its bookkeeping is
     undone too."""
-    staged = [name for name in _SWAPPED if os.path.lexists(new / name)]
+    staged = [name for name in SWAPPED if os.path.lexists(new / name)]
     old.mkdir(mode=0o700)
     try:
-        for name in _SWAPPED:
+        for name in SWAPPED:
             target = out / name
             if os.path.lexists(target):
                 if target.is_dir() and not target.is_symlink():
@@ -347,7 +269,7 @@ def _swap_in(new: Path, old: Path, out: Path) -> None:
                 os.replace(new / name, target)
     except BaseException as exc:
         try:
-            for name in reversed(_SWAPPED):
+            for name in reversed(SWAPPED):
                 if name in staged and not os.path.lexists(new / name):
                     os.replace(out / name, new / name)
                 if os.path.lexists(old / name):
@@ -358,8 +280,7 @@ def _swap_in(new: Path, old: Path, out: Path) -> None:
                          f"{old}: move them back into {out} before provisioning here again "
                          "(the next provision removes that folder)") from exc
         raise
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        _fsync(out)
+    fsync_dir(out)
 
 
 @contextlib.contextmanager

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.algorithms import TORCH_ALGORITHMS, algorithm
-from edge_runtime.bundle import Bundle, Manifest
+from edge_runtime.bundle import Bundle
 from edge_runtime.data import BatchSampler
 from edge_runtime.device import Device, DeviceOptions
+from edge_runtime.manifest import Manifest
 from edge_runtime.protocol import RoundStart, TrainConfig
 from edge_runtime.runtime import RoundResult, rss_mb
 from edge_runtime.transport import Transport

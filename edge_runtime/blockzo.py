@@ -31,13 +31,13 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime import zo
-from edge_runtime.bundle import (
+from edge_runtime.bundle import Bundle
+from edge_runtime.manifest import (
     LABEL_NAME,
     LOSS_OUTPUT,
     NCHWC_LAYOUTS,
     SEGMENT_INPUT,
     SEGMENT_OUTPUT,
-    Bundle,
     BundleError,
 )
 from edge_runtime.protocol import ZOConfig

@@ -19,17 +19,12 @@ import psutil
 
 from edge_runtime import blockzo, zo
 from edge_runtime.algorithms import ONNX_ALGORITHMS, algorithm
-from edge_runtime.bundle import (
-    INPUT_NAME,
-    LABEL_NAME,
-    LOSS_OUTPUT,
-    SMASHED_OUTPUT,
-    Bundle,
-    BundleError,
-)
+from edge_runtime.bundle import Bundle
 from edge_runtime.data import BatchSampler
+from edge_runtime.manifest import INPUT_NAME, LABEL_NAME, LOSS_OUTPUT, SMASHED_OUTPUT, BundleError
 from edge_runtime.protocol import ZOConfig
 from edge_runtime.protocol.config import TrainConfig
+from edge_runtime.zo import step_seed
 
 # The ONNX Runtime device runs the registry's ONNX_ALGORITHMS (`edge_runtime.algorithms`);
 # the first-order baselines run on the torch device in `devices/torch_device.py`.
@@ -157,13 +152,6 @@ class LocalModel:
             self._fast = (any(s.nchwc_file for s in m.segments)
                           and self.chain().blocked_input_nchwc)
         return self.chain() if self._fast else None
-
-
-def step_seed(base: int, round_idx: int, device_id: str, step: int) -> int:
-    """A distinct, reproducible integer seed per (run seed, round, device, step)."""
-    key = zlib.crc32(device_id.encode())
-    return int(np.random.SeedSequence([base, round_idx, key, step]).generate_state(
-        1, dtype=np.uint64)[0])
 
 
 _PEAK_SAMPLED = [0.0]

@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from edge_runtime.bundle import (
-    GRAPH_DATA,
+from edge_runtime.bundle import GRAPH_DATA, write_bundle
+from edge_runtime.manifest import (
     INPUT_NAME,
     LABEL_NAME,
     LOGITS_OUTPUT,
     LOSS_OUTPUT,
     SMASHED_OUTPUT,
     Manifest,
-    write_bundle,
 )
 from exporter.segments import export_segments
 from exporter.zoo import SplitModel, build_split

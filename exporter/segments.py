@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from edge_runtime.bundle import (
+from edge_runtime.manifest import (
     LABEL_NAME,
     LOSS_OUTPUT,
     NCHWC_DOMAIN,

@@ -8,6 +8,7 @@ reads; ``shards.json`` records what each device got, for reports and for picking
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,10 @@ def write_shards(
     out_dir: str | Path,
     *,
     prefix: str = "dev-",
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Write ``{prefix}{i}.npz`` per device plus ``shards.json``; the file stem is the device id.
+    ``progress(done, total)`` is called after each shard (thousands of shards take minutes).
 
     Empty parts are refused, because a device could not load them.
     """
@@ -144,6 +147,8 @@ def write_shards(
             "label_counts": {str(int(lbl)): int(c) for lbl, c in zip(labels, counts, strict=True)},
         }
         paths.append(path)
+        if progress is not None:
+            progress(i + 1, len(parts))
     (out / SHARDS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return paths
 

@@ -39,6 +39,7 @@ from server.aggregate import (
     plan_round,
     trimmed_count,
 )
+from server.evaluation import EvalPlan, evaluate_round
 from server.fleet_view import fleet_observer
 from server.members import Members
 from server.policy import check_device_update, check_smashed
@@ -51,7 +52,8 @@ from server.records import (
     write_json,
     write_jsonl,
 )
-from server.trainer import evaluate
+from server.replay import replay_update
+from server.tensorboard import RoundLog
 
 if TYPE_CHECKING:
     from server.setup import Run
@@ -78,6 +80,8 @@ class RoundState:
     grads: dict[tuple[str, int], Gradient] = field(default_factory=dict)  # SplitFed replies
     smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
+    seconds_training: float = 0.0  # server steps on smashed data, while the round is open
+    replay_ms: dict[str, float] = field(default_factory=dict)  # --device-sync replay: cost
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""
@@ -117,6 +121,7 @@ class Server:
         self.peak_rss: dict[str, float] = {}
         self.records: list[dict[str, Any]] = []  # one per completed round
         self.first_round = 1
+        self.eval_plan = EvalPlan(opts.eval_every, opts.eval_limit, opts.seed)
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
@@ -213,7 +218,9 @@ class Server:
         if why:
             self.members.reject(device_id, why)
             return
+        t0 = time.perf_counter()
         out = self.strategy.on_smashed(device_id, msg.step, msg.activations, msg.labels)
+        state.seconds_training += time.perf_counter() - t0
         if out.rejected:
             self.members.reject(device_id, out.rejected)
             return
@@ -232,17 +239,23 @@ class Server:
 
     def _update(self, device_id: str, msg: Update, state: RoundState) -> None:
         o = self.opts
-        if device_id in state.updates:
+        if device_id in state.updates or (o.train.device_sync == "replay" and
+                                          device_id in state.gone):
             self.members.reject(device_id, "duplicate update: already have this round's update")
             return
-        why = check_device_update(msg.weights, msg.num_samples,
-                                  self.members.declared_samples(device_id), self.theta,
-                                  o.max_weight_abs, o.max_update_norm)
+        got = replay_update(msg, state.start.weights, o.train, self.manifest,
+                            state.start.round, device_id)
+        weights = got.weights
+        why = got.rejected or check_device_update(
+            weights, msg.num_samples, self.members.declared_samples(device_id), self.theta,
+            o.max_weight_abs, o.max_update_norm)
+        if got.seconds:
+            state.replay_ms[device_id] = round(got.seconds * 1000.0, 3)
         if why:
             self.members.reject(device_id, why)
             state.gone.add(device_id)
             return
-        weights = msg.weights
+        assert weights is not None
         if o.clip_update_norm is not None:
             weights, norm = clip_update(weights, self.theta, o.clip_update_norm)
             if norm > o.clip_update_norm:
@@ -290,7 +303,9 @@ class Server:
                 self._poll(0.2, state, r)
         finally:
             self._state = None
+        t_closed = time.monotonic()
         state.server_losses.extend(self.strategy.close_smashed())
+        t_trained = time.monotonic()
         if not state.finished():
             log.warning("round %d timed out after %.0f s; closing with %d/%d updates", r,
                         o.round_timeout, len(state.updates), len(participants))
@@ -311,7 +326,13 @@ class Server:
         if self.aux_copied:  # next round's aux starts from the server's trained layers
             self.theta, _ = aux_from_server(self.split.server, self.manifest, self.theta)
         self.strategy.load_global(self.theta)
-        ev = evaluate(self.split.client, self.split.server, self.data.x_test, self.data.y_test)
+        t_aggregated = time.monotonic()
+        ev = evaluate_round(self.eval_plan, r, o.rounds, self.split.client, self.split.server,
+                            self.data.x_test, self.data.y_test, o.threads)
+        times = {"seconds_waiting": t_closed - t0 - state.seconds_training,
+                 "seconds_training": state.seconds_training + t_trained - t_closed,
+                 "seconds_evaluating": time.monotonic() - t_aggregated,
+                 "seconds_aggregating": t_aggregated - t_trained}
         for dev, tel in state.telemetry.items():
             self.peak_rss[dev] = max(self.peak_rss.get(dev, 0.0), tel.peak_rss_mb)
         m = self.members
@@ -320,7 +341,7 @@ class Server:
         return round_record(state, ev, m, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
                             round_bytes_up=self.bytes_up - up0,
                             round_bytes_down=self.bytes_down - down0,
-                            seconds=round(time.monotonic() - t0, 3))
+                            seconds=round(time.monotonic() - t0, 3), times=times)
 
     def run(self) -> dict[str, Any]:
         o = self.opts
@@ -332,6 +353,7 @@ class Server:
         if not o.resume:
             metrics_path.unlink(missing_ok=True)
         interrupted = False
+        board = RoundLog(o.tensorboard) if o.tensorboard is not None else None
         try:
             if self.first_round > o.rounds:
                 print(f"run {self.run_id} already completed its {o.rounds} rounds", flush=True)
@@ -356,6 +378,8 @@ class Server:
                 self._checkpoint(r, time.monotonic() - t_start)
                 append_jsonl(metrics_path, rec)
                 self.view.round_done(rec, self.members)
+                if board is not None:
+                    board.add(rec)
                 print(round_line(rec, o.rounds), flush=True)
             self.transport.publish(topics.down_all("stop", o.prefix),
                                    Stop(self.run_id, o.rounds, "server", reason="finished"),
@@ -369,6 +393,8 @@ class Server:
                                    Presence(self.run_id, -1, "server", state="offline"),
                                    retain=True, wait=5.0)
             self.transport.stop()
+            if board is not None:
+                board.close()
         return self._finish(t_start, interrupted)
 
     def _finish(self, t_start: float, interrupted: bool = False) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class ServerOptions:
     # bit-for-bit repeatable on one machine: a round's smashed batches trained at its end in
     # (step, device) order, torch's deterministic kernels (server.setup.make_deterministic)
     deterministic: bool = False
+    eval_every: int = 1  # evaluate every N rounds (server.evaluation), and after the last
+    eval_limit: int | None = None  # on this many seeded test examples; the last round: all
+    tensorboard: Path | None = None  # per-round scalars written here (server.tensorboard)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # load_dataset keywords
     model_options: dict[str, Any] = field(default_factory=dict)  # build_split keywords
     http: str | None = None  # HOST:PORT of the live fleet page (server.fleet_page)

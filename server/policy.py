@@ -24,7 +24,8 @@ from server.aggregate import check_update
 # when it died. They are counted but never quarantine.
 LENIENT = frozenset({"stale round", "wrong run", "unknown device", "not a participant",
                      "duplicate update", "duplicate smashed", "duplicate message",
-                     "bundle resend refused", "update norm", "incomplete message"})
+                     "bundle resend refused", "update norm", "incomplete message",
+                     "replay mismatch"})
 
 MAX_DECLARED_SAMPLES = 100_000_000  # a join declaring more samples is refused
 ERROR_CHARS = 500  # a member's error text is cut to this many characters

@@ -23,7 +23,7 @@ import torch
 from edge_runtime.files import atomic_write
 
 if TYPE_CHECKING:
-    from edge_runtime.bundle import Manifest
+    from edge_runtime.manifest import Manifest
     from server.loop import RoundState
     from server.members import Members
     from server.options import ServerOptions
@@ -159,16 +159,18 @@ def check_checkpoint_matches(ckpt: dict[str, Any], path: Path, *, model: str,
                               "resume with the options of the run that wrote it")
 
 
-def round_record(state: RoundState, ev: Evaluation, members: Members, *, bytes_up: int,
+def round_record(state: RoundState, ev: Evaluation | None, members: Members, *, bytes_up: int,
                  bytes_down: int, round_bytes_up: int, round_bytes_down: int,
-                 seconds: float) -> dict[str, Any]:
-    """A closed round's line of metrics.jsonl (and of the checkpoint's records)."""
+                 seconds: float, times: dict[str, float] | None = None) -> dict[str, Any]:
+    """A closed round's line of metrics.jsonl (and of the checkpoint's records); `ev` None:
+    not evaluated this round (--eval-every), so the test fields are null."""
     m, participants = members, state.participants
     tel = state.telemetry.values()
     return {
         "round": state.start.round,
-        "test_accuracy": ev.accuracy,
-        "test_loss": ev.loss,
+        "test_accuracy": ev.accuracy if ev else None,
+        "test_loss": ev.loss if ev else None,
+        "test_examples": ev.samples if ev else None,
         "server_train_loss": statistics.fmean(state.server_losses)
         if state.server_losses else None,
         "device_local_loss": statistics.fmean(t.loss_mean for t in tel) if tel else None,
@@ -185,10 +187,12 @@ def round_record(state: RoundState, ev: Evaluation, members: Members, *, bytes_u
         "device_memory_mb": {d: m.profiles.get(d, {}).get("memory_mb")
                              for d in participants},  # measured by its dry run at join
         "clipped": state.clipped,
+        "replay_ms": dict(state.replay_ms),  # --device-sync replay: server ms per device
         "rejected": dict(m.rejected),
         "quarantined": dict(m.guard.quarantined),
         "device_errors": dict(m.device_errors),
         "round_seconds": seconds,
+        **{k: round(max(v, 0.0), 4) for k, v in (times or {}).items()},
     }
 
 
@@ -199,6 +203,9 @@ def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: M
     """summary.json: the run's options, outcome, traffic and what was refused."""
     o, m = opts, members
     accs = [r["test_accuracy"] for r in records]
+    # a completed run's last round is evaluated on the full test set; an interrupted one
+    # reports its last evaluation (test_examples says on how many)
+    last_eval = next((r for r in reversed(records) if r["test_accuracy"] is not None), None)
     return {
         "run_id": run_id,
         "algorithm": o.train.algorithm,
@@ -211,7 +218,8 @@ def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: M
         "completed_rounds": len(records),
         "interrupted": interrupted,
         "deterministic": o.deterministic,
-        "final_test_accuracy": accs[-1] if accs else None,
+        "final_test_accuracy": last_eval["test_accuracy"] if last_eval else None,
+        "final_test_examples": last_eval.get("test_examples") if last_eval else None,
         "test_accuracy_per_round": accs,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
@@ -230,7 +238,8 @@ def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: M
                    "round_timeout": o.round_timeout, "aggregate": o.aggregate,
                    "trim": o.trim, "max_update_norm": o.max_update_norm,
                    "clip_update_norm": o.clip_update_norm,
-                   "limits": o.limits.to_json(), "deterministic": o.deterministic},
+                   "limits": o.limits.to_json(), "deterministic": o.deterministic,
+                   "eval_every": o.eval_every, "eval_limit": o.eval_limit},
         "wall_seconds": wall_seconds,
     }
 
@@ -239,8 +248,13 @@ def round_line(rec: dict[str, Any], rounds: int) -> str:
     """A round's metrics record as the one line printed for it."""
     rss = [v for v in rec["device_peak_rss_mb"].values() if v is not None]
     steps = [v for v in rec["device_step_ms"].values() if v is not None]
-    return (f"round {rec['round']:>3}/{rounds}  test acc {rec['test_accuracy']:.4f}  "
-            f"test loss {rec['test_loss']:.4f}  "
+    if rec["test_accuracy"] is None:
+        test = "not evaluated (--eval-every)"
+    else:
+        n = rec.get("test_examples")
+        test = f"test acc {rec['test_accuracy']:.4f}  test loss {rec['test_loss']:.4f}" + \
+            (f" (n={n})" if n is not None else "")
+    return (f"round {rec['round']:>3}/{rounds}  {test}  "
             f"devices {len(rec['updates'])}/{len(rec['participants'])}  "
             f"up {rec['bytes_up'] / 1e6:.2f} MB  down {rec['bytes_down'] / 1e6:.2f} MB  "
             f"device peak RSS {max(rss) if rss else float('nan'):.0f} MB  "

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from edge_runtime.algorithms import AUX_ALGORITHMS
-from edge_runtime.bundle import GRAPH, Bundle, Manifest, read_bundle_files
+from edge_runtime.bundle import GRAPH, Bundle, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
+from edge_runtime.manifest import Manifest
 from edge_runtime.protocol import Presence, topics
 from edge_runtime.transport import Endpoint, Transport
 from exporter.export import aux_from_server, export_bundle

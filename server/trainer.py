@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 OPTIMIZERS = ("adam", "sgd")
+Progress = Callable[[int, int], None]  # (examples done, examples in all)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def average_modules(target: nn.Module, copies: list[nn.Module], weights: list[fl
 
 @torch.no_grad()
 def evaluate(client: nn.Module, server: nn.Module, x: np.ndarray, y: np.ndarray,
-             batch_size: int = 512) -> Evaluation:
+             batch_size: int = 512, progress: Progress | None = None) -> Evaluation:
     """Accuracy and mean loss of server(client(x)); the aux head plays no part."""
     client.eval()
     server.eval()
@@ -125,5 +127,7 @@ def evaluate(client: nn.Module, server: nn.Module, x: np.ndarray, y: np.ndarray,
         logits = server(client(xb))
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
+        if progress is not None:
+            progress(min(i + batch_size, len(y)), len(y))
     n = len(y)
     return Evaluation(correct / n, total_loss / n, n)

@@ -66,9 +66,12 @@ def test_the_algorithm_registry_imports_only_the_standard_library() -> None:
 
 
 # What the server may take from the device runtime: the wire, the registry, bundle
-# reading, the file helper and the transport; never the device loop or its training.
+# reading and its manifest, the file helper and the transport; never the device loop or
+# its training.
 SERVER_FROM_DEVICE = ("edge_runtime.protocol", "edge_runtime.algorithms", "edge_runtime.bundle",
-                      "edge_runtime.files", "edge_runtime.transport")
+                      "edge_runtime.manifest", "edge_runtime.files", "edge_runtime.transport",
+                      # pure numpy ZO math, which the server replays (--device-sync replay)
+                      "edge_runtime.zo", "edge_runtime.replay")
 
 
 @pytest.mark.parametrize("package", ["server", "exporter"])

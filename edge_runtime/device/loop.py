@@ -19,7 +19,6 @@ from edge_runtime.algorithms import algorithm
 from edge_runtime.bundle import (
     GRAPH_DATA,
     Bundle,
-    BundleError,
     bundle_from_files,
     default_bundle_cache,
     load_bundle,
@@ -29,6 +28,7 @@ from edge_runtime.data import load_shard
 from edge_runtime.device.bus import message_limit, mqtt_transport, server_kinds
 from edge_runtime.device.options import DeviceExit, DeviceOptions, RoundAborted
 from edge_runtime.device.records import announced_config, join_profile, round_telemetry
+from edge_runtime.manifest import BundleError
 from edge_runtime.profiles import MEMORY_EXIT_CODE, MemoryVerdict
 from edge_runtime.protocol import (
     BundleFiles,
@@ -45,6 +45,7 @@ from edge_runtime.protocol import (
     new_msg_id,
     topics,
 )
+from edge_runtime.replay import weights_hash
 from edge_runtime.runtime import RoundResult
 from edge_runtime.transport import RECONNECTED, Incoming, Transport
 
@@ -332,6 +333,10 @@ class DeviceLoop:
                                         t.bytes_in - bytes_in0, t.bytes_out - bytes_out0)
             update = Update(msg.run_id, msg.round, dev, weights=result.theta,
                             num_samples=len(self.y), telemetry=telemetry)
+            if cfg.device_sync == "replay":  # the log instead of the weights (README)
+                update = replace(update, weights=np.zeros(0, np.float32), seeds=result.seeds,
+                                 projected=result.projected,
+                                 weights_hash=weights_hash(result.theta))
         except ValueError as exc:
             self._report(f"round {msg.round} failed: its update is not valid: {exc}")
             return

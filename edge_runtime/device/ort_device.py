@@ -12,9 +12,10 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_runtime.algorithms import ONNX_ALGORITHMS
-from edge_runtime.bundle import Bundle, BundleError
+from edge_runtime.bundle import Bundle
 from edge_runtime.device.loop import DeviceLoop
 from edge_runtime.device.options import DeviceOptions
+from edge_runtime.manifest import BundleError
 from edge_runtime.profiles import MemoryVerdict, check_bundle_memory
 from edge_runtime.protocol import RoundStart, TrainConfig
 from edge_runtime.runtime import LocalModel, RoundResult, train_round, use_process_pool

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_runtime.protocol.fields import (
     MAX_LABEL,
+    MAX_LOG,
     MAX_MESSAGE_BYTES,
     MAX_ROUND,
     MSG_ID,
@@ -157,6 +158,8 @@ def _decode(view: memoryview) -> Message:
     if cls is BundleFiles:
         return BundleFiles(**env, names=values["names"], blobs=tuple(arrays.values()))
     _check_together(kind, arrays)
+    if kind == "update":
+        _check_update_meta(values, arrays)
     return cls(**env, **values, **arrays)
 
 
@@ -222,4 +225,19 @@ def _check_together(kind: str, arrays: dict[str, np.ndarray]) -> None:
                              "and a batch of at least 1")
     elif kind == "grad" and arrays["grad"].shape[0] < 1:
         raise CodecError("grad.grad: an empty batch")
+    elif kind == "update":
+        n = arrays["seeds"].shape[0]
+        if arrays["projected"].shape != (n,) or n > MAX_LOG:
+            raise CodecError(f"update.projected: shape {arrays['projected'].shape} for "
+                             f"{n} seeds; expected one per seed and at most {MAX_LOG}")
+
+
+def _check_update_meta(values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """An update is weights, or a replay log with the hash of the weights it led to."""
+    if values["weights_hash"] is None:
+        if arrays["seeds"].shape[0]:
+            raise CodecError("update.weights_hash: missing; a replay log (seeds, projected) "
+                             "comes with the hash of the weights it led to")
+    elif arrays["weights"].shape[0]:
+        raise CodecError("update: carries both weights and a replay log; expected one")
 

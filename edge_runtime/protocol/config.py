@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 
 # TrainConfig.algorithm and JoinProfile.algorithms carry the registry's names
-from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR
+from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR, names
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
 OPTIMIZERS = ("sgd", "adam")
 PERTURBS = ("full", "block")
+# weights: a round's update carries the device's weights; replay: its (seed, projected
+# gradient) log and a hash of its weights, which the server replays (edge_runtime.replay)
+DEVICE_SYNCS = ("weights", "replay")
+REPLAY_ALGORITHMS = names(device_update="zo")  # a log describes only a ZO device's round
 
 
 
@@ -73,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     zo: ZOConfig = field(default_factory=ZOConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device_sync: str = "weights"  # DEVICE_SYNCS: what a round's update carries
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _INT_BOUNDS.items():
@@ -80,6 +85,14 @@ class TrainConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        if self.device_sync not in DEVICE_SYNCS:
+            raise ValueError(f"device_sync must be one of {DEVICE_SYNCS}, got "
+                             f"{self.device_sync!r}")
+        if self.device_sync == "replay" and self.algorithm not in REPLAY_ALGORITHMS:
+            raise ValueError(f"--device-sync replay needs a device that trains by ZO "
+                             f"({', '.join(REPLAY_ALGORITHMS)}), whose round a (seed, "
+                             f"projected gradient) log describes; {self.algorithm} does not: "
+                             "help: --device-sync weights")
         if not isinstance(self.zo, ZOConfig) or not isinstance(self.optimizer, OptimizerConfig):
             raise ValueError("zo and optimizer must be a ZOConfig and an OptimizerConfig")
         _check_int("zo.q", self.zo.q, 1, 4096)
@@ -94,6 +107,8 @@ class TrainConfig:
         obj = asdict(self)
         if self.zo.perturb == "full":  # the default stays off the wire: a config without
             del obj["zo"]["perturb"]  # `perturb` means full
+        if self.device_sync == "weights":  # likewise
+            del obj["device_sync"]
         return obj
 
     @staticmethod

@@ -26,6 +26,7 @@ from edge_runtime.protocol.fields import (
     MAX_SAMPLES,
     MAX_STEP,
     SHA256,
+    WEIGHTS_HASH,
     choice,
     clean_text,
     config_object,
@@ -203,16 +204,27 @@ class Gradient(Message):
 
 @dataclass(frozen=True)
 class Update(Message):
-    """Round-end device weights, sample count and telemetry."""
+    """Round-end device weights, sample count and telemetry.
+
+    With `--device-sync replay` the weights are empty and the round's ZO log stands in for
+    them: one (seed, projected gradient) per step and direction, and `weights_hash`
+    (`edge_runtime.replay.weights_hash`) of the weights the device ended with, which the
+    server checks its replay against. Exactly one of the two forms (codec `_check_together`).
+    """
 
     weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     num_samples: int = 1
     telemetry: Telemetry | None = None
+    seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    projected: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    weights_hash: str | None = None
     kind: ClassVar[str] = "update"
     max_bytes: ClassVar[int] = 256 * 1024 * 1024
-    _arrays: ClassVar[dict[str, ArraySpec]] = {"weights": WEIGHTS}
+    _arrays: ClassVar[dict[str, ArraySpec]] = {
+        "weights": WEIGHTS, "seeds": ArraySpec("uint64", (1, 1)), "projected": WEIGHTS}
     _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
-        "num_samples": integer(1, MAX_SAMPLES), "telemetry": nested(Telemetry)}
+        "num_samples": integer(1, MAX_SAMPLES), "telemetry": nested(Telemetry),
+        "weights_hash": optional(matching(WEIGHTS_HASH, "32 lowercase hex digits"))}
 
     def __post_init__(self) -> None:
         self._record("telemetry", Telemetry)

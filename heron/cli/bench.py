@@ -80,7 +80,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
             datasets=_csv(args.datasets), mnist_dir=args.mnist_dir,
             partitions=_csv(args.partitions), alpha=args.alpha,
             algorithms=_csv(args.algorithms), seeds=tuple(int(s) for s in _csv(args.seeds)),
-            devices=args.devices, rounds=args.rounds, local_steps=args.local_steps,
+            devices=_one_count(args.devices, 5), rounds=args.rounds or 20,
+            local_steps=args.local_steps or 40,
             model=args.model, cut=args.cut, device_threads=args.device_threads,
             run_args=tuple(args.run_arg or ()))
     except ValueError as exc:
@@ -99,6 +100,40 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     if not report["plots"]:
         print("no plots: matplotlib is missing; help: pip install matplotlib", flush=True)
     return 0
+
+
+def _one_count(text: str | None, default: int) -> int:
+    """The accuracy workload's --devices: one count (the fleet's takes a list)."""
+    if text is None:
+        return default
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"heron bench: --devices: {exc}; help: a list like 10,100 is for "
+                         "--workload fleet") from exc
+
+
+def cmd_bench_fleet(args: argparse.Namespace) -> int:
+    from baselines.fleet import FleetBenchError, FleetConfig, parse_devices, run_fleet
+
+    try:
+        cfg = FleetConfig(
+            devices=parse_devices(args.devices or "10,100,300,1000"), rounds=args.rounds or 3,
+            dataset=args.dataset, model=args.model or "cnn",
+            local_steps=args.local_steps or 10, per_host=args.per_host,
+            broker=args.fleet_broker, run_args=tuple(args.run_arg or ()))
+        print(f"heron bench: fleet workload, {cfg.model} on {cfg.dataset}, devices "
+              f"{','.join(map(str, cfg.devices))}, {cfg.rounds} rounds of {cfg.local_steps} "
+              f"local steps, {cfg.broker} broker, up to {cfg.per_host} devices per process; "
+              f"files in {Path(args.out).resolve()}", flush=True)
+        report = run_fleet(args.out, cfg, command=" ".join(["heron", *sys.argv[1:]]),
+                           progress=lambda line: print(line, flush=True))
+    except (FleetBenchError, ValueError, OSError) as exc:
+        raise SystemExit(f"heron bench: {exc}") from exc
+    print((Path(args.out) / "fleet.md").read_text(), end="", flush=True)
+    if report["plot"] is None:
+        print("no fleet.png: matplotlib is missing or no size finished a round", flush=True)
+    return 0 if report["first_failure"] is None else 1
 
 
 def cmd_bench_progress(args: argparse.Namespace) -> int:
@@ -170,6 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_accuracy(args)
     if args.workload == "progress":
         return cmd_bench_progress(args)
+    if args.workload == "fleet":
+        return cmd_bench_fleet(args)
     if args.workload == "screen":
         return cmd_bench_screen(args)
     args.steps = args.steps or 20
@@ -229,14 +266,16 @@ def add_bench_parsers(sub: Any) -> None:
     bench = sub.add_parser("bench", help="compare the algorithms; writes a markdown table, "
                            "JSON and plots into --out")
     bench.add_argument("--workload", default="cost", choices=("cost", "accuracy", "progress",
-                                                           "screen"),
+                                                           "screen", "fleet"),
                        help="cost: every algorithm's device step time, peak RSS, FLOPs and "
                        "bytes on one model (resnet18 by default); accuracy: every algorithm "
                        "federated over data sets, partitions and seeds (cnn by default); "
                        "progress: from a finished run, ZO vs first-order device steps with the "
                        "server held fixed (--from); screen: from a finished run, backprop "
                        "restricted to candidate sets of device weights, the ceiling ZO could "
-                       "reach (cost)")
+                       "reach; fleet: one server and N devices (many per process) over a real "
+                       "Mosquitto for each N of --devices: round time, throughput, CPU, "
+                       "memory, lost updates (cost)")
     bench.add_argument("--out", required=True,
                        help="directory for the report: cost.{json,md,png} or "
                        "accuracy.{json,md} with accuracy_{rounds,bytes}.png and runs/")
@@ -259,10 +298,13 @@ def add_bench_parsers(sub: Any) -> None:
                      "by torch on the union of the devices' data for as many samples as the "
                      "devices process, the ceiling)")
     acc.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
-    acc.add_argument("--devices", type=positive_int, default=5, help="devices per federation (5)")
-    acc.add_argument("--rounds", type=positive_int, default=20, help="rounds, equal for all (20)")
-    acc.add_argument("--local-steps", type=positive_int, default=40,
-                     help="local steps per round (40)")
+    acc.add_argument("--devices", default=None,
+                     help="devices per federation (accuracy: 5; fleet: a list, "
+                     "10,100,300,1000)")
+    acc.add_argument("--rounds", type=positive_int, default=None,
+                     help="rounds, equal for all (accuracy: 20; fleet: 3)")
+    acc.add_argument("--local-steps", type=positive_int, default=None,
+                     help="local steps per round (accuracy: 40; fleet: 10)")
     acc.add_argument("--device-threads", type=positive_int, default=1,
                      help="threads per device (1)")
     acc.add_argument("--run-arg", action="append", metavar="OPT",
@@ -270,6 +312,16 @@ def add_bench_parsers(sub: Any) -> None:
                      " (repeatable)")
     acc.add_argument("--no-reuse", action="store_true",
                      help="re-run federations already finished in --out/runs")
+    fl = bench.add_argument_group("fleet workload (also --devices, --rounds, --local-steps, "
+                                  "--model, --run-arg)")
+    fl.add_argument("--dataset", default="digits",
+                    help="fleet: the data set every federation trains on (digits)")
+    fl.add_argument("--per-host", type=positive_int, default=250,
+                    help="fleet: devices per `heron devices host` process (250)")
+    fl.add_argument("--broker", dest="fleet_broker", default="mosquitto",
+                    choices=("mosquitto", "embedded"),
+                    help="fleet: a fresh Mosquitto per size (needs mosquitto installed) or "
+                    "the embedded amqtt broker (mosquitto)")
     prog = bench.add_argument_group("progress workload")
     prog.add_argument("--from", dest="run_from", metavar="RUN_DIR", default=None,
                       help="a finished `heron run` directory (bundle, shards, run.json, "

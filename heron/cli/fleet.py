@@ -1,4 +1,4 @@
-"""The fleet tools: `heron devices partition|pack|provision`, `heron export` (a device
+"""The fleet tools: `heron devices partition|pack|provision|host`, `heron export` (a device
 bundle) and `heron broker` (the embedded broker)."""
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from typing import Any
 
 from edge_runtime.protocol import topics
 from heron.cli.options import (
+    add_broker,
     add_data,
     add_model_options,
     dataset_options,
     model_options,
+    mqtt_credentials,
     need_server_extra,
+    nonneg_int,
     port_number,
     positive_float,
     positive_int,
+    setup_logging,
 )
 
 
@@ -52,9 +56,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
     fleet = FleetOptions(out=Path(args.out), devices=args.devices, dataset=args.dataset,
                          data_dir=args.data_dir, partition=args.partition, alpha=args.alpha,
                          seed=args.seed, dataset_options=dataset_options(args))
+    from heron_data.progress import throttled
+
     target = Path(args.out)
+    print(f"heron devices partition: loading {args.dataset} and writing {args.devices} shards "
+          f"to {target}", flush=True)
     try:
-        make_shards(fleet, target)
+        make_shards(fleet, target, throttled("heron devices partition: wrote", "shards"))
     except (DatasetError, ValueError) as exc:
         raise SystemExit(f"heron devices partition: {exc}") from exc
     index = json.loads((target / "shards.json").read_text())
@@ -80,6 +88,62 @@ def cmd_provision(args: argparse.Namespace) -> int:
         return 130
     print(summary(result))
     return 0
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    """Many devices in this one process (`devices.host`): the fleet bench's device side."""
+    from edge_runtime.device import DeviceOptions
+    from heron.lifecycle import Stopped, StopSignals, exit_code
+
+    setup_logging(args.verbose)
+    shards = Path(args.shards)
+    ids = args.ids.split(",") if args.ids else [
+        p.stem for p in sorted(shards.glob("dev-*.npz"), key=lambda p: int(p.stem[4:]))]
+    if args.count is not None:
+        ids = ids[args.first:args.first + args.count]
+    elif args.first:
+        ids = ids[args.first:]
+    if not ids:
+        raise SystemExit(f"heron devices host: no devices to host from {shards}; help: "
+                         "`heron devices partition --out DIR` writes the shards")
+    try:
+        for i in ids:
+            topics.validate_id(i)
+        from devices.host import host_devices, shard_options
+
+        base = DeviceOptions(broker=args.broker, device_id=ids[0], data=shards,
+                             prefix=args.prefix, threads=args.threads,
+                             credentials=mqtt_credentials(args),
+                             bundle_cache=Path(args.bundle_cache) if args.bundle_cache else None)
+        opts = shard_options(shards, ids, base)
+        if args.credentials_dir:  # a provisioned broker: each device logs in as itself
+            from dataclasses import replace
+
+            opts = [replace(o, credentials=_device_credentials(args, o.device_id)) for o in opts]
+    except ValueError as exc:
+        raise SystemExit(f"heron devices host: {exc}") from exc
+    print(f"heron devices host: {len(ids)} devices ({ids[0]} .. {ids[-1]}) in this process, "
+          f"broker {args.broker}", flush=True)
+    with StopSignals():  # a signal ends the process; the broker then sends each device's will
+        try:
+            result = host_devices(opts)
+        except ValueError as exc:
+            raise SystemExit(f"heron devices host: {exc}") from exc
+        except Stopped as exc:
+            print(f"heron devices host: {exc}", file=sys.stderr, flush=True)
+            return exit_code(exc.signum)
+    bad = {d: e for d, e in result.errors.items() if result.codes.get(d)}
+    print(f"heron devices host: {len(ids) - len(bad)}/{len(ids)} devices ended cleanly"
+          + (f"; first error: {next(iter(bad))}: {next(iter(bad.values()))}" if bad else ""),
+          flush=True)
+    return 1 if bad else 0
+
+
+def _device_credentials(args: argparse.Namespace, device_id: str) -> Any:
+    """DIR/ID.json from `heron devices provision`, read as `--credentials` would be."""
+    path = Path(args.credentials_dir) / f"{device_id}.json"
+    one = argparse.Namespace(**{**vars(args), "credentials": str(path)})
+    return mqtt_credentials(one)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -182,6 +246,28 @@ def add_fleet_parsers(sub: Any) -> None:
     prov.add_argument("--force", action="store_true",
                       help="replace existing credentials in --out (old passwords stop working)")
     prov.set_defaults(func=cmd_provision)
+
+    host = dsub.add_parser(
+        "host", help="run many devices in this one process, each with its own MQTT client, "
+        "id and shard; they share the ONNX Runtime session (for fleets of hundreds on one "
+        "machine)")
+    add_broker(host, required=True)
+    host.add_argument("--shards", required=True,
+                      help="directory of dev-N.npz shards (`heron devices partition --out`)")
+    host.add_argument("--ids", default=None,
+                      help="comma-separated device ids (default: every dev-N.npz in --shards)")
+    host.add_argument("--first", type=nonneg_int, default=0,
+                      help="skip this many of the ids (0)")
+    host.add_argument("--count", type=positive_int, default=None,
+                      help="host at most this many of the ids (default: all)")
+    host.add_argument("--threads", type=positive_int, default=1,
+                      help="ONNX Runtime threads shared by all devices of the process (1)")
+    host.add_argument("--credentials-dir", default=None,
+                      help="DIR/credentials from `heron devices provision`: device ID logs in "
+                      "with ID.json (default: --credentials or --username for all)")
+    host.add_argument("--bundle-cache", default=None,
+                      help="where bundles whose frozen tensors are memory-mapped are stored")
+    host.set_defaults(func=cmd_host)
 
     exp = sub.add_parser("export", help="write a device bundle (ONNX + weights + manifest)")
     add_data(exp)

@@ -36,6 +36,7 @@ from heron.cli.server import (
     check_page,
     check_resume,
     check_writable,
+    need_tensorboard,
     resolve_model,
 )
 
@@ -62,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_federation(args)
     need_server_extra()
     check_page(args)
+    need_tensorboard(args, "run")
     if args.model is None:  # resolved once here, so run.json and the server agree
         args.model = resolve_model(args, "run")
     check_model(args)
@@ -71,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from devices.fleet import FleetOptions, make_shards, start_devices, stop_all, terminate
     from heron.lifecycle import Stopped, StopSignals, child_env, exit_code
     from heron_data.datasets import DatasetError
-    from server.broker import EmbeddedBroker
+    from heron_data.progress import throttled
+    from server.broker import EmbeddedBroker, too_many_devices
     from server.records import WriteError, write_json
 
     saved = {k: v for k, v in vars(args).items()  # no secrets
@@ -108,7 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 existing = sorted((out / "shards").glob("dev-*.npz"),
                                   key=lambda p: int(p.stem[4:]))
                 shards = existing if resume and len(existing) == args.devices else \
-                    make_shards(fleet, out / "shards")
+                    make_shards(fleet, out / "shards",
+                                throttled("heron run: wrote", "device shards"))
             except (DatasetError, ValueError) as exc:
                 usage("run", str(exc))
             except OSError as exc:
@@ -125,6 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     url = broker.url
             if broker is not None:
                 print(f"embedded MQTT broker on {url}", flush=True)
+                warning = too_many_devices(args.devices)
+                if warning:
+                    print(f"heron run: warning: {warning}", file=sys.stderr, flush=True)
             logs.mkdir(exist_ok=True)
             try:
                 write_config(out / SERVER_CONFIG, server_args(args, url, out), "server")

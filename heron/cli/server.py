@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.algorithms import ALGORITHMS, AUX_ALGORITHMS, DEVICE_LR, algorithm
-from edge_runtime.protocol.config import DISTRIBUTIONS, OPTIMIZERS, PERTURBS, SCHEMES, TrainConfig
+from edge_runtime.protocol.config import (
+    DEVICE_SYNCS,
+    DISTRIBUTIONS,
+    OPTIMIZERS,
+    PERTURBS,
+    SCHEMES,
+    TrainConfig,
+)
 from heron.cli.config import add_config_option, write_config
 from heron.cli.options import (
     add_broker,
@@ -80,6 +87,16 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="start each round's aux head as a copy of the server's first layers "
                    "and classifier (every aux tensor with a same-named server tensor; minilm), "
                    "instead of the devices' average")
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-every", type=positive_int, default=1,
+                   help="evaluate the model every N rounds, and always after the last; the "
+                   "others have null test accuracy in metrics.jsonl (1)")
+    e.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate on this many test examples (a seeded subset, the same each "
+                   "round) while training; the last round uses the full test set (default: all)")
+    e.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write per-round scalars (accuracy, losses, bytes, per-device memory "
+                   "and step time, time split) for TensorBoard to DIR (needs tensorboard)")
     z = p.add_argument_group("device (zeroth-order) training")
     train = TrainConfig()  # every default below is the config's
     z.add_argument("--local-steps", type=positive_int, default=train.local_steps,
@@ -100,6 +117,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="full: each direction perturbs all device weights (the paper); block: "
                    "one block per direction, re-run from that block's cached input "
                    "(beyond the paper, cheaper steps; BENCHMARKS.md) (%(default)s)")
+    z.add_argument("--device-sync", default=train.device_sync, choices=DEVICE_SYNCS,
+                   help="what a device uploads at round end: weights, or replay: its (seed, "
+                   "projected gradient) log and a hash of its weights, which the server "
+                   "replays and checks; ZO devices (heron) only (%(default)s)")
     z.add_argument("--device-optimizer", default=train.optimizer.name, choices=OPTIMIZERS,
                    help="optimizer fed with the ZO estimate (%(default)s)")
     z.add_argument("--device-lr", type=positive_float, default=None,
@@ -139,8 +160,18 @@ def train_config(args: argparse.Namespace) -> Any:
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
                     perturb=args.zo_perturb),
         optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or
-                                  algorithm(args.algorithm).default_device_lr))
+                                  algorithm(args.algorithm).default_device_lr),
+        device_sync=args.device_sync)
 
+
+
+def need_tensorboard(args: argparse.Namespace, command: str) -> None:
+    """--tensorboard without the package is a usage error before anything starts."""
+    import importlib.util
+
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        usage(command, "--tensorboard needs the tensorboard package; help: pip install "
+              "tensorboard (in heron's server extra), or leave out --tensorboard")
 
 
 SERVER_CONFIG = "server.toml"  # the server's resolved options, beside its results
@@ -165,6 +196,8 @@ def server_options(args: argparse.Namespace) -> Any:
         aggregate=args.aggregate, trim=args.trim,
         limits=Limits(quarantine_after=args.quarantine_after), resume=args.resume,
         aux_from_server=args.aux_from_server, deterministic=args.deterministic,
+        eval_every=args.eval_every, eval_limit=args.eval_limit,
+        tensorboard=Path(args.tensorboard) if args.tensorboard else None,
         credentials=mqtt_credentials(args), http=args.http, http_token=args.http_token)
 
 
@@ -173,6 +206,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     check_federation(args)
     need_server_extra()
     check_page(args)
+    need_tensorboard(args, "server")
     args.model = args.model or resolve_model(args, "server")
     check_model(args)
     if args.resume:

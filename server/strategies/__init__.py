@@ -8,7 +8,7 @@ test checks that every registered algorithm has one.
 from __future__ import annotations
 
 from edge_runtime.algorithms import ALGORITHMS, Algorithm, algorithm
-from edge_runtime.bundle import Manifest
+from edge_runtime.manifest import Manifest
 from exporter.zoo import SplitModel
 from server.strategies.aux_loss import AuxLossStrategy
 from server.strategies.base import ServerStrategy, SmashedOutcome

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.algorithms import Algorithm
-from edge_runtime.bundle import Manifest
+from edge_runtime.manifest import Manifest
 from exporter.export import load_flat_into
 from exporter.zoo import SplitModel
 from server.aggregate import DeviceUpdate

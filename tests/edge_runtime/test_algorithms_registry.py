@@ -96,7 +96,7 @@ def test_a_registered_algorithm_is_accepted_everywhere_that_reads_the_registry(
 
 
 def test_a_registered_algorithm_gets_its_familys_server_behaviour(throwaway: Algorithm) -> None:
-    from baselines.profile import payload_bytes
+    from baselines.counts import payload_bytes
     from edge_runtime.protocol import TrainConfig
     from server.policy import smashed_budget
 

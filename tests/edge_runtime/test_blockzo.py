@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT
 
 from edge_runtime import blockzo, zo
-from edge_runtime.bundle import NCHWC_LAYOUTS, SMASHED_OUTPUT, Bundle, BundleError, load_bundle
+from edge_runtime.bundle import Bundle, load_bundle
+from edge_runtime.manifest import NCHWC_LAYOUTS, SMASHED_OUTPUT, BundleError
 from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
 from edge_runtime.protocol.config import DISTRIBUTIONS, SCHEMES
 from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round

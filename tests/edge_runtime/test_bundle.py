@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from edge_runtime.bundle import MANIFEST, BundleError, Manifest, load_bundle, write_bundle
+from edge_runtime.bundle import MANIFEST, load_bundle, write_bundle
+from edge_runtime.manifest import BundleError, Manifest
 
 # a real (if unrelated) ONNX model: load_bundle parses every graph it verifies
 GRAPH = helper.make_model(helper.make_graph(

@@ -39,8 +39,6 @@ from edge_runtime.bundle import (
     GRAPH_DATA,
     MANIFEST,
     WEIGHTS,
-    BundleError,
-    SegmentGraphs,
     bundle_from_files,
     check_external_data,
     load_bundle,
@@ -51,6 +49,7 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.device import Device, DeviceExit, DeviceOptions, message_limit, server_kinds
 from edge_runtime.external_data import external_refs
+from edge_runtime.manifest import BundleError, SegmentGraphs
 from edge_runtime.profiles import Profile
 from edge_runtime.protocol import (
     MAX_CHUNK_PAYLOAD,

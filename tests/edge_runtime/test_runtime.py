@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 from edge_runtime import zo
-from edge_runtime.bundle import SMASHED_OUTPUT, Bundle, load_bundle
+from edge_runtime.bundle import Bundle, load_bundle
+from edge_runtime.manifest import SMASHED_OUTPUT
 from edge_runtime.protocol import OptimizerConfig, TrainConfig, ZOConfig
 from edge_runtime.runtime import LocalModel, RoundResult, step_seed, train_round
 from exporter.export import export_split

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime import zo
+from edge_runtime import zo, zo_guided
 from edge_runtime.protocol import OptimizerConfig, ZOConfig
 
 D, K = 1000, 8
 
 
 def _basis(d: int = D, k: int = K, seed: int = 0) -> np.ndarray:
-    return zo.orthonormal_basis(np.random.default_rng(seed).standard_normal((d, 3 * k)), k)
+    return zo_guided.orthonormal_basis(np.random.default_rng(seed).standard_normal((d, 3 * k)), k)
 
 
 def _quadratic(v: np.ndarray, target: np.ndarray):  # noqa: ANN202 - a test helper
@@ -25,9 +25,9 @@ def _quadratic(v: np.ndarray, target: np.ndarray):  # noqa: ANN202 - a test help
 
 def test_orthonormal_basis_spans_the_top_singular_directions() -> None:
     rng = np.random.default_rng(1)
-    signal = zo.orthonormal_basis(rng.standard_normal((D, K)), K)  # the true subspace
+    signal = zo_guided.orthonormal_basis(rng.standard_normal((D, K)), K)  # the true subspace
     grads = signal @ (10.0 * rng.standard_normal((K, 40))) + 0.01 * rng.standard_normal((D, 40))
-    u = zo.check_basis(zo.orthonormal_basis(grads, K), D)
+    u = zo_guided.check_basis(zo_guided.orthonormal_basis(grads, K), D)
     assert u.shape == (D, K) and u.dtype == np.float32
     assert np.abs(u.T @ u - np.eye(K)).max() < 1e-5
     # the span is recovered: every true direction is (almost) inside span(U)
@@ -36,7 +36,7 @@ def test_orthonormal_basis_spans_the_top_singular_directions() -> None:
 
 def test_orthonormal_basis_is_padded_when_the_gradients_have_lower_rank() -> None:
     grads = np.outer(np.arange(1.0, D + 1), np.ones(5))  # rank 1
-    u = zo.check_basis(zo.orthonormal_basis(grads, 4), D)
+    u = zo_guided.check_basis(zo_guided.orthonormal_basis(grads, 4), D)
     first = grads[:, 0] / np.linalg.norm(grads[:, 0])
     assert abs(float(u[:, 0] @ first)) > 0.9999
 
@@ -51,14 +51,14 @@ def test_orthonormal_basis_is_padded_when_the_gradients_have_lower_rank() -> Non
 ])
 def test_bad_basis_is_rejected_with_the_reason(basis: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        zo.check_basis(basis)
+        zo_guided.check_basis(basis)
 
 
 def test_basis_for_another_model_and_fp16_wire_copy() -> None:
     u = _basis()
     with pytest.raises(ValueError, match="rows but the model has"):
-        zo.check_basis(u, D + 1)
-    back = zo.check_basis(u.astype(np.float16), D)  # what the device receives
+        zo_guided.check_basis(u, D + 1)
+    back = zo_guided.check_basis(u.astype(np.float16), D)  # what the device receives
     assert back.dtype == np.float32 and np.abs(back - u).max() < 1e-3
 
 
@@ -66,7 +66,7 @@ def test_guided_update_lies_in_span_of_the_basis() -> None:
     u = _basis()
     f = _quadratic(_basis(seed=5), np.ones(D))
     theta = np.zeros(D, np.float32)
-    est = zo.estimate_guided(f, theta, 7, u, ZOConfig(q=3))
+    est = zo_guided.estimate_guided(f, theta, 7, u, ZOConfig(q=3))
     assert np.linalg.norm(est.grad) > 0
     outside = est.grad - u @ (u.T @ est.grad)
     assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(est.grad)
@@ -80,7 +80,7 @@ def test_isotropic_part_is_exactly_the_stated_one() -> None:
     """α > 0: outside span(U) the update is sqrt(αk/d)·ε, ε the seed's second draw."""
     u, alpha = _basis(), 0.1
     f = _quadratic(u, np.ones(D))
-    est = zo.estimate_guided(f, np.zeros(D, np.float32), 3, u, ZOConfig(q=2), alpha)
+    est = zo_guided.estimate_guided(f, np.zeros(D, np.float32), 3, u, ZOConfig(q=2), alpha)
     expected = np.zeros(D)
     for seed, p in zip(est.seeds, est.projected, strict=True):
         gen = np.random.Generator(np.random.PCG64(int(seed)))
@@ -98,7 +98,7 @@ def test_guided_estimate_is_unbiased_for_the_projected_gradient() -> None:
     f = _quadratic(np.eye(D, 40), target)  # gradient outside span(U) too
     theta = np.zeros(D, np.float32)
     grad = -(np.eye(D, 40) @ np.eye(D, 40).T @ target)
-    mean = np.mean([zo.estimate_guided(f, theta, s, u, ZOConfig(mu=1e-4)).grad
+    mean = np.mean([zo_guided.estimate_guided(f, theta, s, u, ZOConfig(mu=1e-4)).grad
                     for s in range(1500)], axis=0)
     projected = u @ (u.T @ grad)
     assert np.linalg.norm(mean - projected) < 0.2 * np.linalg.norm(projected)
@@ -109,14 +109,14 @@ def test_same_seed_reproduces_and_the_log_rebuilds_the_estimate() -> None:
     f = _quadratic(u, np.ones(D))
     theta = np.zeros(D, np.float32)
     for alpha in (0.0, 0.2):
-        a = zo.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
-        b = zo.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
+        a = zo_guided.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
+        b = zo_guided.estimate_guided(f, theta, 11, u, ZOConfig(q=2), alpha)
         assert np.array_equal(a.grad, b.grad)
-        assert np.array_equal(zo.reconstruct_guided(a.seeds, a.projected, u, alpha), a.grad)
+        assert np.array_equal(zo_guided.reconstruct_guided(a.seeds, a.projected, u, alpha), a.grad)
     with pytest.raises(ValueError, match="alpha"):
-        zo.guided_direction(1, u, 1.0)
+        zo_guided.guided_direction(1, u, 1.0)
     with pytest.raises(ValueError, match="rows"):
-        zo.estimate_guided(f, np.zeros(D + 1, np.float32), 1, u, ZOConfig())
+        zo_guided.estimate_guided(f, np.zeros(D + 1, np.float32), 1, u, ZOConfig())
 
 
 def _steps_to_solve(f, theta0: np.ndarray, step, lr: float, tol: float,  # noqa: ANN001
@@ -138,8 +138,9 @@ def test_guided_solves_a_low_rank_quadratic_20x_faster_at_equal_forwards() -> No
     f = _quadratic(v, target)
     theta0 = np.zeros(D, np.float32)
     cfg = ZOConfig(mu=1e-4)
-    guided = _steps_to_solve(f, theta0, lambda f, th, t: zo.estimate_guided(f, th, t, v, cfg),
-                             1.0 / (K + 2), 1e-2, 100_000)
+    guided = _steps_to_solve(
+        f, theta0, lambda f, th, t: zo_guided.estimate_guided(f, th, t, v, cfg),
+        1.0 / (K + 2), 1e-2, 100_000)
     limit = 40 * guided
     random = _steps_to_solve(f, theta0, lambda f, th, t: zo.estimate(f, th, t, cfg),
                              1.0 / (D + 2), 1e-2, limit)

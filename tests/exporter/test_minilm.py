@@ -15,14 +15,13 @@ from safetensors import safe_open
 
 from edge_runtime.bundle import (
     GRAPH_DATA,
-    LOGITS_OUTPUT,
     Bundle,
-    BundleError,
     bundle_from_files,
     load_bundle,
     read_bundle_files,
     store_bundle_files,
 )
+from edge_runtime.manifest import LOGITS_OUTPUT, BundleError
 from edge_runtime.runtime import LocalModel, open_session
 from exporter.export import (
     aux_from_server,

@@ -15,18 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from edge_runtime.bundle import (
+from edge_runtime.bundle import MANIFEST, Bundle, bundle_from_files, load_bundle, read_bundle_files
+from edge_runtime.manifest import (
     LABEL_NAME,
     LOSS_OUTPUT,
-    MANIFEST,
     NCHWC_LAYOUTS,
     SEGMENT_INPUT,
     SEGMENT_OUTPUT,
-    Bundle,
     BundleError,
-    bundle_from_files,
-    load_bundle,
-    read_bundle_files,
 )
 from exporter.export import export_bundle, train_graph
 from exporter.segments import segment_blocks

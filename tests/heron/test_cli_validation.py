@@ -43,6 +43,10 @@ BAD_VALUES = [
      "--deterministic does not apply to --algorithm sflv2"),
     (["--deterministic", "--min-devices", "2"],
      "--deterministic cannot be used with --min-devices"),
+    (["--device-sync", "replay", "--algorithm", "cse-fsl"],
+     "--device-sync replay needs a device that trains by ZO (heron)"),
+    (["--device-sync", "replay", "--algorithm", "frozen"],
+     "--device-sync replay needs a device that trains by ZO (heron)"),
 ]
 RUN_ONLY = [
     (["--broker-port", "70000"], "argument --broker-port: a TCP port is 1..65535"),

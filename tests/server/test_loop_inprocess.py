@@ -242,3 +242,37 @@ def test_the_server_transport_will_is_its_offline_presence() -> None:
     topic, msg = ep.will
     assert topic == topics.server_status(P)
     assert isinstance(msg, Presence) and (msg.run_id, msg.state) == ("run-1", "offline")
+
+
+def test_eval_every_and_limit_evaluate_a_subset_then_the_full_set_and_log_scalars(
+        tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fleet = Fleet(tmp_path, devices=2, rounds=3, eval_every=2, eval_limit=50,
+                  tensorboard=tmp_path / "tb")
+    run, server = fleet.server()
+    fleet.start_devices(run, 2)
+    summary = fleet.run(server)
+    first, second, third = server.records
+    assert first["test_accuracy"] is None and first["test_examples"] is None
+    assert second["test_examples"] == 50  # --eval-limit while training
+    assert third["test_examples"] == len(run.data.y_test)  # the last round: the full set
+    assert summary["final_test_accuracy"] == third["test_accuracy"]
+    assert summary["final_test_examples"] == len(run.data.y_test)
+    for rec in server.records:
+        split = [rec[k] for k in ("seconds_waiting", "seconds_training", "seconds_evaluating",
+                                  "seconds_aggregating")]
+        # four disjoint stretches of the round's wall time, each rounded to 0.1 ms
+        assert all(s >= 0 for s in split) and sum(split) <= rec["round_seconds"] + 1e-3
+        assert rec["seconds_training"] > 0  # cnn/heron: the server trained on smashed data
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"test_accuracy": null' in lines[0]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test/accuracy")] == [2, 3]
+    assert [e.step for e in acc.Scalars("train/server_loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("device/dev-1/peak_rss_mb")] == [1, 2, 3]
+    # the writer stores float32: equal to the record within float32's relative precision
+    assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(third["test_accuracy"],
+                                                                   rel=2 ** -23)

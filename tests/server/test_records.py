@@ -158,3 +158,12 @@ def test_a_round_line_says_accuracy_devices_traffic_and_time() -> None:
     assert "up 2.50 MB  down 1.00 MB  device peak RSS 80 MB  step 3.00 ms  1.2 s" in line
     rec["device_peak_rss_mb"], rec["device_step_ms"] = {}, {}
     assert "RSS nan MB  step nan ms" in round_line(rec, 20)  # no telemetry came in
+
+
+def test_a_round_without_evaluation_says_so_and_one_with_a_subset_says_how_many() -> None:
+    rec = {"round": 1, "test_accuracy": None, "test_loss": None, "test_examples": None,
+           "updates": ["a"], "participants": ["a"], "bytes_up": 0, "bytes_down": 0,
+           "device_peak_rss_mb": {}, "device_step_ms": {}, "round_seconds": 1.0}
+    assert round_line(rec, 5).startswith("round   1/5  not evaluated (--eval-every)  devices")
+    rec.update(test_accuracy=0.5, test_loss=1.0, test_examples=500)
+    assert "test acc 0.5000  test loss 1.0000 (n=500)  devices 1/1" in round_line(rec, 5)

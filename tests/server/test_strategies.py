@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_runtime.algorithms import ALGORITHMS, Algorithm
-from edge_runtime.bundle import Manifest
+from edge_runtime.manifest import Manifest
 from exporter.export import export_bundle, flat_from_split
 from exporter.zoo import SplitModel, build_split
 from server.aggregate import DeviceUpdate, aggregate

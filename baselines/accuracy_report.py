@@ -1,0 +1,169 @@
+"""The accuracy bench's report: the table over seeds, the issue's checks, markdown and plots.
+
+Computed from the runs `baselines.accuracy` collected; only `plot_accuracy` writes files
+(and needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from baselines.centralized import CENTRALIZED
+from baselines.digits28 import MNIST_FORMAT
+
+SUBJECT = "heron"  # the algorithm the report is about (bold row, thick line, the checks)
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, standard deviation and range over seeds, per (dataset, partition, algorithm)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["partition"], r["algorithm"]), []).append(r)
+    rows = []
+    for (ds, part, alg), rs in groups.items():
+        acc = [r["final_test_accuracy"] for r in rs]
+        rss = [r["device_peak_rss_mb"] for r in rs if r["device_peak_rss_mb"] is not None]
+        step = [r["device_step_ms_median"] for r in rs if r["device_step_ms_median"] is not None]
+        sent = [r["bytes_total"] for r in rs if r["bytes_total"] is not None]
+        rows.append({
+            "dataset": ds, "partition": part, "algorithm": alg, "seeds": len(rs),
+            "acc_mean": statistics.fmean(acc),
+            "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "acc_min": min(acc), "acc_max": max(acc),
+            "mb_total": statistics.fmean(sent) / 1e6 if sent else None,
+            "device_peak_rss_mb": max(rss) if rss else None,
+            "device_step_ms": statistics.median(step) if step else None,
+        })
+    return rows
+
+
+def checks(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's accuracy targets per (dataset, partition): heron within 1 point of cse-fsl
+    and of the centralized reference, and above frozen by more than the seed spread (heron
+    std + frozen std)."""
+    by = {(r["dataset"], r["partition"], r["algorithm"]): r for r in table}
+    out = []
+    for ds, part in sorted({(r["dataset"], r["partition"]) for r in table}):
+        h = by.get((ds, part, SUBJECT))
+        if h is None:
+            continue
+        f = by.get((ds, part, "frozen"))
+        for ref in ("cse-fsl", CENTRALIZED):
+            c = by.get((ds, part, ref))
+            if c is not None:
+                gap = h["acc_mean"] - c["acc_mean"]
+                out.append({"dataset": ds, "partition": part, "check": f"heron vs {ref}",
+                            "value": gap, "limit": -0.01, "met": gap >= -0.01 - 1e-9})
+        if f is not None:
+            gap = h["acc_mean"] - f["acc_mean"]
+            spread = h["acc_std"] + f["acc_std"]
+            out.append({"dataset": ds, "partition": part, "check": "heron vs frozen",
+                        "value": gap, "limit": spread, "met": gap > spread})
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    alpha = (f", Dirichlet alpha {cfg['alpha']}" if "dirichlet" in cfg["partitions"] else "")
+    mnist = (f"; {MNIST_FORMAT} = {cfg['mnist_format_source']}" if MNIST_FORMAT in cfg["datasets"]
+             else "")
+    models: dict[str, str] = {}
+    for r in report["runs"]:
+        if r["algorithm"] != CENTRALIZED or r["dataset"] not in models:
+            models[r["dataset"]] = f"{r.get('model', cfg['model'])} cut {r['cut']}"
+    lines = [
+        f"Accuracy: {'; '.join(f'{ds} {m}' for ds, m in models.items())}, "
+        f"{cfg['devices']} devices, {cfg['rounds']} rounds of {cfg['local_steps']} local "
+        f"steps{alpha}, seeds {', '.join(map(str, cfg['seeds']))}{mnist}."
+        + (f" Extra `heron run` options: `{' '.join(cfg['run_args'])}`." if cfg["run_args"]
+           else ""),
+        "",
+        "| data set | partition | algorithm | final test acc % mean ± std (min-max) | "
+        "MB communicated | device peak RSS MB | device step ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["table"]:
+        rss = "" if r["device_peak_rss_mb"] is None else f"{r['device_peak_rss_mb']:.0f}"
+        mb = "" if r["mb_total"] is None else f"{r['mb_total']:,.1f}"
+        step = "" if r["device_step_ms"] is None else f"{r['device_step_ms']:.2f}"
+        name = f"**{r['algorithm']}**" if r["algorithm"] == SUBJECT else r["algorithm"]
+        lines.append(
+            f"| {r['dataset']} | {r['partition']} | {name} | {_pct(r['acc_mean'])} ± "
+            f"{_pct(r['acc_std'])} ({_pct(r['acc_min'])}-{_pct(r['acc_max'])}) | "
+            f"{mb} | {rss} | {step} |")
+    if report.get("checks"):
+        lines += ["", "| data set | partition | target | measured (points) | limit | met |",
+                  "|---|---|---|---|---|---|"]
+        for c in report["checks"]:
+            ref = c["check"].removeprefix("heron vs ")
+            what = ("heron mean - frozen mean > heron std + frozen std" if ref == "frozen"
+                    else f"heron mean - {ref} mean >= -1 point")
+            lines.append(f"| {c['dataset']} | {c['partition']} | {what} | "
+                         f"{100 * c['value']:+.2f} | {100 * c['limit']:+.2f} | "
+                         f"{'yes' if c['met'] else '**no**'} |")
+    lines += ["", "Device peak RSS and step time come from the devices' own telemetry "
+              "(psutil/VmHWM, whole process; ONNX Runtime devices for heron and frozen, torch "
+              "devices for the others), on a machine shared by all processes of the run."]
+    if any(r["algorithm"] == CENTRALIZED for r in report["table"]):
+        lines += ["", "centralized: the same network and initialisation trained by torch on "
+                  "the union of the devices' training data (so one value serves both "
+                  "partitions), for as many samples as the devices process (participants x "
+                  "rounds x local steps x batch size), with the server's optimizer and lr; "
+                  "evaluated after each round's worth of samples."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(report: dict[str, Any], out: Path) -> list[str]:
+    """Accuracy vs round and vs bytes, one panel per (data set, partition); [] without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    panels = sorted({(r["dataset"], r["partition"]) for r in report["runs"]})
+    algs = list(dict.fromkeys(r["algorithm"] for r in report["runs"]))
+    colors = dict(zip(algs, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    paths = []
+    for kind in ("rounds", "bytes"):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+        for ax, (ds, part) in zip(axes[0], panels, strict=True):
+            for alg in algs:
+                rs = [r for r in report["runs"] if (r["dataset"], r["partition"],
+                                                    r["algorithm"]) == (ds, part, alg)]
+                if not rs:
+                    continue
+                acc = np.array([r["test_accuracy_per_round"] for r in rs])
+                if kind == "bytes" and alg == CENTRALIZED:  # nothing sent: its final level
+                    ax.axhline(acc[:, -1].mean(), label=alg, color=colors.get(alg), ls="--")
+                    continue
+                x = (np.arange(1, acc.shape[1] + 1) if kind == "rounds" else
+                     np.mean([r["bytes_per_round"] for r in rs], axis=0) / 1e6)
+                lw = 2.4 if alg == SUBJECT else 1.3
+                ax.plot(x, acc.mean(0), label=alg, color=colors.get(alg), lw=lw)
+                ax.fill_between(x, acc.min(0), acc.max(0), color=colors.get(alg), alpha=0.15)
+            ax.set_title(f"{ds}, {part}")
+            ax.set_xlabel("round" if kind == "rounds" else "MB communicated (up + down)")
+            if kind == "bytes":
+                ax.set_xscale("log")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("test accuracy (mean over seeds, band = min-max)")
+        fig.tight_layout()
+        path = out / f"accuracy_{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths

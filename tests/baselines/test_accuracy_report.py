@@ -1,0 +1,55 @@
+"""The accuracy report: aggregation over seeds, the issue's checks, the markdown table."""
+
+from __future__ import annotations
+
+import pytest
+
+from baselines.accuracy import AccuracyConfig
+from baselines.accuracy_report import aggregate, checks, markdown
+from baselines.centralized import CENTRALIZED
+
+
+def _run(ds: str, part: str, alg: str, seed: int, acc: float) -> dict:
+    return {"dataset": ds, "partition": part, "algorithm": alg, "seed": seed,
+            "final_test_accuracy": acc, "bytes_total": 2e6, "device_peak_rss_mb": 80.0,
+            "device_step_ms_median": 1.0, "test_accuracy_per_round": [acc],
+            "bytes_per_round": [2e6], "cut": "conv1", "model": "cnn"}
+
+
+def test_aggregate_and_checks() -> None:
+    runs = [_run("digits", "iid", "heron", s, a) for s, a in enumerate((0.90, 0.92, 0.94))]
+    runs += [_run("digits", "iid", "cse-fsl", s, a) for s, a in enumerate((0.93, 0.93, 0.93))]
+    runs += [_run("digits", "iid", "frozen", s, a) for s, a in enumerate((0.80, 0.81, 0.79))]
+    table = aggregate(runs)
+    heron_row = next(r for r in table if r["algorithm"] == "heron")
+    assert heron_row["acc_mean"] == pytest.approx(0.92)
+    assert heron_row["acc_std"] == pytest.approx(0.02)
+    assert (heron_row["acc_min"], heron_row["acc_max"]) == (0.90, 0.94)
+    got = {c["check"]: c for c in checks(table)}
+    assert got["heron vs cse-fsl"]["met"] and got["heron vs cse-fsl"]["value"] == \
+        pytest.approx(-0.01)
+    assert got["heron vs frozen"]["met"]
+    runs[-1]["final_test_accuracy"] = 0.93  # frozen catches up: the target fails
+    assert not {c["check"]: c for c in checks(aggregate(runs))}["heron vs frozen"]["met"]
+    report = {"config": {**AccuracyConfig().__dict__, "mnist_format_source": "x"},
+              "runs": runs, "table": table, "checks": checks(table)}
+    text = markdown(report)
+    assert "| digits | iid | **heron** | 92.00 ± 2.00 (90.00-94.00)" in text
+
+
+def test_centralized_row_is_checked_and_reported_without_bytes() -> None:
+    runs = [_run("mnist-format", "iid", "heron", s, a) for s, a in enumerate((0.95, 0.96))]
+    runs += [{**_run("mnist-format", "iid", CENTRALIZED, s, a), "bytes_total": None,
+              "bytes_per_round": None, "device_peak_rss_mb": None,
+              "device_step_ms_median": None, "model": "fedcnn"}
+             for s, a in enumerate((0.97, 0.98))]
+    table = aggregate(runs)
+    central = next(r for r in table if r["algorithm"] == CENTRALIZED)
+    assert central["mb_total"] is None and central["acc_mean"] == pytest.approx(0.975)
+    got = {c["check"]: c for c in checks(table)}["heron vs centralized"]
+    assert got["value"] == pytest.approx(-0.02) and not got["met"]
+    report = {"config": {**AccuracyConfig().__dict__, "mnist_format_source": "x"},
+              "runs": runs, "table": table, "checks": checks(table)}
+    text = markdown(report)
+    assert "| mnist-format | iid | centralized | 97.50 ± 0.71 (97.00-98.00) |  |  |  |" in text
+    assert "heron mean - centralized mean >= -1 point | -2.00 | -1.00 | **no** |" in text
