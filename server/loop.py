@@ -205,12 +205,16 @@ class Server:
         count = state.smashed[device_id] = state.smashed.get(device_id, 0) + 1
         batch = msg.activations.shape[0] if msg.activations.ndim else 0
         why = check_smashed(count, msg.step, batch, self.opts.train, state.start.round)
-        if why is None and (bad := self.trainer.check_batch(msg.activations, msg.labels)):
+        if why is None and msg.codec != self.opts.train.smashed_codec:
+            why = (f"smashed codec {msg.codec}, but this run's devices code with "
+                   f"{self.opts.train.smashed_codec}")
+        act = msg.decoded() if why is None else msg.activations  # decode checked the codec
+        if why is None and (bad := self.trainer.check_batch(act, msg.labels)):
             why = f"bad smashed data: {bad}"
         if why:
             self.members.reject(device_id, why)
             return
-        out = self.strategy.on_smashed(device_id, msg.step, msg.activations, msg.labels)
+        out = self.strategy.on_smashed(device_id, msg.step, act, msg.labels)
         if out.rejected:
             self.members.reject(device_id, out.rejected)
             return

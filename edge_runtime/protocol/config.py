@@ -16,6 +16,7 @@ import numpy as np
 
 # TrainConfig.algorithm and JoinProfile.algorithms carry the registry's names
 from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR
+from edge_runtime.protocol.smashed_codec import CODECS
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
@@ -71,6 +72,7 @@ class TrainConfig:
     upload_every: int = 2  # k: smashed data every k steps
     batch_size: int = 32
     seed: int = 0
+    smashed_codec: str = "fp32"  # how devices code smashed data (smashed_codec.CODECS)
     zo: ZOConfig = field(default_factory=ZOConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -80,6 +82,9 @@ class TrainConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; help: choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        if self.smashed_codec not in CODECS:
+            raise ValueError(f"unknown smashed codec {self.smashed_codec!r}; help: choose one "
+                             f"of {', '.join(CODECS)}")
         if not isinstance(self.zo, ZOConfig) or not isinstance(self.optimizer, OptimizerConfig):
             raise ValueError("zo and optimizer must be a ZOConfig and an OptimizerConfig")
         _check_int("zo.q", self.zo.q, 1, 4096)
