@@ -79,7 +79,7 @@ def encode(x: np.ndarray, codec: str) -> Encoded:
     if x.size == 0:
         raise SmashedCodecError("no activations to encode")
     if codec == "fp16":
-        peak = float(np.abs(x).max())
+        peak = max(-float(x.min()), float(x.max()))  # no |x| temporary
         if not peak <= FP16_MAX:
             raise SmashedCodecError(f"activations reach |{peak:g}|, beyond float16's "
                                     f"{FP16_MAX:g}; help: --smashed-codec int8 or fp32")
