@@ -79,9 +79,9 @@ def encode(x: np.ndarray, codec: str) -> Encoded:
     if x.size == 0:
         raise SmashedCodecError("no activations to encode")
     if codec == "fp16":
-        peak = max(-float(x.min()), float(x.max()))  # no |x| temporary
-        if not peak <= FP16_MAX:
-            raise SmashedCodecError(f"activations reach |{peak:g}|, beyond float16's "
+        lo, hi = float(x.min()), float(x.max())  # NaN propagates into both
+        if not (-FP16_MAX <= lo and hi <= FP16_MAX):
+            raise SmashedCodecError(f"activations span [{lo:g}, {hi:g}], beyond float16's "
                                     f"{FP16_MAX:g}; help: --smashed-codec int8 or fp32")
         return Encoded(codec, x.astype(np.float16), _none(), _none())
     axis = channel_axis(x.ndim)

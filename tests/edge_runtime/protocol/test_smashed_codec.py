@@ -61,9 +61,10 @@ def test_fp16_error_is_half_an_ulp_of_an_11_bit_significand(name: str) -> None:
 
 
 def test_fp16_refuses_what_does_not_fit_rather_than_send_inf() -> None:
-    x = np.array([[1.0, FP16_MAX * 1.01]], np.float32)
-    with pytest.raises(SmashedCodecError, match="float16"):
-        encode_smashed(x, "fp16")
+    for bad in (FP16_MAX * 1.01, -FP16_MAX * 1.01, np.nan):
+        x = np.array([[1.0, bad]], np.float32)
+        with pytest.raises(SmashedCodecError, match="float16"):
+            encode_smashed(x, "fp16")
 
 
 @pytest.mark.parametrize("name", list(_tensors()))
