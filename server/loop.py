@@ -30,6 +30,7 @@ from edge_runtime.protocol import (
     server_info,
     topics,
 )
+from edge_runtime.protocol.topics import payload_kind
 from edge_runtime.transport import RECONNECTED, Incoming, Transport
 from exporter.export import aux_from_server
 from server.aggregate import (
@@ -54,6 +55,7 @@ from server.records import (
 )
 from server.replay import replay_update
 from server.tensorboard import RoundLog
+from server.traffic import Traffic
 
 if TYPE_CHECKING:
     from server.setup import Run
@@ -116,8 +118,7 @@ class Server:
                                leave_round=self._leave_round)
         self._trim_warned = False
         self.view = fleet_observer(opts)  # what the live fleet page shows (--http)
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.traffic = Traffic()
         self.peak_rss: dict[str, float] = {}
         self.records: list[dict[str, Any]] = []  # one per completed round
         self.first_round = 1
@@ -133,7 +134,7 @@ class Server:
         self.records = list(ckpt["records"])
         self.first_round = int(ckpt["round"]) + 1
         counters = ckpt["counters"]
-        self.bytes_up, self.bytes_down = int(counters["bytes_up"]), int(counters["bytes_down"])
+        self.traffic.restore(counters)
         self.peak_rss = dict(counters["peak_rss"])
         self.members.restore(counters)
         self.elapsed_before = float(counters["elapsed"])
@@ -163,12 +164,13 @@ class Server:
         n = self.transport.publish(topics.down_device(device_id, "bundle", self.opts.prefix),
                                    BundleFiles(self.run_id, 0, "server", names=names,
                                                blobs=blobs))
-        self.bytes_down += n
+        self.traffic.add_down("bundle", n)
         log.info("sent bundle (%.1f kB) to %s", n / 1e3, device_id)
 
     def _broadcast(self, state: RoundState) -> None:
         n = self.transport.publish(topics.down_all("round", self.opts.prefix), state.start)
-        self.bytes_down += n * len(state.participants)  # the broker delivers one copy to each
+        # the broker delivers one copy to each
+        self.traffic.add_down("round", n * len(state.participants))
 
     # -- receiving -------------------------------------------------------------------------
     def _poll(self, timeout: float, state: RoundState | None, round_idx: int) -> None:
@@ -184,7 +186,7 @@ class Server:
             if state is not None and not state.finished():
                 self._broadcast(state)  # the broker may have lost the round's start
             return
-        self.bytes_up += inc.nbytes
+        self._count_up(inc)
         try:
             self._dispatch(inc, state, round_idx)
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the run
@@ -192,6 +194,11 @@ class Server:
             self.members.reject(inc.topic, f"unhandled: {type(exc).__name__}: {exc}",
                                 device=False)
         self.view.message(inc, self.members, state)
+
+    def _count_up(self, inc: Incoming) -> None:
+        if inc.topic != RECONNECTED:
+            self.traffic.add_up(inc.message.kind if inc.message else payload_kind(inc.topic),
+                                inc.nbytes)
 
     def _dispatch(self, inc: Incoming, state: RoundState | None, round_idx: int) -> None:
         admitted = self.members.admit(inc, state, round_idx)
@@ -213,13 +220,17 @@ class Server:
         count = state.smashed[device_id] = state.smashed.get(device_id, 0) + 1
         batch = msg.activations.shape[0] if msg.activations.ndim else 0
         why = check_smashed(count, msg.step, batch, self.opts.train, state.start.round)
-        if why is None and (bad := self.trainer.check_batch(msg.activations, msg.labels)):
+        if why is None and msg.codec != self.opts.train.smashed_codec:
+            why = (f"smashed codec {msg.codec}, but this run's devices code with "
+                   f"{self.opts.train.smashed_codec}")
+        act = msg.decoded() if why is None else msg.activations  # decode checked the codec
+        if why is None and (bad := self.trainer.check_batch(act, msg.labels)):
             why = f"bad smashed data: {bad}"
         if why:
             self.members.reject(device_id, why)
             return
         t0 = time.perf_counter()
-        out = self.strategy.on_smashed(device_id, msg.step, msg.activations, msg.labels)
+        out = self.strategy.on_smashed(device_id, msg.step, act, msg.labels)
         state.seconds_training += time.perf_counter() - t0
         if out.rejected:
             self.members.reject(device_id, out.rejected)
@@ -234,8 +245,8 @@ class Server:
             reply = Gradient(self.run_id, state.start.round, "server", step=msg.step,
                              grad=out.gradient, loss=out.reply_loss)
             state.grads[key] = reply
-        self.bytes_down += self.transport.publish(
-            topics.down_device(device_id, "grad", self.opts.prefix), reply)
+        self.traffic.add_down("grad", self.transport.publish(
+            topics.down_device(device_id, "grad", self.opts.prefix), reply))
 
     def _update(self, device_id: str, msg: Update, state: RoundState) -> None:
         o = self.opts
@@ -287,7 +298,7 @@ class Server:
     def _run_round(self, r: int) -> dict[str, Any]:
         o = self.opts
         t0 = time.monotonic()
-        up0, down0 = self.bytes_up, self.bytes_down
+        before = self.traffic.snapshot()
         participants = plan_round(list(self.members.ready), o.per_round, r, o.seed)
         start = RoundStart(self.run_id, r, "server", weights=self.theta,
                            participants=participants, config=o.train.to_json(),
@@ -338,9 +349,7 @@ class Server:
         m = self.members
         m.count_incomplete(self.transport.take_dropped_by_topic(),
                            "dropped incomplete (expired, or over its sender's budget)")
-        return round_record(state, ev, m, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
-                            round_bytes_up=self.bytes_up - up0,
-                            round_bytes_down=self.bytes_down - down0,
+        return round_record(state, ev, m, traffic=self.traffic, since=before,
                             seconds=round(time.monotonic() - t0, 3), times=times)
 
     def run(self) -> dict[str, Any]:
@@ -381,9 +390,10 @@ class Server:
                 if board is not None:
                     board.add(rec)
                 print(round_line(rec, o.rounds), flush=True)
-            self.transport.publish(topics.down_all("stop", o.prefix),
-                                   Stop(self.run_id, o.rounds, "server", reason="finished"),
-                                   wait=10.0)
+            n = self.transport.publish(topics.down_all("stop", o.prefix),
+                                       Stop(self.run_id, o.rounds, "server", reason="finished"),
+                                       wait=10.0)
+            self.traffic.add_down("stop", n * len(self.members.ready))
         except Interrupted as exc:  # the summary below matches the checkpoint
             interrupted = True
             print(f"run {self.run_id}: {exc}; continue with --resume", flush=True)
@@ -399,11 +409,13 @@ class Server:
 
     def _finish(self, t_start: float, interrupted: bool = False) -> dict[str, Any]:
         m = self.members
+        while (inc := self.transport.get(0)) is not None:  # counted, too late to handle
+            self._count_up(inc)
         m.count_incomplete(self.transport.take_dropped_by_topic(),
                            "dropped incomplete (expired, or over its sender's budget)")
         m.count_incomplete(self.transport.pending_by_topic(), "still incomplete at the end")
         summary = run_summary(self.opts, self.run_id, self.manifest, m, self.records,
-                              bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                              traffic=self.traffic,
                               peak_rss=self.peak_rss, interrupted=interrupted,
                               wall_seconds=round(time.monotonic() - t_start, 3))
         write_json(self.opts.out / "summary.json", summary)
@@ -422,7 +434,7 @@ class Server:
             "manifest": plain(self.manifest.to_json()),
             "train_config": plain(self.opts.train.to_json()),
             "records": plain(self.records),
-            "counters": plain({"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "counters": plain({**self.traffic.counters(),
                                "peak_rss": self.peak_rss, "elapsed": elapsed,
                                **self.members.counters()}),
         })

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from server.loop import RoundState
     from server.members import Members
     from server.options import ServerOptions
+    from server.traffic import Traffic
     from server.trainer import Evaluation
 
 # what server.loop.Server._checkpoint writes; a file without one is not a heron checkpoint
@@ -159,12 +160,14 @@ def check_checkpoint_matches(ckpt: dict[str, Any], path: Path, *, model: str,
                               "resume with the options of the run that wrote it")
 
 
-def round_record(state: RoundState, ev: Evaluation | None, members: Members, *, bytes_up: int,
-                 bytes_down: int, round_bytes_up: int, round_bytes_down: int,
-                 seconds: float, times: dict[str, float] | None = None) -> dict[str, Any]:
+def round_record(state: RoundState, ev: Evaluation | None, members: Members, *,
+                 traffic: Traffic, since: dict[str, dict[str, int]], seconds: float,
+                 times: dict[str, float] | None = None) -> dict[str, Any]:
     """A closed round's line of metrics.jsonl (and of the checkpoint's records); `ev` None:
-    not evaluated this round (--eval-every), so the test fields are null."""
+    not evaluated this round (--eval-every), so the test fields are null; the `*_by_kind`
+    counts are the round's (`since` is the traffic when it started)."""
     m, participants = members, state.participants
+    this_round = traffic.since(since)
     tel = state.telemetry.values()
     return {
         "round": state.start.round,
@@ -178,10 +181,12 @@ def round_record(state: RoundState, ev: Evaluation | None, members: Members, *, 
         "updates": sorted(state.updates),
         "dropped": sorted(state.gone - set(state.updates)),
         "smashed_batches": len(state.server_losses),
-        "round_bytes_up": round_bytes_up,
-        "round_bytes_down": round_bytes_down,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
+        "round_bytes_up": sum(this_round["up"].values()),
+        "round_bytes_down": sum(this_round["down"].values()),
+        "bytes_up": traffic.bytes_up,
+        "bytes_down": traffic.bytes_down,
+        "bytes_up_by_kind": this_round["up"],
+        "bytes_down_by_kind": this_round["down"],
         "device_peak_rss_mb": {d: t.peak_rss_mb for d, t in state.telemetry.items()},
         "device_step_ms": {d: t.step_ms_median for d, t in state.telemetry.items()},
         "device_memory_mb": {d: m.profiles.get(d, {}).get("memory_mb")
@@ -197,7 +202,7 @@ def round_record(state: RoundState, ev: Evaluation | None, members: Members, *, 
 
 
 def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: Members,
-                records: list[dict[str, Any]], *, bytes_up: int, bytes_down: int,
+                records: list[dict[str, Any]], *, traffic: Traffic,
                 peak_rss: dict[str, float], interrupted: bool,
                 wall_seconds: float) -> dict[str, Any]:
     """summary.json: the run's options, outcome, traffic and what was refused."""
@@ -221,8 +226,10 @@ def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: M
         "final_test_accuracy": last_eval["test_accuracy"] if last_eval else None,
         "final_test_examples": last_eval.get("test_examples") if last_eval else None,
         "test_accuracy_per_round": accs,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
+        "bytes_up": traffic.bytes_up,
+        "bytes_down": traffic.bytes_down,
+        "bytes_up_by_kind": dict(traffic.up),  # the run's; metrics.jsonl has each round's
+        "bytes_down_by_kind": dict(traffic.down),
         "device_peak_rss_mb": peak_rss,
         "device_profiles": m.profiles,  # join profiles: board profile, measured memory
         "device_params": manifest.num_params,

@@ -318,8 +318,8 @@ class DeviceLoop:
         smashed_topic = topics.up(dev, "smashed", p)
 
         def send_smashed(step: int, act: np.ndarray, labels: np.ndarray) -> None:
-            t.publish(smashed_topic, Smashed(msg.run_id, msg.round, dev, step=step,
-                                             activations=act, labels=labels))
+            t.publish(smashed_topic, Smashed.coded(msg.run_id, msg.round, dev, step, act,
+                                                   labels, cfg.smashed_codec))
 
         bytes_in0, bytes_out0 = t.bytes_in, t.bytes_out
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from edge_runtime.protocol.chunks import (
     PIECE_OVERHEAD,
     Reassembler,
     chunk,
+    wire_bytes,
 )
 from edge_runtime.protocol.codec import DTYPES, MAGIC, decode, encode
 from edge_runtime.protocol.config import (
@@ -58,5 +59,5 @@ __all__ = [
     "JoinProfile", "Message", "OptimizerConfig", "Presence", "Reassembler", "RoundStart",
     "ServerInfo", "Smashed", "Stop", "Telemetry", "TrainConfig", "Update", "ZOConfig",
     "announced_train", "chunk", "decode", "encode", "max_bytes", "new_msg_id", "server_info",
-    "topics",
+    "topics", "wire_bytes",
 ]

@@ -34,6 +34,15 @@ def chunk(payload: bytes, msg_id: str, max_payload: int = MAX_CHUNK_PAYLOAD) -> 
             payload[i * per:(i + 1) * per] for i in range(count)]
 
 
+def wire_bytes(last_chunk: bytes, message_bytes: int) -> int:
+    """The MQTT payload bytes a message of `message_bytes` travelled as, from its last
+    chunk's header (its count): what the sender's publish counted."""
+    if len(last_chunk) < _CHUNK_HEAD.size:
+        return message_bytes
+    count = _CHUNK_HEAD.unpack(last_chunk[:_CHUNK_HEAD.size])[3]
+    return message_bytes + count * _CHUNK_HEAD.size
+
+
 PIECE_OVERHEAD = 64  # bytes booked per received chunk on top of its data (its index entry)
 PARTIAL_OVERHEAD = 4096  # bytes booked per pending message (its mapping, its bookkeeping)
 

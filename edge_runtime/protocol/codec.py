@@ -35,12 +35,13 @@ from edge_runtime.protocol.fields import (
     show,
 )
 from edge_runtime.protocol.messages import KINDS, ArraySpec, BundleFiles, Message
+from edge_runtime.protocol.smashed_codec import check as check_smashed
 from edge_runtime.protocol.topics import is_id
 
 MAGIC = b"HRN1"
 MAX_HEADER_BYTES = 1 * 1024 * 1024
-DTYPES = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "uint8": "u1",
-          "uint64": "<u8", "bool": "?"}
+DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
+          "uint8": "u1", "uint64": "<u8", "bool": "?"}
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _decode(view: memoryview) -> Message:
     arrays = _read_arrays(view, 8 + hlen, header["arrays"], specs, kind)
     if cls is BundleFiles:
         return BundleFiles(**env, names=values["names"], blobs=tuple(arrays.values()))
-    _check_together(kind, arrays)
+    _check_together(kind, arrays, values)
     if kind == "update":
         _check_update_meta(values, arrays)
     return cls(**env, **values, **arrays)
@@ -179,14 +180,16 @@ def _read_arrays(view: memoryview, pos: int, table: Any, specs: Mapping[str, Arr
             raise CodecError(f"{kind}.arrays: unexpected or repeated array {show(name)}; "
                              f"needs {sorted(specs)}")
         spec, where = specs[name], f"{kind}.{name}"
-        if entry["dtype"] != spec.dtype:
-            raise CodecError(f"{where}: dtype {show(entry['dtype'])}, expected {spec.dtype}")
+        allowed = (spec.dtype, *spec.also)
+        if entry["dtype"] not in allowed:
+            raise CodecError(f"{where}: dtype {show(entry['dtype'])}, expected "
+                             f"{' or '.join(allowed)}")
         shape = entry["shape"]
         if not isinstance(shape, list) or not spec.ndim[0] <= len(shape) <= spec.ndim[1]:
             raise CodecError(f"{where}: shape {show(shape)} is not a list of "
                              f"{spec.ndim[0]}..{spec.ndim[1]} dimensions")
         dims = tuple(integer(0, MAX_MESSAGE_BYTES)(f"{where}.shape", s) for s in shape)
-        dt = np.dtype(DTYPES[spec.dtype])
+        dt = np.dtype(DTYPES[entry["dtype"]])
         nbytes = math.prod(dims) * dt.itemsize  # Python ints: no overflow
         if nbytes > len(view) - pos:
             raise CodecError(f"{where} is truncated: needs {nbytes} bytes, "
@@ -215,9 +218,14 @@ def _all_finite(arr: np.ndarray, block: int = 1 << 20) -> bool:
     return all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block))
 
 
-def _check_together(kind: str, arrays: dict[str, np.ndarray]) -> None:
-    """Bounds that tie one array of a kind to another."""
+def _check_together(kind: str, arrays: dict[str, np.ndarray],
+                    values: dict[str, Any]) -> None:
+    """Bounds that tie one field of a kind to another."""
     if kind == "smashed":
+        why = check_smashed(values["codec"], arrays["activations"], arrays["scale"],
+                            arrays["offset"])
+        if why:
+            raise CodecError(f"smashed.codec: {why}")
         batch = arrays["activations"].shape[0]
         if batch < 1 or arrays["labels"].shape != (batch,):
             raise CodecError(f"smashed.labels: shape {arrays['labels'].shape} for activations "

@@ -16,6 +16,7 @@ import numpy as np
 
 # TrainConfig.algorithm and JoinProfile.algorithms carry the registry's names
 from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR, names
+from edge_runtime.protocol.smashed_codec import CODECS
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
@@ -75,6 +76,7 @@ class TrainConfig:
     upload_every: int = 2  # k: smashed data every k steps
     batch_size: int = 32
     seed: int = 0
+    smashed_codec: str = "fp32"  # how devices code smashed data (smashed_codec.CODECS)
     zo: ZOConfig = field(default_factory=ZOConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device_sync: str = "weights"  # DEVICE_SYNCS: what a round's update carries
@@ -93,6 +95,9 @@ class TrainConfig:
                              f"({', '.join(REPLAY_ALGORITHMS)}), whose round a (seed, "
                              f"projected gradient) log describes; {self.algorithm} does not: "
                              "help: --device-sync weights")
+        if self.smashed_codec not in CODECS:
+            raise ValueError(f"unknown smashed codec {self.smashed_codec!r}; help: choose one "
+                             f"of {', '.join(CODECS)}")
         if not isinstance(self.zo, ZOConfig) or not isinstance(self.optimizer, OptimizerConfig):
             raise ValueError("zo and optimizer must be a ZOConfig and an OptimizerConfig")
         _check_int("zo.q", self.zo.q, 1, 4096)

@@ -39,6 +39,9 @@ from edge_runtime.protocol.fields import (
     real,
 )
 from edge_runtime.protocol.records import JoinProfile, Record, ServerInfo, Telemetry, nested
+from edge_runtime.protocol.smashed_codec import CODECS
+from edge_runtime.protocol.smashed_codec import decode as decode_smashed
+from edge_runtime.protocol.smashed_codec import encode as encode_smashed
 
 
 def new_msg_id() -> str:
@@ -52,6 +55,7 @@ class ArraySpec(NamedTuple):
     ndim: tuple[int, int]  # min, max
     finite: bool = False
     nonneg: bool = False
+    also: tuple[str, ...] = ()  # other dtypes it may have (a smashed codec's)
 
 
 WEIGHTS = ArraySpec("float32", (1, 1), finite=True)
@@ -174,17 +178,40 @@ class RoundStart(Message):
 
 @dataclass(frozen=True)
 class Smashed(Message):
-    """Cut-layer activations of one batch with its labels, for the server's FO step."""
+    """Cut-layer activations of one batch with its labels, for the server's FO step, coded
+    by `codec` (`smashed_codec`: float32, float16, or uint8 with per-channel `scale` and
+    `offset`; those two are empty for the others). `decoded()` gives float32 back."""
 
     step: int = 0
     activations: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    codec: str = "fp32"
+    scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     kind: ClassVar[str] = "smashed"
     max_bytes: ClassVar[int] = 128 * 1024 * 1024
     _arrays: ClassVar[dict[str, ArraySpec]] = {
-        "activations": ArraySpec("float32", (1, MAX_NDIM), finite=True),
-        "labels": ArraySpec("int64", (1, 1), nonneg=True)}
-    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {"step": integer(0, MAX_STEP)}
+        "activations": ArraySpec("float32", (1, MAX_NDIM), finite=True,
+                                 also=("float16", "uint8")),
+        "labels": ArraySpec("int64", (1, 1), nonneg=True),
+        "scale": ArraySpec("float32", (1, 1), finite=True),
+        "offset": ArraySpec("float32", (1, 1), finite=True)}
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "step": integer(0, MAX_STEP), "codec": choice(*CODECS)}
+
+    @staticmethod
+    def coded(run_id: str, round_: int, sender: str, step: int, activations: np.ndarray,
+              labels: np.ndarray, codec: str) -> Smashed:
+        """The message for float32 `activations` under `codec` (SmashedCodecError if they
+        do not fit it)."""
+        enc = encode_smashed(activations, codec)
+        return Smashed(run_id, round_, sender, step=step, activations=enc.data,
+                       labels=labels, codec=codec, scale=enc.scale, offset=enc.offset)
+
+    def decoded(self) -> np.ndarray:
+        """The activations as float32 (SmashedCodecError for an encoding that is not
+        valid; `codec.decode` has already refused those)."""
+        return decode_smashed(self.codec, self.activations, self.scale, self.offset)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from edge_runtime.protocol import (
     chunk,
     decode,
     encode,
+    wire_bytes,
 )
 from edge_runtime.protocol.topics import payload_kind
 
@@ -78,7 +79,7 @@ class Incoming:
 
     topic: str
     message: Message | None
-    nbytes: int
+    nbytes: int  # as received: the MQTT payloads, chunk headers included
     error: str | None = None
     duplicate: bool = False  # a redelivered chunk or message id: already applied, dropped
 
@@ -132,6 +133,9 @@ class Receiver:
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.bytes_in = 0
         self.bytes_out = 0
+        # the same bytes by the kind of message their topic carries ("other": none of ours)
+        self.bytes_in_by_kind: dict[str, int] = {}
+        self.bytes_out_by_kind: dict[str, int] = {}
         self._reassembler = Reassembler(max_message_bytes=max_message_bytes)
         self._lock = threading.Lock()
 
@@ -140,6 +144,8 @@ class Receiver:
             return
         with self._lock:
             self.bytes_in += len(payload)
+            kind = payload_kind(topic) or "other"
+            self.bytes_in_by_kind[kind] = self.bytes_in_by_kind.get(kind, 0) + len(payload)
         try:
             with self._lock:  # the loop takes the per-topic drop counts from another thread
                 seen = self._reassembler.duplicates
@@ -150,16 +156,17 @@ class Receiver:
                                             error="a chunk or message id already received",
                                             duplicate=True))
                 return
-            self.inbox.put(Incoming(topic, decode(data), len(data)))
+            self.inbox.put(Incoming(topic, decode(data), wire_bytes(payload, len(data))))
         except CodecError as exc:
             self.inbox.put(Incoming(topic, None, len(payload), error=str(exc)))
         except Exception as exc:  # noqa: BLE001 - never let a payload kill the caller's thread
             self.inbox.put(Incoming(topic, None, len(payload),
                                     error=f"undecodable payload ({type(exc).__name__}: {exc})"))
 
-    def _sent(self, n: int) -> None:
+    def _sent(self, n: int, kind: str) -> None:
         with self._lock:
             self.bytes_out += n
+            self.bytes_out_by_kind[kind] = self.bytes_out_by_kind.get(kind, 0) + n
 
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:

@@ -115,7 +115,7 @@ class LoopbackTransport(Receiver):
             for part in parts:
                 self.broker.route(topic, part, retain=retain)
         n = sum(len(p) for p in parts)
-        self._sent(n)
+        self._sent(n, msg.kind)
         return n
 
     def publish_raw(self, topic: str, payload: bytes, *, retain: bool = False) -> None:

@@ -127,7 +127,7 @@ class MqttTransport(Receiver):
         for part in chunks:
             info = self._client.publish(topic, part, qos=QOS, retain=retain)
         n = sum(len(c) for c in chunks)
-        self._sent(n)
+        self._sent(n, msg.kind)
         if wait is not None and info is not None:
             # paho keeps QoS 1 messages queued while disconnected and sends them after the
             # reconnect, so "not connected" is not a failure here: wait, then move on.

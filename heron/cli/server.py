@@ -17,6 +17,7 @@ from edge_runtime.protocol.config import (
     SCHEMES,
     TrainConfig,
 )
+from edge_runtime.protocol.smashed_codec import CODECS
 from heron.cli.config import add_config_option, write_config
 from heron.cli.options import (
     add_broker,
@@ -103,6 +104,9 @@ def add_training(p: argparse.ArgumentParser) -> None:
                    help="h: ZO steps per round (%(default)s)")
     z.add_argument("--upload-every", type=positive_int, default=train.upload_every,
                    help="k: upload smashed data every k steps (%(default)s)")
+    z.add_argument("--smashed-codec", default=train.smashed_codec, choices=CODECS,
+                   help="how devices code smashed data: fp32, fp16 (half the bytes) or int8 "
+                   "(a quarter; per-channel scale and offset); BENCHMARKS.md (%(default)s)")
     z.add_argument("--batch-size", type=positive_int, default=train.batch_size,
                    help="device batch size (%(default)s)")
     z.add_argument("--mu", type=positive_float, default=train.zo.mu,
@@ -156,7 +160,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
     return TrainConfig(
         algorithm=args.algorithm, local_steps=args.local_steps, upload_every=args.upload_every,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, smashed_codec=args.smashed_codec,
         zo=ZOConfig(mu=args.mu, q=args.q, scheme=args.scheme, distribution=args.distribution,
                     perturb=args.zo_perturb),
         optimizer=OptimizerConfig(name=args.device_optimizer, lr=args.device_lr or

@@ -19,6 +19,7 @@ from edge_runtime.device import Device, DeviceOptions, device_endpoint, message_
 from edge_runtime.protocol import (
     Message,
     Presence,
+    RoundStart,
     Smashed,
     TrainConfig,
     Update,
@@ -27,7 +28,7 @@ from edge_runtime.protocol import (
 )
 from edge_runtime.transport import payloads
 from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
-from server.loop import Server
+from server.loop import RoundState, Server
 from server.options import ServerOptions
 from server.setup import Run, build_run, server_endpoint
 
@@ -276,3 +277,61 @@ def test_eval_every_and_limit_evaluate_a_subset_then_the_full_set_and_log_scalar
     # the writer stores float32: equal to the record within float32's relative precision
     assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(third["test_accuracy"],
                                                                    rel=2 ** -23)
+
+
+def test_bytes_by_kind_add_up_to_what_the_transports_counted(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=2, rounds=2)
+    run, server = fleet.server()
+    fleet.start_devices(run, 2)
+    summary = fleet.run(server)
+    up, down = summary["bytes_up_by_kind"], summary["bytes_down_by_kind"]
+    assert set(up) == set(down) == {"smashed", "grad", "weights", "bundle", "control"}
+    assert sum(up.values()) == summary["bytes_up"] == server.transport.bytes_in
+    # what the devices' transports sent and received, by the kind of message
+    sent = [d.transport.bytes_out_by_kind for d in fleet.devices]
+    got = [d.transport.bytes_in_by_kind for d in fleet.devices]
+    # (the devices' offline presence may reach the server after it has left the broker)
+    assert up["smashed"] == sum(s["smashed"] for s in sent) > 0
+    assert up["weights"] == sum(s["update"] for s in sent) > 0
+    assert up["bundle"] == up["grad"] == 0  # heron: no gradient comes back
+    assert sum(down.values()) == summary["bytes_down"]
+    assert down["bundle"] == sum(g["bundle"] for g in got) > 0
+    assert down["weights"] == sum(g["round"] for g in got) > 0
+    assert down["control"] == sum(g["stop"] for g in got) > 0
+    # each round's line has that round's split; the run's is their sum and the bundle's
+    recs = server.records
+    for key, total in (("bytes_up_by_kind", up), ("bytes_down_by_kind", down)):
+        assert all(sum(r[key].values()) == r[f"round_{key[:-8]}"] for r in recs)
+        assert sum(r[key]["smashed"] for r in recs) == total["smashed"]
+    assert summary["device_params"] == run.manifest.num_params > 0
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_a_run_with_a_smashed_codec_sends_fewer_smashed_bytes(tmp_path: Path,
+                                                              codec: str) -> None:
+    fleet = Fleet(tmp_path, devices=2, rounds=1)
+    fleet.opts = replace(fleet.opts, train=replace(fleet.opts.train, smashed_codec=codec))
+    run, server = fleet.server()
+    fleet.start_devices(run, 2)
+    summary = fleet.run(server)
+    assert summary["rejected"] == {} and summary["completed_rounds"] == 1
+    assert server.records[0]["smashed_batches"] == 2 * STEPS // EVERY
+    # cnn at conv1 on digits: 16x8x8 floats per sample, 16 per batch; the header, labels
+    # and int8's 2x16 float parameters are small next to the 16 KiB-per-batch saved
+    per_batch = summary["bytes_up_by_kind"]["smashed"] / (2 * STEPS // EVERY)
+    fp32 = 16 * 16 * 8 * 8 * 4
+    assert per_batch < fp32 * {"fp16": 0.52, "int8": 0.27}[codec]
+
+
+def test_a_smashed_upload_in_another_codec_is_rejected(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=1, rounds=1)
+    fleet.opts = replace(fleet.opts, train=replace(fleet.opts.train, smashed_codec="int8"))
+    run, server = fleet.server()
+    start = RoundStart(run.run_id, 1, "server", weights=run.theta, participants=("dev-0",),
+                       config=fleet.opts.train.to_json())
+    state = RoundState(("dev-0",), start, None)
+    msg = Smashed(run.run_id, 1, "dev-0", step=0,
+                  activations=np.zeros((2, 16, 8, 8), np.float32),
+                  labels=np.zeros(2, np.int64))
+    server._smashed("dev-0", msg, state)
+    assert any("smashed codec fp32" in why for why in server.members.rejected)

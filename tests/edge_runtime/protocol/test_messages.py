@@ -205,10 +205,14 @@ def test_batched_arrays_of_any_rank_round_trip(shape: tuple[int, ...]) -> None:
                          ids=[f"{c.kind}.{n}" for c, n, _ in ARRAY_KINDS])
 def test_an_array_of_another_dtype_is_refused_naming_it(cls: type[Message], name: str,
                                                         dtype: str) -> None:
+    spec = cls._arrays.get(name)
+    coded = spec.also if spec else ()  # a smashed codec's dtypes: refused by the codec field
     for other in DTYPES:
         if other != dtype:
             raw = encode(_with_array(cls, name, _rng_array(other, (3,))))
-            with pytest.raises(CodecError, match=rf"{cls.kind}\.{name}: dtype '{other}'"):
+            where = "smashed.codec: codec fp32" if other in coded else \
+                rf"{cls.kind}\.{name}: dtype '{other}'"
+            with pytest.raises(CodecError, match=where):
                 decode(raw)
 
 
@@ -244,8 +248,8 @@ def test_single_byte_dtypes_have_no_byte_order_problem() -> None:
 
 
 def test_unsupported_dtype_cannot_be_encoded() -> None:
-    with pytest.raises(CodecError, match="float16"):
-        encode(RoundStart(**ENV, weights=np.zeros(3, np.float16)))
+    with pytest.raises(CodecError, match="complex64"):
+        encode(RoundStart(**ENV, weights=np.zeros(3, np.complex64)))
 
 
 def test_message_ids_are_unique_and_chunkable() -> None:
