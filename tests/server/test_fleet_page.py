@@ -248,4 +248,4 @@ def test_a_run_feeds_the_view_what_the_page_shows(tmp_path: Path) -> None:
         assert dev["bytes_up"] > 0 and dev["peak_rss_mb"] > 0 and dev["step_ms_median"] > 0
         assert dev["profile"]["samples"] > 0 and dev["rejected"] == 0
     # a share of all the server received (which also counts messages from no device)
-    assert sum(d["bytes_up"] for d in snap["devices"]) <= server.bytes_up
+    assert sum(d["bytes_up"] for d in snap["devices"]) <= server.traffic.bytes_up
