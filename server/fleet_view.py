@@ -17,9 +17,9 @@ from edge_runtime.protocol import topics
 from edge_runtime.transport import Incoming
 
 if TYPE_CHECKING:
-    from server.loop import RoundState
     from server.members import Members
     from server.options import ServerOptions
+    from server.round_state import RoundState
 
 MAX_DEVICES = 10_000  # devices the page tracks; a flood of invented ids is not kept
 # the per-round metrics the page charts (the whole record holds per-device dicts that grow

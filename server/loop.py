@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from edge_runtime.protocol import (
     RoundStart,
     Smashed,
     Stop,
-    Telemetry,
     Update,
     server_info,
     topics,
@@ -54,6 +52,7 @@ from server.records import (
     write_jsonl,
 )
 from server.replay import replay_update
+from server.round_state import RoundState
 from server.tensorboard import RoundLog
 from server.traffic import Traffic
 
@@ -66,30 +65,6 @@ log = logging.getLogger("heron.server")
 class Interrupted(Exception):
     """`Server.stop` was set (SIGTERM/SIGINT): raised between messages, so the round in
     progress is dropped and every completed round stays checkpointed."""
-
-
-@dataclass
-class RoundState:
-    """The round in progress: who takes part, what has come in, who left."""
-
-    participants: tuple[str, ...]
-    start: RoundStart
-    min_devices: int | None = None
-    updates: dict[str, DeviceUpdate] = field(default_factory=dict)
-    telemetry: dict[str, Telemetry] = field(default_factory=dict)
-    server_losses: list[float] = field(default_factory=list)
-    gone: set[str] = field(default_factory=set)
-    grads: dict[tuple[str, int], Gradient] = field(default_factory=dict)  # SplitFed replies
-    smashed: dict[str, int] = field(default_factory=dict)  # device -> uploads this round
-    clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
-    seconds_training: float = 0.0  # server steps on smashed data, while the round is open
-    replay_ms: dict[str, float] = field(default_factory=dict)  # --device-sync replay: cost
-
-    def finished(self) -> bool:
-        """Every live participant reported, or the configured minimum did."""
-        if self.min_devices is not None and len(self.updates) >= self.min_devices:
-            return True
-        return all(p in self.updates or p in self.gone for p in self.participants)
 
 
 class Server:

@@ -36,7 +36,7 @@ from server.policy import (
 )
 
 if TYPE_CHECKING:
-    from server.loop import RoundState
+    from server.round_state import RoundState
 
 log = logging.getLogger("heron.server")
 

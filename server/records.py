@@ -24,9 +24,9 @@ from edge_runtime.files import atomic_write
 
 if TYPE_CHECKING:
     from edge_runtime.manifest import Manifest
-    from server.loop import RoundState
     from server.members import Members
     from server.options import ServerOptions
+    from server.round_state import RoundState
     from server.traffic import Traffic
     from server.trainer import Evaluation
 

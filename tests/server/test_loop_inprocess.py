@@ -28,8 +28,9 @@ from edge_runtime.protocol import (
 )
 from edge_runtime.transport import payloads
 from edge_runtime.transport.loopback import LoopbackBroker, LoopbackTransport
-from server.loop import RoundState, Server
+from server.loop import Server
 from server.options import ServerOptions
+from server.round_state import RoundState
 from server.setup import Run, build_run, server_endpoint
 
 P = topics.DEFAULT_PREFIX

@@ -19,9 +19,9 @@ from edge_runtime.protocol import (
     topics,
 )
 from edge_runtime.transport import Incoming
-from server.loop import RoundState
 from server.members import LOGGED_PER_KIND, Members
 from server.policy import Limits
+from server.round_state import RoundState
 
 P = topics.DEFAULT_PREFIX
 RUN = "run0"
