@@ -105,3 +105,10 @@ def test_nothing_but_the_command_and_the_bench_imports_the_command() -> None:
             continue
         bad = offenders(package, lambda _f, n: not n.startswith("heron.cli"))
         assert bad == [], package
+
+
+def test_test_files_have_unique_names() -> None:
+    # pytest imports test modules by file name (rootdir-relative, no __init__.py), so two
+    # files of one name in different folders stop collection
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
