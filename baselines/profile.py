@@ -35,7 +35,7 @@ from baselines.counts import (
     onnx_graph_flops,
     payload_bytes,
 )
-from baselines.steps import ORT_ALGORITHMS, StepSpec, make_runner
+from baselines.steps import ONNX_ALGORITHMS, StepSpec, make_runner
 from edge_runtime import algorithms as registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def _versions() -> dict[str, str]:
 
 def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
     """Run in the child: build the step, warm up, then alternate timed steps and forwards."""
-    if spec.algorithm in ORT_ALGORITHMS:
+    if spec.algorithm in ONNX_ALGORITHMS:
         import onnxruntime  # noqa: F401  (its import cost belongs to the baseline RSS)
 
         from edge_runtime.runtime import use_process_pool
@@ -107,7 +107,7 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
         n = min(block, steps - len(step_ms))
         step_ms += runner.steps(n)
         fwd_ms += runner.forwards(n)
-    threads = (runner.model.threads if spec.algorithm in ORT_ALGORITHMS  # type: ignore[attr-defined]
+    threads = (runner.model.threads if spec.algorithm in ONNX_ALGORITHMS  # type: ignore[attr-defined]
                else sys.modules["torch"].get_num_threads())
     return {
         "step_ms": step_ms,
@@ -213,7 +213,7 @@ def profile(
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
-        if algorithm in ORT_ALGORITHMS:
+        if algorithm in ONNX_ALGORITHMS:
             if got["torch_imported"]:
                 raise ProfileError(f"the {algorithm} child imported torch; its memory would "
                                    "not be a device's")
@@ -249,7 +249,7 @@ def profile(
         **({"perturb": perturb} if alg.device_update == "zo" else {}),
         "input_shape": list(split.input_shape), "num_classes": num_classes,
         "threads": threads, "threads_used": got["threads_used"],
-        "runtime": "onnxruntime" if algorithm in ORT_ALGORITHMS else "torch",
+        "runtime": "onnxruntime" if algorithm in ONNX_ALGORITHMS else "torch",
         "steps": steps, "warmup": warmup,
         "step_ms_median": round(step_med, 3), "step_ms_min": round(min(step_ms), 3),
         # block-wise steps differ by the block drawn: their mean is the cost per step
@@ -259,7 +259,7 @@ def profile(
         "step_over_forwards": round(step_med / fwd_med, 4),
         "forward_method": ("the same ONNX Runtime session run on fixed weights with the same "
                            "outputs as the step's passes, in the same process"
-                           if algorithm in ORT_ALGORITHMS else
+                           if algorithm in ONNX_ALGORITHMS else
                            "torch forward of the trained modules under no_grad, same process"),
         "peak_rss_mb": round(got["peak_rss_mb"], 1),
         "rss_after_import_mb": (None if got["rss_after_import_mb"] is None

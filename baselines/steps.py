@@ -31,8 +31,7 @@ import numpy as np
 from edge_runtime.algorithms import ALGORITHMS, ONNX_ALGORITHMS, TORCH_ALGORITHMS, algorithm
 from edge_runtime.protocol.config import PERTURBS
 
-ORT_ALGORITHMS = ONNX_ALGORITHMS  # ONNX Runtime on a bundle; the process never imports torch
-__all__ = ["ALGORITHMS", "ORT_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
+__all__ = ["ALGORITHMS", "ONNX_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
 
 

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.bench import run_cost
 from baselines.counts import onnx_graph_flops
-from baselines.steps import ALGORITHMS, ORT_ALGORITHMS
+from baselines.steps import ALGORITHMS, ONNX_ALGORITHMS
 from exporter.export import export_split, train_graph
 from exporter.zoo import build_split
 
@@ -60,7 +60,7 @@ def test_bench_profiles_every_algorithm_with_all_fields(
 
 def test_onnx_runtime_algorithms_never_import_torch(bench: tuple[Path, dict[str, Any]]) -> None:
     for r in bench[1]["results"]:
-        ort_side = r["algorithm"] in (*ORT_ALGORITHMS, "heron-block")
+        ort_side = r["algorithm"] in (*ONNX_ALGORITHMS, "heron-block")
         assert r["torch_imported"] is not ort_side, r["algorithm"]
         assert r["onnxruntime_imported"] is ort_side, r["algorithm"]
         assert ("onnxruntime" in r["versions"]) is ort_side
