@@ -362,14 +362,16 @@ def progress_markdown(report: dict[str, Any]) -> str:
         z, o = h["zo"], h["optimizer"]
         lines.insert(1, f"heron: {o['name']} lr {o['lr']:g}, mu {z['mu']:g}, q {z['q']}, "
                      f"{z['scheme']} difference, {z.get('perturb', 'full')} perturbation")
-    steps = [p["step"] for p in report["curves"][arms[0]]]
-    for i, step in enumerate(steps):
+    # arms may stop early (--fo-steps): a step an arm did not reach has empty cells
+    at = {a: {p["step"]: p for p in report["curves"][a]} for a in arms}
+    steps = sorted({s for a in arms for s in at[a]})
+    for step in steps:
         cells = []
         for a in arms:
-            p = report["curves"][a][i]
-            cells += [f"{100 * p['test_accuracy']:.2f}", f"{p['test_loss']:.4f}",
-                      f"{p['aux_test_loss']:.4f}",
-                      f"{p['client_moved']:.3f} / {p['aux_moved']:.3f}"]
+            p = at[a].get(step)
+            cells += ["", "", "", ""] if p is None else [
+                f"{100 * p['test_accuracy']:.2f}", f"{p['test_loss']:.4f}",
+                f"{p['aux_test_loss']:.4f}", f"{p['client_moved']:.3f} / {p['aux_moved']:.3f}"]
         lines.append(f"| {step}{' (frozen)' if step == 0 else ''} | " + " | ".join(cells) + " |")
     lines += ["", "device ms/step (this machine, training only): " + ", ".join(
         f"{a} {v:.1f}" for a, v in report["step_ms"].items()), ""]

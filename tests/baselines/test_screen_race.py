@@ -110,21 +110,25 @@ def test_race_pairs_the_arms_and_the_noise_control_matches_the_guided_steps(
         run_dir=str(layer5_run), steps=2, every=1, aux_from_server=True,
         arms=("heron", "noise", "guide-only", "cse-fsl"),
         heron_directions=("random", "guided"), train_set="lora-last1", guide_size=16,
-        guide_rank=2, guide_batch=8, heron_optimizer="sgd", heron_lr=1e-4, seeds=(0, 1))
+        guide_rank=2, guide_batch=8, heron_optimizer="sgd", heron_lr=1e-4, seeds=(0, 1),
+        fo_steps=1)
     run_progress(tmp_path, cfg)
     for seed in (0, 1):
         report = json.loads((tmp_path / f"seed-{seed}" / "progress.json").read_text())
         curves = report["curves"]
         assert list(curves) == ["heron-random", "heron-guided", "noise", "guide-only",
                                 "cse-fsl"]
-        for arm, curve in curves.items():
-            assert [p["step"] for p in curve] == [0, 1, 2], arm
+        for arm, curve in curves.items():  # backprop arms stop at --fo-steps
+            steps = [0, 1] if arm in ("guide-only", "cse-fsl") else [0, 1, 2]
+            assert [p["step"] for p in curve] == steps, arm
             assert all(p["aux_moved"] == 0.0 for p in curve), arm  # only the set trains
             assert curve[-1]["client_moved"] > 0, arm
         # one step: the same basis and |finite difference|, so the same step length
         assert curves["noise"][1]["client_moved"] == pytest.approx(
             curves["heron-guided"][1]["client_moved"], rel=1e-4)
         assert report["subset"]["basis_bytes_fp16"] == 2 * 12_288 * 2
+        table = (tmp_path / f"seed-{seed}" / "progress.md").read_text()
+        assert "| 2 |" in table  # the ZO arms' last row, with empty backprop cells
     race = json.loads((tmp_path / "race.json").read_text())["summary"]
     assert race["seeds"] == [0, 1]
     pairs = {(r["a"], r["b"]) for r in race["rows"]}
