@@ -14,6 +14,11 @@ Sets (minilm; d_S in brackets at layer5):
 - ``lnbias-lastN``, ``lnbias-all``: LayerNorm gains/biases and every bias of the last N
   layers (all layers + the embeddings' LayerNorm): frozen in today's bundle, measured here
   in torch to see whether a different trainable set would pay;
+- ``ffnout-lastN`` (the feed-forward output map and the LayerNorm after it) and
+  ``ffnnorm-lastN`` (that LayerNorm alone) of the last N layers: at N = 1 the weights whose
+  exact gradient needs only the cut's gradient ∂l/∂h, the LayerNorm's closed-form backward
+  and the map's cached input (no backprop through attention or the rest of the layer), so a
+  device could compute it with forward-only ops; frozen in today's bundle;
 - ``guided-K``: the span of the top-K directions of the full model's gradients on a guide
   set of held-out rows (``dev.tsv``) no device sees (`baselines.guide`), recomputed every
   ``guide_every`` steps at the current weights; trained as θ = θ_base + U w, Adam on w;
@@ -57,7 +62,7 @@ from edge_runtime.data import BatchSampler
 
 DEFAULT_SETS = ("lora-all", "lora-last1", "lora-last2", "lora-B", "lnbias-last1",
                 "lnbias-last2", "lnbias-all", "guided-1", "guided-4", "guided-16", "random-16")
-_SET = re.compile(r"^(lora-all|lora-B|lnbias-all|(lora|lora-B|lnbias)-last(\d+)|"
+_SET = re.compile(r"^(lora-all|lora-B|lnbias-all|(lora|lora-B|lnbias|ffnout|ffnnorm)-last(\d+)|"
                   r"(guided|random)-(\d+)(-last(\d+))?)$")
 
 
@@ -84,7 +89,8 @@ class ScreenConfig:
         bad = [s for s in self.sets if not _SET.match(s)]
         if bad or not self.sets:
             raise ValueError(f"unknown screen set(s) {bad}; help: lora-all, lora-lastN, "
-                             "lora-B, lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, "
+                             "lora-B, lora-B-lastN, lnbias-lastN, lnbias-all, ffnout-lastN, "
+                             "ffnnorm-lastN, guided-K, "
                              "random-K, guided-K-lastN, random-K-lastN")
         if not self.lrs or not self.moves or min(*self.lrs, *self.moves) <= 0:
             raise ValueError("learning rates must be positive")
@@ -137,6 +143,10 @@ def set_params(split: Any, name: str) -> list[tuple[str, nn.Parameter]]:
         if name.startswith("lnbias"):
             ok = _is_lnbias(pname, module) and (in_last or name == "lnbias-all")
             ok = ok and (layer >= 0 or name == "lnbias-all")
+        elif name.startswith(("ffnout", "ffnnorm")):
+            kinds = (".ffn_norm.",) if name.startswith("ffnnorm") else (".ffn_out.", ".ffn_norm.")
+            ok = in_last and layer >= 0 and "lora_" not in pname and any(
+                k in f".{pname}" for k in kinds)
         elif name.startswith("lora-B"):
             ok = "lora_B" in pname and in_last
         else:

@@ -370,7 +370,8 @@ def add_bench_parsers(sub: Any) -> None:
     scr = bench.add_argument_group("screen workload (and guided ZO in progress)")
     scr.add_argument("--sets", default=None,
                      help="screen: comma-separated candidate sets: lora-all, lora-lastN, lora-B, "
-                     "lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, random-K (a default list)")
+                     "lora-B-lastN, lnbias-lastN, lnbias-all, ffnout-lastN, ffnnorm-lastN, "
+                     "guided-K, random-K (a default list)")
     scr.add_argument("--lrs", default="1e-3,3e-3",
                      help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
     scr.add_argument("--moves", default="0.03,0.1",

@@ -83,10 +83,13 @@ def test_screen_reports_each_set_with_its_size_and_energy_share(
     report = run_screen(tmp_path, ScreenConfig(
         run_dir=str(layer5_run), steps=2, eval_every=1,
         sets=("lora-last1", "lora-B-last1", "lnbias-last1", "guided-2", "random-2",
-              "guided-2-last1", "random-2-last1"),
+              "guided-2-last1", "random-2-last1", "ffnout-last1", "ffnnorm-last1"),
         lrs=(1e-3,), moves=(0.1,), guide_size=16, guide_batch=8, guide_every=1))
     rows = {r["set"]: r for r in report["rows"]}
-    assert [rows[s]["d"] for s in rows] == [12_288, 6_144, 4_992, 2, 2, 2, 2]
+    # ffnout: ffn_out (1536 -> 384, weight and bias) and ffn_norm (gain, bias); ffnnorm: the gain
+    # and bias alone
+    assert [rows[s]["d"] for s in rows] == [12_288, 6_144, 4_992, 2, 2, 2, 2,
+                                            1536 * 384 + 384 + 2 * 384, 2 * 384]
     for name in ("lora-last1", "lora-B-last1", "guided-2", "random-2", "guided-2-last1",
                  "random-2-last1"):
         assert 0.0 < rows[name]["rho2"] <= 1.0 + 1e-6, name
