@@ -184,7 +184,8 @@ def cmd_bench_screen(args: argparse.Namespace) -> int:
             guide_size=args.guide_size, guide_batch=args.guide_batch,
             guide_every=args.guide_every or 50, seed=args.seed or 0,
             optimizer=args.screen_optimizer,
-            threads=args.threads or 1, eval_samples=args.eval_samples)
+            threads=args.threads or 1, eval_samples=args.eval_samples,
+            act_batches=args.act_batches)
         print(f"heron bench: screen workload, {cfg.steps} backprop steps per set and lr "
               f"({', '.join(cfg.sets)}) from {cfg.run_dir}; files in "
               f"{Path(args.out).resolve()}", flush=True)
@@ -370,7 +371,11 @@ def add_bench_parsers(sub: Any) -> None:
     scr = bench.add_argument_group("screen workload (and guided ZO in progress)")
     scr.add_argument("--sets", default=None,
                      help="screen: comma-separated candidate sets: lora-all, lora-lastN, lora-B, "
-                     "lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, random-K (a default list)")
+                     "lora-B-lastN, lnbias-lastN, lnbias-all, guided-K, random-K (a default list); "
+                     "act-rR: measure the share of the mean gradient in the top-R input "
+                     "directions (no training; any model)")
+    scr.add_argument("--act-batches", type=positive_int, default=10,
+                     help="screen act-rR: device batches whose inputs give the subspace (10)")
     scr.add_argument("--lrs", default="1e-3,3e-3",
                      help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
     scr.add_argument("--moves", default="0.03,0.1",
