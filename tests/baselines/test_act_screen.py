@@ -64,6 +64,7 @@ def _explicit(st: Setting, r: int) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_rho2_matches_an_explicit_projection(tiny: Setting) -> None:
     act = act_screen.measure(tiny, (2, 9), batches=2, seed=0)
     rows = {r["group"]: r for r in act["tensors"]}
@@ -111,6 +112,7 @@ def test_bad_activation_race_config_is_refused(kwargs: dict[str, object], match:
                        **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_activation_race_pairs_its_arms_on_the_same_start(tiny: Setting, tmp_path: Path) -> None:
     cfg = ProgressConfig(run_dir=str(tmp_path), steps=4, eval_every=2, act_rank=2,
                          act_refresh=2, heron_directions=("random", "activation"))
