@@ -106,6 +106,7 @@ def _evaluate(st: Setting) -> dict[str, float]:
 def run_seed(st: Setting, cfg: ProgressConfig, seed: int, lr_fo: float, zcfg: ZOConfig,
              progress: Callable[[str], None]) -> dict[str, Any]:
     """Every arm from the run's weights on the same batches; test curves."""
+    guide.load_device(st.split, st.manifest, st.theta0)  # the run's final device weights
     w = _Weights(st)
     theta0 = w.get()
     every = cfg.eval_every or 100
