@@ -132,6 +132,11 @@ def mean_gradient(st: Setting, ts: list[Target], x: np.ndarray, y: np.ndarray,
     return {k: v / len(y) for k, v in total.items()}
 
 
+def _share(kept: float, total: float) -> float:
+    """kept/total; NaN for a group with no gradient at all (a frozen run's LoRA-A: B = 0)."""
+    return kept / total if total > 0 else float("nan")
+
+
 def groups(ts: list[Target]) -> dict[str, list[str]]:
     """Named sets of targets: each kind whole, and (layered models) its last one or two
     layers; a set equal to an earlier one is dropped."""
@@ -223,11 +228,12 @@ def measure(st: Setting, ranks: tuple[int, ...], batches: int, seed: int, *,
             for s in ("shard", "test"):
                 tot = out[f"energy_{s}"]
                 cell[f"rho2_{s}_one"] = float(np.mean([
-                    sum(one[s][m][r][b] for m in members) / tot for b in range(batches)]))
-                cell[f"rho2_{s}_run"] = sum(run_kept[s][m][r] for m in members) / tot
+                    _share(sum(one[s][m][r][b] for m in members), tot)
+                    for b in range(batches)]))
+                cell[f"rho2_{s}_run"] = _share(sum(run_kept[s][m][r] for m in members), tot)
             cell["rho2_batch_one"] = float(np.mean([
-                sum(one["batch"][m][r][b] for m in members)
-                / sum(batch_energy[m][b] for m in members) for b in range(batches)]))
+                _share(sum(one["batch"][m][r][b] for m in members),
+                       sum(batch_energy[m][b] for m in members)) for b in range(batches)]))
             for key in [k for k in cell if k.startswith("rho2_")]:
                 cell[key.replace("rho2_", "merit_")] = MERIT_STEPS * cell[key] / (d_eff + 2)
             out["r"][r] = cell
