@@ -82,6 +82,10 @@ class ProgressConfig:
     seeds: tuple[int, ...] = ()  # several: the race, paired over them (baselines.race)
     eval_every: int | None = None  # default: every
     fo_steps: int | None = None  # cse-fsl / guide-only stop here (default: steps)
+    # activation directions (baselines.act_race): rank of each weight's input basis and
+    # steps between its refreshes from the current batch
+    act_rank: int = 4
+    act_refresh: int = 20
 
     def __post_init__(self) -> None:
         if self.steps < 1 or (self.every is not None and self.every < 1):
@@ -93,9 +97,18 @@ class ProgressConfig:
         if bad or not self.heron_directions:
             raise ValueError(f"--heron-directions must be among {', '.join(DIRECTIONS)}, got "
                              f"{list(self.heron_directions)}")
+        if "activation" in self.heron_directions:
+            if self.train_set is not None or "guided" in self.heron_directions:
+                raise ValueError("--heron-directions activation races on the whole device "
+                                 "(baselines.act_race): no --train-set, no guided arm")
+            if sorted(set(self.arms) - {"heron", "cse-fsl"}):
+                raise ValueError("the activation race's arms are heron and cse-fsl")
+            if self.act_rank < 1 or self.act_refresh < 1:
+                raise ValueError("--act-rank and --act-refresh must be >= 1")
         subset_only = sorted({"noise", "guide-only"} & set(self.arms)) + (
             ["--heron-directions guided"] if "guided" in self.heron_directions else []) + (
-            ["--race-seeds"] if self.seeds else [])
+            ["--race-seeds"] if self.seeds and "activation" not in self.heron_directions
+            else [])
         if self.train_set is None and subset_only:
             raise ValueError(f"{', '.join(subset_only)} need --train-set (lora-all or "
                              "lora-lastN, with --aux-from-server)")
@@ -213,6 +226,16 @@ def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server:
     ye = torch.from_numpy(data.y_test[:n_eval].astype(np.int64))
     x_dev = data.x_dev
     y_dev = None if data.y_dev is None else data.y_dev.astype(np.int64)
+    if device == HELDOUT and x_dev is None and y_dev is None and len(data.y_test) >= 2 * 100:
+        # no held-out rows (image data sets): the first half of the test set is the device's
+        # shard, the second half the test set
+        half = len(data.y_test) // 2
+        n_eval = min(n_eval, len(data.y_test) - half)
+        xe = torch.from_numpy(np.ascontiguousarray(data.x_test[half:half + n_eval]))
+        ye = torch.from_numpy(data.y_test[half:half + n_eval].astype(np.int64))
+        x, y = data.x_test[:half], data.y_test[:half].astype(np.int64)
+        return Setting(run, bundle, manifest, split, theta0, copied, base, x, y, xe, ye,
+                       None, None)
     if device == HELDOUT:  # a device whose data the server never trained on
         if x_dev is None or y_dev is None or len(y_dev) < 2 * HELDOUT_ROWS:
             raise ValueError(f"--device {HELDOUT} needs at least {2 * HELDOUT_ROWS} held-out "
@@ -234,6 +257,10 @@ def open_setting(run_dir: str | Path, *, device: str = "dev-0", aux_from_server:
 
 def run_progress(out: str | Path, cfg: ProgressConfig, *, command: str = "",
                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    if "activation" in cfg.heron_directions:  # any model, whole device, own harness
+        from baselines.act_race import run_act_race
+
+        return run_act_race(out, cfg, command=command, progress=progress)
     if cfg.seeds:  # the race: one subset progress per seed, then paired statistics
         from baselines.race import write_race
 

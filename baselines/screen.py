@@ -24,7 +24,11 @@ Sets (minilm; d_S in brackets at layer5):
   ``guide_every`` steps at the current weights; trained as θ = θ_base + U w, Adam on w;
 - ``random-K``: the same with a random orthonormal basis (the control);
 - ``guided-K-lastN``, ``random-K-lastN``: the same inside the LoRA of the last N layers
-  (what the race trains, `baselines.race`).
+  (what the race trains, `baselines.race`);
+- ``act-rR``: not trained, measured: the share of each input-multiplying weight's mean
+  gradient in the span of the top-R input directions of the device's own batches, the
+  subspace `edge_runtime.zo_activation` perturbs (`baselines.act_screen`). Any model: with
+  only act-rR sets the screen runs on CNNs too.
 
 Why ρ² matters (ZO-METHODS.md): ZO-SGD with q=1 in an n-dimensional set makes progress
 per step ∝ ρ²/(n+2) of a first-order step, so 5,000·ρ²/(n+2) is roughly how many
@@ -44,7 +48,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines import guide
+from baselines import act_screen, guide
 from baselines.minilm_tail import device_layers, prefix, tail_grads, tail_logits
 from baselines.progress import Setting, open_setting
 from baselines.screen_report import row_md, screen_markdown, summarise
@@ -64,6 +68,7 @@ DEFAULT_SETS = ("lora-all", "lora-last1", "lora-last2", "lora-B", "lnbias-last1"
                 "lnbias-last2", "lnbias-all", "guided-1", "guided-4", "guided-16", "random-16")
 _SET = re.compile(r"^(lora-all|lora-B|lnbias-all|(lora|lora-B|lnbias|ffnout|ffnnorm)-last(\d+)|"
                   r"(guided|random)-(\d+)(-last(\d+))?)$")
+_ACT = re.compile(r"^act-r(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -82,16 +87,21 @@ class ScreenConfig:
     seed: int = 0
     threads: int = 1
     eval_samples: int | None = None
+    act_batches: int = 10  # act-rR sets: batches whose inputs give P (one each, and summed)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.eval_every < 1 or self.guide_every < 1:
             raise ValueError("--steps, --eval-every and --guide-every must be >= 1")
-        bad = [s for s in self.sets if not _SET.match(s)]
+        bad = [s for s in self.sets if not (_SET.match(s) or _ACT.match(s))]
         if bad or not self.sets:
             raise ValueError(f"unknown screen set(s) {bad}; help: lora-all, lora-lastN, "
                              "lora-B, lora-B-lastN, lnbias-lastN, lnbias-all, ffnout-lastN, "
-                             "ffnnorm-lastN, guided-K, "
-                             "random-K, guided-K-lastN, random-K-lastN")
+                             "ffnnorm-lastN, guided-K, random-K, guided-K-lastN, "
+                             "random-K-lastN, act-rR")
+        if any(int(m.group(1)) < 1 for s in self.sets if (m := _ACT.match(s))):
+            raise ValueError("act-rR needs a rank R >= 1")
+        if self.act_batches < 1:
+            raise ValueError("--act-batches must be >= 1")
         if not self.lrs or not self.moves or min(*self.lrs, *self.moves) <= 0:
             raise ValueError("learning rates must be positive")
         if self.optimizer not in ("adam", "sgd"):
@@ -289,10 +299,50 @@ def signal_check(st: Setting, gx: np.ndarray | None, gy: np.ndarray | None,
     return out
 
 
+def _act_only(out: Path, cfg: ScreenConfig, st: Setting, activation: dict[str, Any],
+              command: str) -> dict[str, Any]:
+    report = {"workload": "screen", "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "run": {"model": st.manifest.model, "cut": st.manifest.cut,
+                      "dataset": st.run["dataset"], "num_params": st.manifest.num_params,
+                      "test_samples": len(st.ye), "shard_samples": len(st.y),
+                      "batch_size": st.base.batch_size},
+              "start": _evaluate_full(st), "activation": activation, "rows": []}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "screen.json").write_text(json.dumps(report, indent=2) + "\n")
+    r = report["run"]
+    lines = [f"{r['model']}/{r['cut']} on {r['dataset']}, server fixed; {cfg.device}'s "
+             f"{r['shard_samples']} samples, test set {r['test_samples']}. Start (frozen "
+             f"device): acc {100 * report['start']['test_accuracy']:.2f}, loss "
+             f"{report['start']['test_loss']:.4f}.", "", *act_screen.markdown(activation)]
+    (out / "screen.md").write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _evaluate_full(st: Setting) -> dict[str, float]:
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(st.ye), 128):
+            logits = st.split.server(st.split.client(st.xe[i:i + 128]))
+            correct += int((logits.argmax(1) == st.ye[i:i + 128]).sum())
+            loss += float(F.cross_entropy(logits, st.ye[i:i + 128], reduction="sum"))
+    return {"test_accuracy": correct / len(st.ye), "test_loss": loss / len(st.ye)}
+
+
 def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
                progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=True,
+    ranks = tuple(int(m.group(1)) for s in cfg.sets if (m := _ACT.match(s)))
+    trained = tuple(s for s in cfg.sets if not _ACT.match(s))
+    # the aux head enters neither the activation screen nor the evaluated model; trained
+    # sets train against it as the server's copy (minilm only)
+    st = open_setting(cfg.run_dir, device=cfg.device, aux_from_server=bool(trained),
                       threads=cfg.threads, eval_samples=cfg.eval_samples)
+    activation = (act_screen.measure(st, ranks, cfg.act_batches, cfg.seed, progress=progress)
+                  if ranks else None)
+    if not trained:
+        assert activation is not None
+        return _act_only(Path(out), cfg, st, activation, command)
+    asked, cfg = cfg, replace(cfg, sets=trained)
     split, manifest = st.split, st.manifest
     device_layers(split)
     guide.load_device(split, manifest, st.theta0)
@@ -401,7 +451,7 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
         rows.append(summarise(name, d_set, rho2, runs, start_eval))
         progress(row_md(rows[-1]))
     report = {"workload": "screen", "command": command,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(cfg),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "config": asdict(asked),
               "run": {"model": manifest.model, "cut": manifest.cut,
                       "dataset": st.run["dataset"], "num_params": manifest.num_params,
                       "client_params": int(mask.sum()), "aux_copied": st.copied,
@@ -410,8 +460,13 @@ def run_screen(out: str | Path, cfg: ScreenConfig, *, command: str = "",
               "start": start_eval, "shard_grad_energy_lora": e_lora, **guide_info,
               "signal": signal,
               "rows": rows}
+    if activation is not None:
+        report["activation"] = activation
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "screen.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "screen.md").write_text(screen_markdown(report))
+    md = screen_markdown(report)
+    if activation is not None:
+        md += "\n" + "\n".join(act_screen.markdown(activation)) + "\n"
+    (out / "screen.md").write_text(md)
     return report

@@ -20,7 +20,9 @@ import numpy as np
 from edge_runtime.protocol.config import ZOConfig
 from edge_runtime.zo import ZOEstimate, direction_seeds
 
-DIRECTIONS = ("random", "guided")  # isotropic (the paper, `zo`), or in a server-sent basis
+# isotropic (the paper, `zo`), in a server-sent basis, or in the span of each weight's
+# inputs (`zo_activation`; raced by baselines.act_race, not yet in the federation)
+DIRECTIONS = ("random", "guided", "activation")
 BASIS_TOL = 1e-2  # largest |UᵀU - I| entry a guided basis may have (fp16 on the wire)
 
 

@@ -156,7 +156,8 @@ def cmd_bench_progress(args: argparse.Namespace) -> int:
                              guide_every=args.guide_every, guide_alpha=args.guide_alpha,
                              seed=args.seed, eval_every=args.eval_every,
                              seeds=tuple(int(v) for v in _csv(args.seeds_race or "")),
-                             fo_steps=args.fo_steps)
+                             fo_steps=args.fo_steps, act_rank=args.act_rank,
+                             act_refresh=args.act_refresh)
         print(f"heron bench: progress workload, {cfg.steps} local steps per arm "
               f"({', '.join(cfg.arms)}) from {cfg.run_dir}; files in "
               f"{Path(args.out).resolve()}", flush=True)
@@ -184,7 +185,8 @@ def cmd_bench_screen(args: argparse.Namespace) -> int:
             guide_size=args.guide_size, guide_batch=args.guide_batch,
             guide_every=args.guide_every or 50, seed=args.seed or 0,
             optimizer=args.screen_optimizer,
-            threads=args.threads or 1, eval_samples=args.eval_samples)
+            threads=args.threads or 1, eval_samples=args.eval_samples,
+            act_batches=args.act_batches)
         print(f"heron bench: screen workload, {cfg.steps} backprop steps per set and lr "
               f"({', '.join(cfg.sets)}) from {cfg.run_dir}; files in "
               f"{Path(args.out).resolve()}", flush=True)
@@ -331,7 +333,8 @@ def add_bench_parsers(sub: Any) -> None:
                       "--local-steps)")
     prog.add_argument("--device", default="dev-0",
                       help="whose shard trains; heldout: 500 held-out rows the server never "
-                      "trained on (dev-0)")
+                      "trained on (images: the first half of the test set, the second half "
+                      "evaluates) (dev-0)")
     prog.add_argument("--arms", default="heron,cse-fsl",
                       help="comma-separated: heron (ZO, ONNX Runtime), cse-fsl (backprop); with "
                       "--train-set also noise, guide-only (heron,cse-fsl)")
@@ -353,7 +356,14 @@ def add_bench_parsers(sub: Any) -> None:
                       "guide-only, guided directions and --race-seeds) (default: client + aux)")
     prog.add_argument("--heron-directions", default="random",
                       help="comma-separated: random (isotropic, today's), guided (in the "
-                      "server's guide basis); one heron arm each (random)")
+                      "server's guide basis), activation (in each weight's top input "
+                      "directions: the whole device, any model, with a random arm at its lr; "
+                      "--heron-lr is then the first-order lr the ZO steps divide by n+2); one "
+                      "heron arm each (random)")
+    prog.add_argument("--act-rank", type=positive_int, default=4,
+                      help="activation directions: input directions per weight (4)")
+    prog.add_argument("--act-refresh", type=positive_int, default=20,
+                      help="activation directions: steps between basis refreshes (20)")
     prog.add_argument("--guided-lr", type=positive_float, default=None,
                       help="guided heron's lr (default: heron lr x (d+2)/(rank+2))")
     prog.add_argument("--guide-rank", type=positive_int, default=16,
@@ -371,7 +381,11 @@ def add_bench_parsers(sub: Any) -> None:
     scr.add_argument("--sets", default=None,
                      help="screen: comma-separated candidate sets: lora-all, lora-lastN, lora-B, "
                      "lora-B-lastN, lnbias-lastN, lnbias-all, ffnout-lastN, ffnnorm-lastN, "
-                     "guided-K, random-K (a default list)")
+                     "guided-K, random-K (a default list); "
+                     "act-rR: measure the share of the mean gradient in the top-R input "
+                     "directions (no training; any model)")
+    scr.add_argument("--act-batches", type=positive_int, default=10,
+                     help="screen act-rR: device batches whose inputs give the subspace (10)")
     scr.add_argument("--lrs", default="1e-3,3e-3",
                      help="screen: Adam lr grid for parameter sets (1e-3,3e-3)")
     scr.add_argument("--moves", default="0.03,0.1",
