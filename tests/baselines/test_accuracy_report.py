@@ -72,7 +72,12 @@ def test_paired_differences_pair_by_seed_with_a_t_interval() -> None:
     shifted = [{**r, "final_test_accuracy": r["final_test_accuracy"] + 0.05}
                if r["algorithm"] == "heron" else r for r in runs]
     assert paired(shifted)[0]["excludes_0"]  # the same spread around +7 points
+    # tail: the mean of the last rounds, here (0.5, acc) per run: half the final difference
+    halved = [{**r, "test_accuracy_per_round": [0.5, r["final_test_accuracy"]]} for r in runs]
+    tail = paired(halved, tail=2)[0]
+    assert tail["tail"] == 2 and tail["diffs"] == pytest.approx([0.005, 0.01, 0.015])
     report = {"config": {**AccuracyConfig().__dict__, "mnist_format_source": "x"},
               "runs": runs, "table": aggregate(runs), "checks": [], "paired": rows}
+    assert "Paired per-seed differences of the final test accuracy:" in markdown(report)
     assert ("| digits | iid | heron - frozen | +1.00, +2.00, +3.00 | +2.00 | [-0.48, +4.48] | "
             "no |") in markdown(report)
