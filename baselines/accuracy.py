@@ -24,7 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baselines.accuracy_report import aggregate, checks, markdown, plot_accuracy
+from baselines.accuracy_report import (
+    TAIL,
+    aggregate,
+    checks,
+    markdown,
+    paired,
+    plot_accuracy,
+)
 from baselines.centralized import CENTRALIZED, CentralizedSpec, centralized_spec, train_centralized
 from baselines.digits28 import MNIST_FORMAT, make_digits28
 from edge_runtime.algorithms import ALGORITHMS
@@ -176,6 +183,8 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
         "wall_s": round(time.monotonic() - t0, 1),
     }
     report["checks"] = checks(report["table"])
+    report["paired"] = paired(runs)
+    report["paired_tail"] = paired(runs, tail=TAIL)
     from baselines.profile import machine
 
     report["machine"] = machine()

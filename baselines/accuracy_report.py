@@ -67,6 +67,59 @@ def checks(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# (a, b): a - b per seed; does training the device pay (cse-fsl - frozen), does heron's
+PAIRS = (("cse-fsl", "frozen"), (SUBJECT, "frozen"), (SUBJECT, "cse-fsl"),
+         (SUBJECT, CENTRALIZED), ("cse-fsl", CENTRALIZED))
+
+
+TAIL = 5  # rounds averaged for the second paired table: the final round alone is noisy
+
+
+def paired(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] = PAIRS,
+           tail: int = 1) -> list[dict[str, Any]]:
+    """Paired per-seed differences of the test accuracy (the final round's, or with `tail`
+    the mean of the last `tail` rounds'), a - b, with their mean and 95% t interval, per
+    (dataset, partition) and pair present on at least two common seeds: the seeds share
+    data, shards and initialisation, so pairing removes their spread."""
+    from baselines.race import t_interval  # imports torch: only when a report is made
+
+    acc = {(r["dataset"], r["partition"], r["algorithm"], r["seed"]):
+           (r["final_test_accuracy"] if tail == 1
+            else statistics.fmean(r["test_accuracy_per_round"][-tail:])) for r in runs}
+    out = []
+    for ds, part in sorted({(r["dataset"], r["partition"]) for r in runs}):
+        for a, b in pairs:
+            seeds = sorted(s for (d, p, alg, s) in acc if (d, p, alg) == (ds, part, a)
+                           and (ds, part, b, s) in acc)
+            if len(seeds) < 2:
+                continue
+            diffs = [acc[ds, part, a, s] - acc[ds, part, b, s] for s in seeds]
+            mean, lo, hi = t_interval(diffs)
+            out.append({"dataset": ds, "partition": part, "a": a, "b": b, "tail": tail,
+                        "seeds": seeds,
+                        "diffs": diffs, "mean": mean, "ci95": [lo, hi],
+                        "excludes_0": bool(lo > 0 or hi < 0)})
+    return out
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The paired differences as a markdown table (points), [] when there are none."""
+    if not rows:
+        return []
+    tail = rows[0]["tail"]
+    what = "final test accuracy" if tail == 1 else f"mean test accuracy of the last {tail} rounds"
+    lines = ["", f"Paired per-seed differences of the {what}:", "",
+             "| data set | partition | difference | per seed (points) | mean | 95% t "
+             "interval | excludes 0 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{100 * d:+.2f}" for d in r["diffs"])
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['dataset']} | {r['partition']} | {r['a']} - {r['b']} | {per} | "
+                     f"{100 * r['mean']:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                     f"{'yes' if r['excludes_0'] else 'no'} |")
+    return lines
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -110,6 +163,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c['dataset']} | {c['partition']} | {what} | "
                          f"{100 * c['value']:+.2f} | {100 * c['limit']:+.2f} | "
                          f"{'yes' if c['met'] else '**no**'} |")
+    lines += paired_markdown(report.get("paired", []))
+    lines += paired_markdown(report.get("paired_tail", []))
     lines += ["", "Device peak RSS and step time come from the devices' own telemetry "
               "(psutil/VmHWM, whole process; ONNX Runtime devices for heron and frozen, torch "
               "devices for the others), on a machine shared by all processes of the run."]

@@ -92,15 +92,16 @@ def onnx_graph_flops(graph: str | Path | bytes, batch: int) -> int:
     return 2 * macs
 
 
-def block_flops(bundle: Any, batch: int, draws: list[int]) -> int:
-    """FLOPs of a block-wise step (q = 1): the unperturbed pass through all segments plus
-    the re-run from segment j on, averaged with `draws[j]`, how often j was drawn."""
+def block_flops(bundle: Any, batch: int, draws: list[int], q: int = 1) -> int:
+    """FLOPs of a block-wise step with q directions: the unperturbed pass through all
+    segments plus q re-runs from segment j on, each averaged with `draws[j]`, how often j
+    was drawn (over all directions)."""
     data = bundle.external_data  # then onnx reads the segments from disk, beside their data
     per_segment = [onnx_graph_flops(graph if data is None else data.parent / spec.file, batch)
                    for graph, spec in zip(bundle.segments, bundle.manifest.segments,
                                           strict=True)]
     rerun = sum(n * sum(per_segment[j:]) for j, n in enumerate(draws)) / max(sum(draws), 1)
-    return int(round(sum(per_segment) + rerun))
+    return int(round(sum(per_segment) + q * rerun))
 
 
 def _wire_bytes(msg: Any) -> int:

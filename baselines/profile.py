@@ -182,12 +182,14 @@ def profile(
     bundle_dir: str | Path | None = None,
     timeout: float = 3600.0,
     perturb: str = "full",
+    q: int = 1,
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
     `warmup` defaults to `steps`. `bundle_dir` reuses an exported bundle (it must match
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
-    `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO).
+    `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO);
+    `q` its directions per step (`heron run --q`).
     """
     alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup
@@ -209,7 +211,7 @@ def profile(
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
                         bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps,
-                        input_dtype=split.input_dtype)
+                        input_dtype=split.input_dtype, q=q)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -224,7 +226,7 @@ def profile(
             flops = full_flops * int(got["forwards_per_step"])
             flops_method = ONNX_FLOPS_METHOD
             if perturb == "block":
-                flops = block_flops(bundle, batch, got["chain"]["draws"])
+                flops = block_flops(bundle, batch, got["chain"]["draws"], q)
                 flops_method = BLOCK_FLOPS_METHOD
         else:
             import torch
@@ -246,7 +248,7 @@ def profile(
     step_med, fwd_med = statistics.median(step_ms), statistics.median(fwd_ms)
     return {
         "algorithm": algorithm, "model": model, "cut": split.cut, "batch": batch,
-        **({"perturb": perturb} if alg.device_update == "zo" else {}),
+        **({"perturb": perturb, "q": q} if alg.device_update == "zo" else {}),
         "input_shape": list(split.input_shape), "num_classes": num_classes,
         "threads": threads, "threads_used": got["threads_used"],
         "runtime": "onnxruntime" if algorithm in ONNX_ALGORITHMS else "torch",

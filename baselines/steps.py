@@ -52,10 +52,11 @@ class StepSpec:
     bundle_dir: str | None = None  # required by the ONNX Runtime algorithms
     perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
     input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
+    q: int = 1  # heron: ZO directions per step (each one more forward, or block re-run)
 
     def __post_init__(self) -> None:
         alg = algorithm(self.algorithm)  # ValueError naming the choices
-        for name in ("batch", "threads", "upload_every", "local_steps", "num_classes"):
+        for name in ("batch", "threads", "upload_every", "local_steps", "num_classes", "q"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if alg.runtime == "onnxruntime" and not self.bundle_dir:
@@ -68,6 +69,9 @@ class StepSpec:
         if self.perturb != "full" and alg.device_update != "zo":
             raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
                              "makes no ZO perturbation")
+        if self.q != 1 and alg.device_update != "zo":
+            raise ValueError(f"q={self.q} is a heron option; {self.algorithm} makes no ZO "
+                             "perturbation")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,10 +175,10 @@ class HeronRunner(_OrtBase):
         super().__init__(spec)
         from edge_runtime.protocol import TrainConfig, ZOConfig
 
-        # The device's defaults: forward differences, q = 1, Gaussian directions, Adam.
+        # The device's defaults (forward differences, Gaussian directions, Adam), q as given.
         self.cfg = TrainConfig(local_steps=1, upload_every=spec.upload_every,
                                batch_size=spec.batch, seed=spec.seed,
-                               zo=ZOConfig(perturb=spec.perturb))
+                               zo=ZOConfig(perturb=spec.perturb, q=spec.q))
         self.round = 0
         self.forwards_per_step = len(self._passes(1))
         self.steps_per_call = spec.local_steps if spec.perturb == "block" else spec.upload_every
@@ -260,14 +264,16 @@ class HeronRunner(_OrtBase):
     def _block_forwards(self, n: int) -> list[float]:
         chain = self.model.chain()
         last = len(chain) - 1
-        blocks = self.blocks or list(range(len(chain)))
+        q = self.cfg.zo.q
+        blocks = self.blocks or list(range(len(chain)))  # q per step, as the steps drew them
         times = []
         for i in range(n):
-            j = blocks[i % len(blocks)]
+            drawn = [blocks[(i * q + d) % len(blocks)] for d in range(q)]
             t0 = time.perf_counter()
-            acts = chain.prefix(self.theta, self.x, last, {j})
+            acts = chain.prefix(self.theta, self.x, last, set(drawn))
             chain.loss_from(last, acts[last], self.theta, self.y)
-            chain.loss_from(j, acts[j], self.theta, self.y)
+            for j in drawn:
+                chain.loss_from(j, acts[j], self.theta, self.y)
             times.append((time.perf_counter() - t0) * 1000.0)
             del acts  # as in a step: not alive while the next pass runs
         return times

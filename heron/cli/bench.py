@@ -58,7 +58,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
                          input_shape=args.input_shape, num_classes=args.num_classes,
-                         perturb=args.zo_perturb)
+                         perturb=args.zo_perturb, q=args.q)
     except (ValueError, ProfileError) as exc:
         raise SystemExit(f"heron profile: {exc}") from exc
     text = json.dumps(result, indent=2)
@@ -262,6 +262,8 @@ def add_bench_parsers(sub: Any) -> None:
     _add_profile_options(prof, steps=20)
     prof.add_argument("--zo-perturb", default="full", choices=("full", "block"),
                       help="heron's ZO perturbation: full (the paper) or block (full)")
+    prof.add_argument("--q", type=positive_int, default=1,
+                      help="heron's ZO directions per step, as `heron run --q` (1)")
     prof.add_argument("--out", help="also write the JSON to this file")
     prof.set_defaults(func=cmd_profile)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from baselines.accuracy import AccuracyConfig
-from baselines.accuracy_report import aggregate, checks, markdown
+from baselines.accuracy_report import aggregate, checks, markdown, paired
 from baselines.centralized import CENTRALIZED
 
 
@@ -53,3 +53,31 @@ def test_centralized_row_is_checked_and_reported_without_bytes() -> None:
     text = markdown(report)
     assert "| mnist-format | iid | centralized | 97.50 ± 0.71 (97.00-98.00) |  |  |  |" in text
     assert "heron mean - centralized mean >= -1 point | -2.00 | -1.00 | **no** |" in text
+
+
+def test_paired_differences_pair_by_seed_with_a_t_interval() -> None:
+    runs = [_run("digits", "iid", "heron", s, a) for s, a in enumerate((0.90, 0.92, 0.94))]
+    runs += [_run("digits", "iid", "frozen", s, a) for s, a in enumerate((0.89, 0.90, 0.91))]
+    runs += [_run("digits", "iid", "cse-fsl", 0, 0.95)]  # one seed: no interval, no row
+    runs += [_run("digits", "iid", "frozen", 7, 0.50)]  # no heron seed 7: left out
+    rows = paired(runs)
+    assert [(r["a"], r["b"]) for r in rows] == [("heron", "frozen")]
+    got = rows[0]
+    assert got["seeds"] == [0, 1, 2] and got["diffs"] == pytest.approx([0.01, 0.02, 0.03])
+    # mean 0.02, sd 0.01, t(0.975, 2 df) = 4.303: half-width 4.303 * 0.01 / sqrt(3)
+    half = 4.303 * 0.01 / 3 ** 0.5
+    assert got["mean"] == pytest.approx(0.02)
+    assert got["ci95"] == pytest.approx([0.02 - half, 0.02 + half])
+    assert not got["excludes_0"]  # 0.02 - 0.0248 < 0
+    shifted = [{**r, "final_test_accuracy": r["final_test_accuracy"] + 0.05}
+               if r["algorithm"] == "heron" else r for r in runs]
+    assert paired(shifted)[0]["excludes_0"]  # the same spread around +7 points
+    # tail: the mean of the last rounds, here (0.5, acc) per run: half the final difference
+    halved = [{**r, "test_accuracy_per_round": [0.5, r["final_test_accuracy"]]} for r in runs]
+    tail = paired(halved, tail=2)[0]
+    assert tail["tail"] == 2 and tail["diffs"] == pytest.approx([0.005, 0.01, 0.015])
+    report = {"config": {**AccuracyConfig().__dict__, "mnist_format_source": "x"},
+              "runs": runs, "table": aggregate(runs), "checks": [], "paired": rows}
+    assert "Paired per-seed differences of the final test accuracy:" in markdown(report)
+    assert ("| digits | iid | heron - frozen | +1.00, +2.00, +3.00 | +2.00 | [-0.48, +4.48] | "
+            "no |") in markdown(report)

@@ -149,6 +149,27 @@ def test_block_wise_heron_profiles_its_segment_chain_without_torch(tmp_path: Pat
     assert r["trained_params"] == sum(sizes)
 
 
+def test_block_wise_heron_with_q_directions_reruns_q_blocks_per_step(tmp_path: Path) -> None:
+    """q = 2: one unperturbed pass plus two block re-runs per step; the FLOPs grow by
+    exactly one more averaged re-run over q = 1 on the same draws (block_flops is linear in
+    q), and the result records q."""
+    from baselines.counts import block_flops
+    from baselines.profile import profile
+    from edge_runtime.bundle import load_bundle
+
+    export_split("cnn", (1, 8, 8), 10, tmp_path / "b")
+    r = profile("heron", threads=1, steps=4, warmup=0, bundle_dir=tmp_path / "b",
+                perturb="block", q=2, **TINY)
+    assert r["q"] == 2 and r["perturb"] == "block" and r["forwards_per_step"] == 3
+    draws = r["segment_chain"]["draws"]
+    assert sum(draws) == 2 * 4  # each of the 4 timed steps drew q blocks (no warm-up)
+    bundle = load_bundle(tmp_path / "b")
+    one, two = (block_flops(bundle, TINY["batch"], draws, q) for q in (1, 2))
+    assert r["flops_per_step"] == two
+    full_pass = block_flops(bundle, TINY["batch"], [0] * len(draws), 1)  # no re-run drawn
+    assert two - one == one - full_pass > 0
+
+
 def test_perturb_is_a_heron_option_only() -> None:
     from baselines.steps import StepSpec
 
@@ -158,6 +179,10 @@ def test_perturb_is_a_heron_option_only() -> None:
         StepSpec(algorithm="frozen", perturb="block", **common)
     with pytest.raises(ValueError, match="perturb"):
         StepSpec(algorithm="heron", perturb="layer", **common)
+    with pytest.raises(ValueError, match="heron option"):
+        StepSpec(algorithm="frozen", q=2, **common)
+    with pytest.raises(ValueError, match="q must be >= 1"):
+        StepSpec(algorithm="heron", q=0, **common)
     assert StepSpec.from_json(StepSpec(algorithm="heron", perturb="block",
                                        **common).to_json()).perturb == "block"
 
