@@ -182,12 +182,15 @@ def profile(
     bundle_dir: str | Path | None = None,
     timeout: float = 3600.0,
     perturb: str = "full",
+    smashed_codec: str = "fp32",
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
     `warmup` defaults to `steps`. `bundle_dir` reuses an exported bundle (it must match
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
     `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO).
+    `smashed_codec` codes the smashed uploads inside the timed step, as a device does, and
+    sizes them in the byte counts.
     """
     alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup
@@ -209,7 +212,7 @@ def profile(
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
                         bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps,
-                        input_dtype=split.input_dtype)
+                        input_dtype=split.input_dtype, smashed_codec=smashed_codec)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -272,7 +275,7 @@ def profile(
         "flops_per_step": flops, "flops_method": flops_method,
         **payload_bytes(algorithm, batch=batch, smashed_shape=tuple(m.smashed_shape),
                         device_params=device_params, local_steps=local_steps,
-                        upload_every=upload_every),
+                        upload_every=upload_every, smashed_codec=smashed_codec),
         "versions": {**got["versions"], "heron": _heron_version()},
         "machine": machine(),
         "step_ms_samples": [round(t, 3) for t in step_ms],

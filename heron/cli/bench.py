@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.algorithms import ALGORITHMS
+from edge_runtime.protocol.config import TrainConfig
+from edge_runtime.protocol.smashed_codec import CODECS
 from heron.cli.options import (
     need_server_extra,
     nonneg_int,
@@ -58,7 +60,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
                          input_shape=args.input_shape, num_classes=args.num_classes,
-                         perturb=args.zo_perturb)
+                         perturb=args.zo_perturb, smashed_codec=args.smashed_codec)
     except (ValueError, ProfileError) as exc:
         raise SystemExit(f"heron profile: {exc}") from exc
     text = json.dumps(result, indent=2)
@@ -260,6 +262,9 @@ def add_bench_parsers(sub: Any) -> None:
     _add_profile_options(prof, steps=20)
     prof.add_argument("--zo-perturb", default="full", choices=("full", "block"),
                       help="heron's ZO perturbation: full (the paper) or block (full)")
+    prof.add_argument("--smashed-codec", default=TrainConfig.smashed_codec, choices=CODECS,
+                      help="how the device codes its smashed uploads, inside the timed step "
+                      f"and in the byte counts ({TrainConfig.smashed_codec})")
     prof.add_argument("--out", help="also write the JSON to this file")
     prof.set_defaults(func=cmd_profile)
 
