@@ -155,3 +155,34 @@ def test_a_device_that_does_not_send_its_weights_is_dropped_at_the_deadline(
     assert rec["replay_mismatch"] == ["dev-0"] and rec["weights_fallback"] == []
     assert rec["bytes_up_by_kind"]["weights_fallback"] == 0
     assert summary["replay_mismatch"] == 1 and summary["weights_fallback"] == 0
+
+
+@pytest.mark.broker
+def test_the_weights_fallback_over_a_real_mosquitto(tmp_path: Path, mosquitto: str) -> None:
+    """The same fallback with the server's and devices' real MQTT transports (QoS 1,
+    chunking, the request on dev-0's own downlink) through a stock Mosquitto."""
+    from edge_runtime.transport.mqtt import MqttTransport
+    from server.loop import Server
+    from server.setup import build_run, mqtt_transport
+
+    class TamperingMqtt(MqttTransport):
+        def publish(self, topic: str, msg: Message, **kw: Any) -> int:
+            if isinstance(msg, Update) and self.client_id.endswith("dev-0"):
+                assert msg.weights_hash is not None
+                msg = dataclasses.replace(msg, weights_hash=msg.weights_hash[::-1])
+            return super().publish(topic, msg, **kw)
+
+    fleet = _replay_fleet(tmp_path, devices=2, rounds=1)
+    fleet.opts = dataclasses.replace(fleet.opts, broker=mosquitto)
+    run = build_run(fleet.opts)
+    srv = Server(run, mqtt_transport(run.opts, run.run_id))
+    fleet.start_devices(run, 2, lambda _broker, client_id, subs, **kw:
+                        TamperingMqtt(mosquitto, client_id, subs, **kw))
+    summary = fleet.run(srv)
+    (rec,) = srv.records
+    assert rec["updates"] == ["dev-0", "dev-1"] and rec["dropped"] == []
+    assert rec["replay_mismatch"] == rec["weights_fallback"] == ["dev-0"]
+    reply = WeightsReply(run.run_id, 1, "dev-0",
+                         weights=np.zeros(run.manifest.num_params, np.float32))
+    assert rec["bytes_up_by_kind"]["weights_fallback"] == sum(map(len, payloads(reply)))
+    assert summary["rejected"] == {}
