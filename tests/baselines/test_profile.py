@@ -101,13 +101,15 @@ def test_heron_profile_command_prints_one_json_object(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     proc = subprocess.run(
         heron("profile", "--model", "cnn", "--input-shape", "1,8,8", "--batch", "8",
-              "--algorithm", "heron", "--threads", "1", "--steps", "2", "--out", str(out)),
+              "--algorithm", "heron", "--threads", "1", "--steps", "2", "--out", str(out),
+              "--smashed-codec", "int8"),
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["algorithm"] == "heron" and printed["torch_imported"] is False
     assert printed["steps"] == printed["warmup"] == 2
+    assert printed["smashed_codec"] == "int8" and printed["smashed_bytes"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
