@@ -31,7 +31,9 @@ TORCH_FLOPS_METHOD = (
     "loss and the optimizer are not counted")
 BYTES_METHOD = (
     "MQTT payload bytes as heron's codec sends them (edge_runtime.protocol.encode + chunk "
-    "headers). Per step: the smashed-data uploads (and, for SplitFed, cut-layer gradients "
+    "headers). The smashed data are coded under the profiled --smashed-codec (Smashed.coded "
+    "on a zero batch: int8's scale and offset, one per channel, included). Per step: the "
+    "smashed-data uploads (and, for SplitFed, cut-layer gradients "
     "down) averaged over the round's steps. Per round: those plus the weights broadcast "
     "(RoundStart) and the Update back (weights, sample count, telemetry). "
     "SplitFed's gradient is sized as a Smashed message carrying the gradient array (the "
@@ -111,18 +113,20 @@ def _wire_bytes(msg: Any) -> int:
 
 
 def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
-                  device_params: int, local_steps: int, upload_every: int) -> dict[str, Any]:
+                  device_params: int, local_steps: int, upload_every: int,
+                  smashed_codec: str = "fp32") -> dict[str, Any]:
     """A device's payload bytes per step and per round for `algorithm` (see BYTES_METHOD).
 
     `device_params` is what the device holds and exchanges: client + aux (heron, cse-fsl),
-    client (SplitFed), the whole model (fedavg); frozen exchanges no weights.
+    client (SplitFed), the whole model (fedavg); frozen exchanges no weights. The uploads
+    are coded under `smashed_codec`; SplitFed's gradient down stays float32 (not coded).
     """
     from edge_runtime.protocol import RoundStart, Smashed, TrainConfig, Update
 
     run, h, k = "0" * 32, local_steps, upload_every
     uploads = -(-h // k)
-    smashed = _wire_bytes(Smashed(run, 1, "dev-0", step=0, activations=np.zeros(
-        (batch, *smashed_shape), np.float32), labels=np.zeros(batch, np.int64)))
+    smashed = _wire_bytes(Smashed.coded(run, 1, "dev-0", 0, np.zeros(
+        (batch, *smashed_shape), np.float32), np.zeros(batch, np.int64), smashed_codec))
 
     def round_start(d: int) -> int:
         return _wire_bytes(RoundStart(
@@ -152,5 +156,6 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
     step_up, step_down = n_smashed * smashed / steps_per_round, n_grads * grad / steps_per_round
     return {"bytes_per_step": round(step_up + step_down), "bytes_per_round": up + down,
             "bytes_up_per_round": up, "bytes_down_per_round": down,
+            "smashed_codec": smashed_codec, "smashed_bytes": smashed if n_smashed else 0,
             "steps_per_round": steps_per_round, "local_steps": h, "upload_every": k,
             "bytes_method": BYTES_METHOD}

@@ -183,6 +183,7 @@ def profile(
     timeout: float = 3600.0,
     perturb: str = "full",
     q: int = 1,
+    smashed_codec: str = "fp32",
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
@@ -190,6 +191,8 @@ def profile(
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
     `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO);
     `q` its directions per step (`heron run --q`).
+    `smashed_codec` codes the smashed uploads inside the timed step, as a device does, and
+    sizes them in the byte counts.
     """
     alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup
@@ -211,7 +214,8 @@ def profile(
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
                         bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps,
-                        input_dtype=split.input_dtype, q=q)
+                        input_dtype=split.input_dtype, q=q,
+                        smashed_codec=smashed_codec)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -274,7 +278,7 @@ def profile(
         "flops_per_step": flops, "flops_method": flops_method,
         **payload_bytes(algorithm, batch=batch, smashed_shape=tuple(m.smashed_shape),
                         device_params=device_params, local_steps=local_steps,
-                        upload_every=upload_every),
+                        upload_every=upload_every, smashed_codec=smashed_codec),
         "versions": {**got["versions"], "heron": _heron_version()},
         "machine": machine(),
         "step_ms_samples": [round(t, 3) for t in step_ms],

@@ -1,15 +1,59 @@
-"""Device-side cost of each smashed codec: numpy encode time per smashed batch
-(`python -m baselines.smashed_codec`; BENCHMARKS.md, "Smashed-data codecs")."""
+"""Device-side cost of each smashed codec (BENCHMARKS.md, "Smashed-data codecs").
+
+``python -m baselines.smashed_codec`` (or ``encode``): numpy encode time per smashed batch.
+
+``python -m baselines.smashed_codec zstd --out DIR``: zstd (levels 1 and 3) on top of each
+codec, on real smashed batches (the bundle's conv1 / layer5 output for batches of the real
+data set, at the exported initial weights): bytes saved and compress time per message.
+Needs the ``zstandard`` package, which heron does not depend on (BENCHMARKS.md says why).
+
+``python -m baselines.smashed_codec profile --out DIR``: `heron profile` of heron's device
+step under each codec on real bundles, the codec's encode (and the message's wire encoding)
+inside the timed step. Codecs alternate within each repeat, in reversed order every other
+repeat, so machine load hits them alike; each codec's step time and peak RSS are compared
+with fp32's of the same repeat (a paired ratio per repeat, then the mean and a 95% t
+interval over repeats).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_runtime.protocol.smashed_codec import CODECS, encode
 
 SHAPES = {"digits cnn/conv1": (32, 16, 8, 8), "digits-28 fedcnn/conv1": (32, 32, 14, 14)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One profiled device: model, cut and the shapes of `heron profile`'s random batch."""
+
+    name: str
+    model: str
+    cut: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    batch: int
+
+
+WORKLOADS = {
+    "digits": Workload("digits cnn/conv1", "cnn", "conv1", (1, 8, 8), 10, 32),
+    "fedcnn": Workload("digits-28 fedcnn/conv1", "fedcnn", "conv1", (1, 28, 28), 10, 32),
+    # text: (token ids, mask) of 32 tokens, batch 16 (heron profile's MiniLM defaults)
+    "minilm": Workload("sst-2 minilm/layer5", "minilm", "layer5", (2, 32), 2, 16),
+}
 
 
 def encode_ms(x: np.ndarray, codec: str, repeats: int = 7, number: int = 20) -> float:
@@ -23,7 +67,7 @@ def encode_ms(x: np.ndarray, codec: str, repeats: int = 7, number: int = 20) -> 
     return best * 1e3
 
 
-def main() -> None:
+def encode_main() -> None:
     rng = np.random.default_rng(0)
     for name, shape in SHAPES.items():
         x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # post-ReLU-like
@@ -31,5 +75,234 @@ def main() -> None:
         print(f"{name} {shape}: encode per batch: {cells}")
 
 
+# -- heron profile under each codec ----------------------------------------------------------
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t interval (NaN bounds for fewer than 2 values or more than 11)."""
+    a = np.asarray(values, dtype=np.float64)
+    mean = float(a.mean())
+    if not 2 <= a.size <= len(T975) + 1:
+        return mean, math.nan, math.nan
+    half = T975[a.size - 2] * float(a.std(ddof=1)) / math.sqrt(a.size)
+    return mean, mean - half, mean + half
+
+
+METRICS = ("step_ms_pair", "step_ms_mean", "step_ms_median", "peak_rss_mb")
+
+
+def pair_ms(samples: list[float], k: int) -> float:
+    """Median over the profile's blocks of k consecutive steps (one upload each: heron's
+    steps are timed a block at a time, uploading on the first), per step: the cost of a
+    step with its share of the encode, robust to the outliers load puts in a mean."""
+    blocks = [sum(samples[i:i + k]) / k for i in range(0, len(samples) - k + 1, k)]
+    return statistics.median(blocks)
+
+
+def profile_workload(w: Workload, *, repeats: int, steps: int, warmup: int,
+                     codecs: tuple[str, ...] = CODECS,
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every codec's profile `repeats` times on one exported bundle; ratios vs fp32."""
+    from baselines.profile import export_bundle, profile
+
+    assert codecs[0] == "fp32", "ratios are taken against fp32"
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in codecs}
+    with tempfile.TemporaryDirectory(prefix="heron-codec-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        export_bundle(w.model, w.input_shape, w.num_classes, w.cut, bundle)
+        for rep in range(repeats):
+            order = codecs if rep % 2 == 0 else tuple(reversed(codecs))
+            for c in order:
+                r = profile("heron", model=w.model, cut=w.cut, batch=w.batch, threads=1,
+                            steps=steps, warmup=warmup, input_shape=w.input_shape,
+                            num_classes=w.num_classes, bundle_dir=bundle, smashed_codec=c)
+                r["step_ms_pair"] = pair_ms(r["step_ms_samples"], r["upload_every"])
+                runs[c].append(r)
+                progress(f"{w.name} repeat {rep} {c}: step (block median) "
+                         f"{r['step_ms_pair']:.2f} ms, mean {r['step_ms_mean']:.2f} ms, "
+                         f"median {r['step_ms_median']:.2f} ms, peak RSS "
+                         f"{r['peak_rss_mb']:.1f} MB")
+    rows = []
+    for c in codecs:
+        row: dict[str, Any] = {"codec": c, "smashed_bytes": runs[c][0]["smashed_bytes"],
+                               "bytes_up_per_round": runs[c][0]["bytes_up_per_round"]}
+        for m in METRICS:
+            vals = [r[m] for r in runs[c]]
+            row[m] = statistics.median(vals)
+            ratios = [r[m] / f[m] for r, f in zip(runs[c], runs["fp32"], strict=True)]
+            mean, lo, hi = t_interval(ratios)
+            row[f"{m}_ratio"] = {"mean": mean, "lo": lo, "hi": hi, "per_repeat": ratios}
+        row["load_avg_1min"] = [r["load_avg_1min"] for r in runs[c]]
+        rows.append(row)
+    first = runs["fp32"][0]
+    return {"workload": w.name, "model": w.model, "cut": w.cut, "batch": w.batch,
+            "input_shape": list(w.input_shape), "threads": 1, "steps": steps,
+            "warmup": warmup, "repeats": repeats, "upload_every": first["upload_every"],
+            "versions": first["versions"], "machine": first["machine"], "rows": rows}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| workload | codec | smashed B/upload | step ms, block median "
+             "| × fp32 [95% CI] | step ms, mean | × fp32 [95% CI] | peak RSS MB "
+             "| × fp32 [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for row in res["rows"]:
+            cells = []
+            for m in ("step_ms_pair", "step_ms_mean", "peak_rss_mb"):
+                r = row[f"{m}_ratio"]
+                cells += [f"{row[m]:.2f}" if m != "peak_rss_mb" else f"{row[m]:.1f}",
+                          "—" if row["codec"] == "fp32" else
+                          f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"]
+            lines.append(f"| {res['workload']} | {row['codec']} | {row['smashed_bytes']:,} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def profile_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m baselines.smashed_codec profile")
+    ap.add_argument("--out", required=True, help="directory for codec_profile.{json,md}")
+    ap.add_argument("--workloads", default="digits,fedcnn", help=f"of {','.join(WORKLOADS)}")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps (one round, h = 40)")
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.workloads.split(","):
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r}; help: one of {', '.join(WORKLOADS)}")
+        t0 = time.monotonic()
+        res = profile_workload(WORKLOADS[name], repeats=args.repeats, steps=args.steps,
+                               warmup=args.warmup)
+        res["wall_s"] = round(time.monotonic() - t0, 1)
+        results.append(res)
+        # written after each workload, so a cut-short run keeps what finished
+        (out / "codec_profile.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "codec_profile.md").write_text(markdown(results))
+    print(markdown(results), end="")
+
+
+# -- zstd on top of the codecs ----------------------------------------------------------------
+ZSTD_LEVELS = (1, 3)
+
+
+def real_batches(w: Workload, bundle: Path, n: int, data_dir: Path | None,
+                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n` smashed batches of `w.batch` real training samples (seeded draw), through the
+    exported bundle at its initial weights, as a device's first round sends them."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.manifest import SMASHED_OUTPUT
+    from edge_runtime.runtime import LocalModel
+    from heron_data.datasets import load_dataset
+
+    if w.model == "minilm":
+        ds = load_dataset("sst2", limit=n * w.batch, seed=seed, max_length=w.input_shape[1])
+    elif w.model == "fedcnn":
+        ds = load_dataset("mnist", data_dir, limit=n * w.batch, seed=seed)
+    else:
+        ds = load_dataset("digits", seed=seed)
+    b = load_bundle(bundle)
+    model = LocalModel(b, 1)
+    idx = np.random.default_rng(seed).permutation(len(ds.y_train))[:n * w.batch]
+    out = []
+    for i in range(n):
+        sel = idx[i * w.batch:(i + 1) * w.batch]
+        x, y = ds.x_train[sel], ds.y_train[sel]
+        out.append((model.run(b.weights, x, y, (SMASHED_OUTPUT,))[0], y))
+    return out
+
+
+def best_ms(fn: Callable[[], object], repeats: int = 5, number: int = 5) -> float:
+    """Best of `repeats` means over `number` calls, in ms (the least disturbed by load)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t) / number)
+    return best * 1e3
+
+
+def zstd_workload(w: Workload, batches: int, data_dir: Path | None) -> dict[str, Any]:
+    """Per codec and level: the wire message's bytes with and without zstd, and the ms to
+    compress one message (medians over the batches)."""
+    import zstandard
+
+    from baselines.profile import export_bundle
+    from edge_runtime.protocol import Smashed
+    from edge_runtime.protocol import encode as encode_msg
+
+    with tempfile.TemporaryDirectory(prefix="heron-zstd-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        export_bundle(w.model, w.input_shape, w.num_classes, w.cut, bundle)
+        data = real_batches(w, bundle, batches, data_dir)
+    def wire(act: np.ndarray, y: np.ndarray, codec: str) -> bytes:
+        return encode_msg(Smashed.coded("0" * 32, 1, "dev-0", 0, act, y, codec))
+
+    rows = []
+    for c in CODECS:
+        raws = [wire(act, y, c) for act, y in data]
+        row: dict[str, Any] = {
+            "codec": c, "message_bytes": int(np.median([len(r) for r in raws])),
+            "encode_ms": statistics.median(best_ms(partial(wire, act, y, c))
+                                           for act, y in data)}
+        for level in ZSTD_LEVELS:
+            z = zstandard.ZstdCompressor(level=level)
+            sizes = [len(z.compress(r)) / len(r) for r in raws]
+            ms = [best_ms(partial(z.compress, r)) for r in raws]
+            row[f"zstd{level}"] = {"ratio": statistics.median(sizes), "ratio_min": min(sizes),
+                                   "ratio_max": max(sizes), "compress_ms": statistics.median(ms)}
+        rows.append(row)
+        progress = ", ".join(f"zstd-{lv} x{row[f'zstd{lv}']['ratio']:.3f} in "
+                             f"{row[f'zstd{lv}']['compress_ms']:.2f} ms" for lv in ZSTD_LEVELS)
+        print(f"{w.name} {c}: {row['message_bytes']:,} B, {progress}", flush=True)
+    return {"workload": w.name, "model": w.model, "cut": w.cut, "batch": w.batch,
+            "batches": batches, "zstandard": zstandard.__version__, "rows": rows}
+
+
+def zstd_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m baselines.smashed_codec zstd")
+    ap.add_argument("--out", required=True, help="directory for codec_zstd.json")
+    ap.add_argument("--workloads", default="digits,fedcnn", help=f"of {','.join(WORKLOADS)}")
+    ap.add_argument("--batches", type=int, default=8, help="real batches per workload")
+    ap.add_argument("--mnist-dir", type=Path, default=None,
+                    help="fedcnn: MNIST-format idx files (default: make digits-28)")
+    args = ap.parse_args(argv)
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        raise SystemExit("zstd bench: needs the zstandard package; help: pip install "
+                         "zstandard (heron itself does not need it)") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="heron-d28-") as tmp:
+        mnist = args.mnist_dir
+        if mnist is None and "fedcnn" in args.workloads:
+            from baselines.digits28 import make_digits28
+
+            mnist = make_digits28(Path(tmp) / "digits28")
+        for name in args.workloads.split(","):
+            results.append(zstd_workload(WORKLOADS[name], args.batches, mnist))
+            (out / "codec_zstd.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "profile":
+        profile_main(argv[1:])
+    elif argv and argv[0] == "zstd":
+        zstd_main(argv[1:])
+    elif not argv or argv == ["encode"]:
+        encode_main()
+    else:
+        raise SystemExit("usage: python -m baselines.smashed_codec [encode | profile --out DIR | "
+                         "zstd --out DIR]")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -16,6 +16,11 @@ as a device's sampler does.
   gradient, Adam step. V1 and V2 differ only on the server, so the device step is the same.
 - ``fedavg``: the whole model forward, backward and Adam step on the device.
 
+Every runner that uploads smashed data codes it as the device does inside the step: the
+`Smashed` message under ``smashed_codec`` (`edge_runtime.protocol.smashed_codec`), encoded
+and chunked for the wire (what the MQTT transport does before paho gets the bytes), so a
+codec's cost lands in the timed step.
+
 Only the ONNX Runtime runners may be built in a process that must stay torch-free; torch is
 imported inside the torch runner.
 """
@@ -30,6 +35,7 @@ import numpy as np
 
 from edge_runtime.algorithms import ALGORITHMS, ONNX_ALGORITHMS, TORCH_ALGORITHMS, algorithm
 from edge_runtime.protocol.config import PERTURBS
+from edge_runtime.protocol.smashed_codec import CODECS
 
 __all__ = ["ALGORITHMS", "ONNX_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
@@ -53,6 +59,7 @@ class StepSpec:
     perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
     input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
     q: int = 1  # heron: ZO directions per step (each one more forward, or block re-run)
+    smashed_codec: str = "fp32"  # how the smashed uploads are coded (smashed_codec.CODECS)
 
     def __post_init__(self) -> None:
         alg = algorithm(self.algorithm)  # ValueError naming the choices
@@ -66,6 +73,12 @@ class StepSpec:
                              f"{self.perturb!r}")
         if self.input_dtype not in ("float32", "int64"):
             raise ValueError(f"input_dtype must be float32 or int64, got {self.input_dtype!r}")
+        if self.smashed_codec not in CODECS:
+            raise ValueError(f"unknown smashed codec {self.smashed_codec!r}; help: one of "
+                             f"{', '.join(CODECS)}")
+        if self.smashed_codec != "fp32" and not alg.uploads_smashed:
+            raise ValueError(f"{self.algorithm} uploads no smashed data; help: drop "
+                             "--smashed-codec")
         if self.perturb != "full" and alg.device_update != "zo":
             raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
                              "makes no ZO perturbation")
@@ -114,6 +127,16 @@ def random_batch(spec: StepSpec) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def wire_smashed(spec: StepSpec, step: int, activations: np.ndarray,
+                 labels: np.ndarray) -> list[bytes]:
+    """What a device does with one smashed batch before publishing it (edge_runtime's
+    device loop and transport): code it under the spec's codec, encode, chunk."""
+    from edge_runtime.protocol import Smashed, chunk, encode
+
+    msg = Smashed.coded("0" * 32, 1, "profile", step, activations, labels, spec.smashed_codec)
+    return chunk(encode(msg), msg.msg_id)
+
+
 def make_runner(spec: StepSpec) -> Runner:
     a = algorithm(spec.algorithm)
     if a.runtime == "torch":
@@ -141,7 +164,7 @@ class _OrtBase:
         self.x, self.y = random_batch(spec)
         self.model.check_data(self.x, self.y)
         self.theta = self.bundle.weights.copy()
-        self.smashed: np.ndarray | None = None
+        self.smashed: list[bytes] | None = None  # the last upload, as chunks for the wire
 
     def _feeds(self) -> dict[str, np.ndarray]:
         from edge_runtime.manifest import INPUT_NAME, LABEL_NAME
@@ -220,7 +243,7 @@ class HeronRunner(_OrtBase):
         return passes
 
     def _on_smashed(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
-        self.smashed = activations  # a device would encode and publish it here
+        self.smashed = wire_smashed(self.spec, step, activations, labels)  # then publish
 
     def steps(self, n: int) -> list[float]:
         from edge_runtime.runtime import train_round
@@ -296,8 +319,8 @@ class FrozenRunner(_OrtBase):
         for _ in range(n):
             t0 = time.perf_counter()
             idx = rng.permutation(self.spec.batch)
-            self.smashed = self.model.run(self.theta, self.x[idx], self.y[idx],
-                                          (SMASHED_OUTPUT,))[0]
+            act = self.model.run(self.theta, self.x[idx], self.y[idx], (SMASHED_OUTPUT,))[0]
+            self.smashed = wire_smashed(self.spec, 0, act, self.y[idx])
             times.append((time.perf_counter() - t0) * 1000.0)
         return times
 
@@ -351,10 +374,12 @@ class TorchRunner:
             smashed = s.client(xb)
             F.cross_entropy(s.aux(smashed), yb).backward()
             if step % self.spec.upload_every == 0:
-                self.smashed = smashed.detach()  # a device would publish it here
+                self.smashed = wire_smashed(self.spec, step, smashed.detach().numpy(),
+                                            yb.numpy())
         elif self.alg.waits_for_gradient:  # SplitFed
             smashed = s.client(xb)
-            self.smashed = smashed.detach()  # published every step, before the gradient returns
+            # published every step, before the gradient returns
+            self.smashed = wire_smashed(self.spec, step, smashed.detach().numpy(), yb.numpy())
             smashed.backward(self.cut_grad)
         else:  # fedavg: the whole model
             F.cross_entropy(s.server(s.client(xb)), yb).backward()

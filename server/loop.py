@@ -25,6 +25,8 @@ from edge_runtime.protocol import (
     Smashed,
     Stop,
     Update,
+    WeightsReply,
+    WeightsRequest,
     server_info,
     topics,
 )
@@ -183,6 +185,8 @@ class Server:
         assert state is not None  # admitted: a participant's message for this round
         if isinstance(msg, Smashed):
             self._smashed(device_id, msg, state)
+        elif isinstance(msg, WeightsReply):
+            self._weights_reply(device_id, msg, state)
         else:
             self._update(device_id, msg, state)
 
@@ -225,18 +229,42 @@ class Server:
 
     def _update(self, device_id: str, msg: Update, state: RoundState) -> None:
         o = self.opts
-        if device_id in state.updates or (o.train.device_sync == "replay" and
-                                          device_id in state.gone):
+        if device_id in state.updates or device_id in state.replay_mismatch or (
+                o.train.device_sync == "replay" and device_id in state.gone):
             self.members.reject(device_id, "duplicate update: already have this round's update")
             return
         got = replay_update(msg, state.start.weights, o.train, self.manifest,
                             state.start.round, device_id)
-        weights = got.weights
-        why = got.rejected or check_device_update(
-            weights, msg.num_samples, self.members.declared_samples(device_id), self.theta,
-            o.max_weight_abs, o.max_update_norm)
         if got.seconds:
             state.replay_ms[device_id] = round(got.seconds * 1000.0, 3)
+        if got.mismatch:  # an honest device with another numpy: ask for the weights
+            state.replay_mismatch[device_id] = msg
+            log.warning("round %d: %s; asking %s for its weights", state.start.round,
+                        got.rejected, device_id)
+            self.traffic.add_down("weights_request", self.transport.publish(
+                topics.down_device(device_id, "weights_request", o.prefix),
+                WeightsRequest(self.run_id, state.start.round, "server",
+                               reason="replay mismatch")))
+            return
+        self._accept_update(device_id, msg, got.weights, got.rejected, state)
+
+    def _weights_reply(self, device_id: str, msg: WeightsReply, state: RoundState) -> None:
+        """A device's weights after its log did not replay: checked like any weights
+        update, with the sample count and telemetry of the update they stand in for."""
+        update = state.replay_mismatch.pop(device_id, None)
+        if update is None:
+            self.members.reject(device_id, "unasked weights: no weights request is open for "
+                                           "this device this round")
+            return
+        state.weights_fallback.append(device_id)
+        self._accept_update(device_id, update, msg.weights, None, state)
+
+    def _accept_update(self, device_id: str, msg: Update, weights: np.ndarray | None,
+                       rejected: str | None, state: RoundState) -> None:
+        o = self.opts
+        why = rejected or check_device_update(
+            weights, msg.num_samples, self.members.declared_samples(device_id), self.theta,
+            o.max_weight_abs, o.max_update_norm)
         if why:
             self.members.reject(device_id, why)
             state.gone.add(device_id)

@@ -23,6 +23,7 @@ from edge_runtime.protocol import (
     Presence,
     Smashed,
     Update,
+    WeightsReply,
     topics,
 )
 from edge_runtime.transport import Incoming
@@ -80,7 +81,7 @@ class Members:
 
     # -- what gets through -----------------------------------------------------------------
     def admit(self, inc: Incoming, state: RoundState | None,
-              round_idx: int) -> tuple[str, Smashed | Update] | None:
+              round_idx: int) -> tuple[str, Smashed | Update | WeightsReply] | None:
         """A participant's upload for round `round_idx` in progress (`state`), for the loop to
         act on; anything else is handled here (a join, presence, a member's error) or counted
         as a rejection."""
@@ -139,7 +140,7 @@ class Members:
                                         f"during round {round_idx}")
         elif device_id not in state.participants:
             self.refuse(device_id, msg, f"not a participant: {msg.kind} in round {round_idx}")
-        elif isinstance(msg, (Smashed, Update)):
+        elif isinstance(msg, (Smashed, Update, WeightsReply)):
             return device_id, msg
         return None
 

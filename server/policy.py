@@ -53,7 +53,9 @@ def _default_rates() -> dict[str, Rate]:
     # SplitFed device at full speed would outrun any fixed rate); this bucket only stops a
     # flood of smashed messages that are refused before that count (stale rounds, other
     # runs, non-members).
+    # A weights reply answers the server's request after a replay mismatch: one a round.
     return {"join": Rate(0.5, 5), "error": Rate(1.0, 5), "update": Rate(2.0, 10),
+            "weights_reply": Rate(2.0, 10),
             "presence": Rate(1.0, 10), "smashed": Rate(200.0, 400)}
 
 

@@ -179,7 +179,8 @@ def round_record(state: RoundState, ev: Evaluation | None, members: Members, *,
         "device_local_loss": statistics.fmean(t.loss_mean for t in tel) if tel else None,
         "participants": list(participants),
         "updates": sorted(state.updates),
-        "dropped": sorted(state.gone - set(state.updates)),
+        # a device asked for its weights that did not answer in time is dropped too
+        "dropped": sorted((state.gone | set(state.replay_mismatch)) - set(state.updates)),
         "smashed_batches": len(state.server_losses),
         "round_bytes_up": sum(this_round["up"].values()),
         "round_bytes_down": sum(this_round["down"].values()),
@@ -193,6 +194,10 @@ def round_record(state: RoundState, ev: Evaluation | None, members: Members, *,
                              for d in participants},  # measured by its dry run at join
         "clipped": state.clipped,
         "replay_ms": dict(state.replay_ms),  # --device-sync replay: server ms per device
+        # --device-sync replay: whose log did not replay (asked for its weights), and whose
+        # weights then arrived (bytes_up_by_kind's weights_fallback)
+        "replay_mismatch": sorted({*state.replay_mismatch, *state.weights_fallback}),
+        "weights_fallback": sorted(state.weights_fallback),
         "rejected": dict(m.rejected),
         "quarantined": dict(m.guard.quarantined),
         "device_errors": dict(m.device_errors),
@@ -233,6 +238,10 @@ def run_summary(opts: ServerOptions, run_id: str, manifest: Manifest, members: M
         "device_peak_rss_mb": peak_rss,
         "device_profiles": m.profiles,  # join profiles: board profile, measured memory
         "device_params": manifest.num_params,
+        # --device-sync replay: updates whose log did not replay, and how many of those the
+        # device's weights then replaced (the rest were dropped at the round's deadline)
+        "replay_mismatch": sum(len(r.get("replay_mismatch", [])) for r in records),
+        "weights_fallback": sum(len(r.get("weights_fallback", [])) for r in records),
         "rejected": dict(m.rejected),
         "rejected_by_device": m.guard.by_device,
         # device -> why, for the rest of the run; quarantine_dropped: messages dropped since

@@ -4,9 +4,10 @@ The update carries the round's (seed, projected gradient) log and a hash of the 
 final weights (`edge_runtime.replay`). The server checks the log is the one this round's
 config makes (its length, and every seed the one its step draws), replays it from the
 round's starting weights with the device's own `edge_runtime.zo` functions, and compares
-hashes. A mismatch is never averaged: the update is refused as `replay mismatch` and the
-device leaves the round, as with any refused update; the kind is forgiven (`LENIENT`),
-since an honest device with another numpy can cause it (README, "Seed-replayed updates").
+hashes. A mismatch is never averaged: the loop asks the device for its weights instead
+(`WeightsRequest`, answered by a `WeightsReply` checked like any weights update), since an
+honest device with another numpy can cause it (README, "Seed-replayed updates"); without
+an answer by the round's deadline the update is dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Replayed:
     weights: np.ndarray | None
     rejected: str | None  # the whole rejection, its kind first
     seconds: float = 0.0
+    mismatch: bool = False  # a well-formed log that did not replay to the device's hash
 
 
 def replay_update(msg: Update, start: np.ndarray, cfg: TrainConfig, manifest: Manifest,
@@ -57,5 +59,6 @@ def replay_update(msg: Update, start: np.ndarray, cfg: TrainConfig, manifest: Ma
     if got != msg.weights_hash:
         return Replayed(None, f"replay mismatch: the replayed weights hash to {got}, the "
                               f"device's to {msg.weights_hash}; help: the same numpy version "
-                              "on server and device, or --device-sync weights", seconds)
+                              "on server and device, or --device-sync weights", seconds,
+                        mismatch=True)
     return Replayed(theta, None, seconds)

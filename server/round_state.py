@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge_runtime.protocol import Gradient, RoundStart, Telemetry
+from edge_runtime.protocol import Gradient, RoundStart, Telemetry, Update
 from server.aggregate import DeviceUpdate
 
 
@@ -24,6 +24,10 @@ class RoundState:
     clipped: list[str] = field(default_factory=list)  # devices whose update was clipped
     seconds_training: float = 0.0  # server steps on smashed data, while the round is open
     replay_ms: dict[str, float] = field(default_factory=dict)  # --device-sync replay: cost
+    # --device-sync replay: devices whose log did not replay to their hash, asked for their
+    # weights; their update (sample count, telemetry) waits here for the weights
+    replay_mismatch: dict[str, Update] = field(default_factory=dict)
+    weights_fallback: list[str] = field(default_factory=list)  # whose weights then came
 
     def finished(self) -> bool:
         """Every live participant reported, or the configured minimum did."""

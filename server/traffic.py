@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-BYTE_KINDS = ("smashed", "grad", "weights", "bundle", "control")
-# message kind -> what it carries; every other kind (join, presence, error, stop, a payload
-# that did not decode) is control
+BYTE_KINDS = ("smashed", "grad", "weights", "weights_fallback", "bundle", "control")
+# message kind -> what it carries; every other kind (join, presence, error, stop, the
+# weights request, a payload that did not decode) is control. weights_fallback: the weights
+# a device sends when its replay log did not replay (--device-sync replay)
 _CARRIES = {"smashed": "smashed", "grad": "grad", "update": "weights", "round": "weights",
-            "bundle": "bundle"}
+            "weights_reply": "weights_fallback", "bundle": "bundle"}
 
 
 def byte_kind(kind: str | None) -> str:
@@ -53,8 +54,8 @@ class Traffic:
 
     def restore(self, counters: dict[str, Any]) -> None:
         """From a checkpoint's counters (`counters()`)."""
-        self.up.update({k: int(counters["bytes_up_by_kind"][k]) for k in BYTE_KINDS})
-        self.down.update({k: int(counters["bytes_down_by_kind"][k]) for k in BYTE_KINDS})
+        self.up.update({k: int(counters["bytes_up_by_kind"].get(k, 0)) for k in BYTE_KINDS})
+        self.down.update({k: int(counters["bytes_down_by_kind"].get(k, 0)) for k in BYTE_KINDS})
 
     def counters(self) -> dict[str, Any]:
         return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,

@@ -2,7 +2,7 @@
 largest message it takes (`message_limit`) and the MQTT connection `heron device` makes.
 
 Whom a device obeys. It acts only on the kinds the server sends, each on its own topic
-(`server_kinds`: the retained server presence, ``down/{own id}/bundle|grad``,
+(`server_kinds`: the retained server presence, ``down/{own id}/bundle|grad|weights_request``,
 ``down/all/round|stop``) with sender "server", and only for the run it joined: the run id
 comes from the server's online presence on the retained server status topic and from nowhere
 else. A bundle, round, gradient or stop for another run, a kind on the wrong topic or a
@@ -44,6 +44,7 @@ from edge_runtime.protocol import (
     Presence,
     RoundStart,
     Stop,
+    WeightsRequest,
     topics,
 )
 from edge_runtime.transport import Endpoint, Transport
@@ -54,6 +55,7 @@ def server_kinds(device_id: str, prefix: str) -> dict[str, type[Message]]:
     return {topics.server_status(prefix): Presence,
             topics.down_device(device_id, "bundle", prefix): BundleFiles,
             topics.down_device(device_id, "grad", prefix): Gradient,
+            topics.down_device(device_id, "weights_request", prefix): WeightsRequest,
             topics.down_all("round", prefix): RoundStart,
             topics.down_all("stop", prefix): Stop}
 

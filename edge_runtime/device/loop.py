@@ -42,6 +42,8 @@ from edge_runtime.protocol import (
     Stop,
     TrainConfig,
     Update,
+    WeightsReply,
+    WeightsRequest,
     new_msg_id,
     topics,
 )
@@ -77,6 +79,8 @@ class DeviceLoop:
         self.run_id: str | None = None
         self.rounds_done = 0
         self.last_update: Update | None = None  # resent if the server asks for its round again
+        # --device-sync replay: the last round's weights, sent if its log does not replay
+        self.last_weights: WeightsReply | None = None
         self.pending: list[Message] = []  # messages that arrived while a round was busy
         self.ignored: dict[str, int] = {}  # why -> how many server messages were not acted on
         p, dev = opts.prefix, opts.device_id
@@ -259,9 +263,25 @@ class DeviceLoop:
         elif isinstance(msg, Stop) and not self._other_run(msg):
             raise DeviceExit(f"server ended the run ({msg.reason}) after "
                              f"{self.rounds_done} rounds here", 0)
+        elif isinstance(msg, WeightsRequest) and not self._other_run(msg):
+            self._send_weights(msg)
         elif isinstance(msg, Gradient) and not self._other_run(msg):
             log.debug("%s: a gradient for round %d step %d came after its round", dev,
                       msg.round, msg.step)
+
+    def _send_weights(self, msg: WeightsRequest) -> None:
+        """The server could not replay this round's log: answer with the weights it stands
+        for (kept since the round ended), or, for any other round, nothing (the server drops
+        the update at its deadline)."""
+        dev, last = self.opts.device_id, self.last_weights
+        if last is None or (last.run_id, last.round) != (msg.run_id, msg.round):
+            self._ignore("weights request for a round this device does not hold",
+                         f"round {msg.round}")
+            return
+        log.warning("%s: the server could not replay round %d (%s); sending its weights", dev,
+                    msg.round, msg.reason)
+        self.transport.publish(topics.up(dev, "weights_reply", self.opts.prefix),
+                               replace(last, msg_id=new_msg_id()), wait=30.0)
 
     def _refuse_bundle(self, why: str) -> None:
         self._report(f"bundle rejected: {why}")
@@ -337,6 +357,8 @@ class DeviceLoop:
                 update = replace(update, weights=np.zeros(0, np.float32), seeds=result.seeds,
                                  projected=result.projected,
                                  weights_hash=weights_hash(result.theta))
+                self.last_weights = WeightsReply(msg.run_id, msg.round, dev,
+                                                 weights=result.theta)
         except ValueError as exc:
             self._report(f"round {msg.round} failed: its update is not valid: {exc}")
             return

@@ -41,6 +41,8 @@ from edge_runtime.protocol.messages import (
     Smashed,
     Stop,
     Update,
+    WeightsReply,
+    WeightsRequest,
     max_bytes,
     new_msg_id,
 )
@@ -57,7 +59,8 @@ __all__ = [
     "PARTIAL_OVERHEAD", "PIECE_OVERHEAD", "BundleFiles", "CodecError", "DeviceError", "Gradient",
     "Join",
     "JoinProfile", "Message", "OptimizerConfig", "Presence", "Reassembler", "RoundStart",
-    "ServerInfo", "Smashed", "Stop", "Telemetry", "TrainConfig", "Update", "ZOConfig",
+    "ServerInfo", "Smashed", "Stop", "Telemetry", "TrainConfig", "Update", "WeightsReply",
+    "WeightsRequest", "ZOConfig",
     "announced_train", "chunk", "decode", "encode", "max_bytes", "new_msg_id", "server_info",
     "topics", "wire_bytes",
 ]

@@ -258,6 +258,32 @@ class Update(Message):
 
 
 @dataclass(frozen=True)
+class WeightsRequest(Message):
+    """`--device-sync replay`, server to one device: its update for this round did not replay
+    to its hash, so send the round's weights themselves (a `WeightsReply`); `reason` says
+    why, for the device's log."""
+
+    reason: str = ""
+    kind: ClassVar[str] = "weights_request"
+    _meta: ClassVar[dict[str, Callable[[str, Any], Any]]] = {"reason": free_text(MAX_REASON_CHARS)}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", clean_text(self.reason, MAX_REASON_CHARS))
+
+
+@dataclass(frozen=True)
+class WeightsReply(Message):
+    """The answer to a `WeightsRequest`: the device's end-of-round weights for that round,
+    which the server checks like any weights update (its sample count and telemetry came
+    with the update whose log did not replay)."""
+
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    kind: ClassVar[str] = "weights_reply"
+    max_bytes: ClassVar[int] = Update.max_bytes
+    _arrays: ClassVar[dict[str, ArraySpec]] = {"weights": WEIGHTS}
+
+
+@dataclass(frozen=True)
 class DeviceError(Message):
     """A device reporting a problem it cannot fix itself (errors travel as messages).
     Longer text is cut to MAX_ERROR_CHARS when the message is built."""
@@ -282,7 +308,7 @@ class Stop(Message):
 
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls for cls in (Presence, Join, BundleFiles, RoundStart, Smashed, Gradient,
-                              Update, DeviceError, Stop)
+                              Update, WeightsRequest, WeightsReply, DeviceError, Stop)
 }
 
 

@@ -23,8 +23,8 @@ import re
 
 DEFAULT_PREFIX = "heron"
 ALL = "all"
-UP_KINDS = ("join", "smashed", "update", "error")
-DOWN_DEVICE_KINDS = ("bundle", "grad")
+UP_KINDS = ("join", "smashed", "update", "weights_reply", "error")
+DOWN_DEVICE_KINDS = ("bundle", "grad", "weights_request")
 DOWN_ALL_KINDS = ("round", "stop")
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.algorithms import ALGORITHMS
+from edge_runtime.protocol.config import TrainConfig
+from edge_runtime.protocol.smashed_codec import CODECS
 from heron.cli.options import (
     need_server_extra,
     nonneg_int,
@@ -58,7 +60,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          batch=args.batch,
                          threads=args.threads, steps=args.steps, warmup=args.warmup,
                          input_shape=args.input_shape, num_classes=args.num_classes,
-                         perturb=args.zo_perturb, q=args.q)
+                         perturb=args.zo_perturb, q=args.q,
+                         smashed_codec=args.smashed_codec)
     except (ValueError, ProfileError) as exc:
         raise SystemExit(f"heron profile: {exc}") from exc
     text = json.dumps(result, indent=2)
@@ -264,6 +267,9 @@ def add_bench_parsers(sub: Any) -> None:
                       help="heron's ZO perturbation: full (the paper) or block (full)")
     prof.add_argument("--q", type=positive_int, default=1,
                       help="heron's ZO directions per step, as `heron run --q` (1)")
+    prof.add_argument("--smashed-codec", default=TrainConfig.smashed_codec, choices=CODECS,
+                      help="how the device codes its smashed uploads, inside the timed step "
+                      f"and in the byte counts ({TrainConfig.smashed_codec})")
     prof.add_argument("--out", help="also write the JSON to this file")
     prof.set_defaults(func=cmd_profile)
 

@@ -101,13 +101,15 @@ def test_heron_profile_command_prints_one_json_object(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     proc = subprocess.run(
         heron("profile", "--model", "cnn", "--input-shape", "1,8,8", "--batch", "8",
-              "--algorithm", "heron", "--threads", "1", "--steps", "2", "--out", str(out)),
+              "--algorithm", "heron", "--threads", "1", "--steps", "2", "--out", str(out),
+              "--smashed-codec", "int8"),
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["algorithm"] == "heron" and printed["torch_imported"] is False
     assert printed["steps"] == printed["warmup"] == 2
+    assert printed["smashed_codec"] == "int8" and printed["smashed_bytes"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -213,3 +215,58 @@ def test_profile_command_takes_a_text_model_with_its_own_defaults() -> None:
     proc = subprocess.run(heron("profile", "--model", "minilm", "--input-shape", "3,8,8"),
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "--max-length" in proc.stderr
+
+
+def test_profile_codes_smashed_uploads_in_the_step_and_sizes_them_by_codec(
+        tmp_path: Path) -> None:
+    """`smashed_codec`: the runner's step leaves the wire chunks of a coded Smashed message,
+    and the byte model sizes the upload by the codec, not as float32."""
+    import math
+
+    from baselines.profile import profile
+    from baselines.steps import StepSpec, make_runner
+    from edge_runtime.protocol import Reassembler, decode
+
+    export_split("cnn", (1, 8, 8), 10, tmp_path / "b")
+    spec = StepSpec(algorithm="heron", model="cnn", cut="conv1", batch=8, threads=1,
+                    input_shape=(1, 8, 8), num_classes=10, bundle_dir=str(tmp_path / "b"),
+                    smashed_codec="int8")
+    runner = make_runner(spec)
+    runner.steps(2)  # step 0 uploads (k = 2)
+    raw = None
+    for part in runner.smashed:  # type: ignore[attr-defined]
+        raw = Reassembler().add("t", part) or raw
+    assert raw is not None
+    msg = decode(raw)
+    assert msg.codec == "int8" and msg.activations.dtype.name == "uint8"  # type: ignore[attr-defined]
+    shape = msg.activations.shape  # type: ignore[attr-defined]
+
+    got = {c: profile("heron", threads=1, steps=2, warmup=0, bundle_dir=tmp_path / "b",
+                      smashed_codec=c, **TINY) for c in ("fp32", "fp16", "int8")}
+    n, channels = math.prod(shape), shape[1]  # values in one batch; int8: one scale per channel
+    fp32 = got["fp32"]["smashed_bytes"]
+    # fp16: 2 bytes less per value; the header differs only in the dtype name, float16 and
+    # float32 being as long
+    assert got["fp16"]["smashed_bytes"] == fp32 - 2 * n
+    # int8: a quarter of the values' bytes, plus float32 scale and offset per channel; the
+    # header names uint8 (2 characters shorter than float32) and their shapes [C], not [0]
+    header = len("uint8") - len("float32") + 2 * (len(str(channels)) - len("0"))
+    assert got["int8"]["smashed_bytes"] == fp32 - 3 * n + 2 * 4 * channels + header
+    for c, r in got.items():
+        assert r["smashed_codec"] == c and r["torch_imported"] is False
+        # heron uploads every k = 2 of h = 40 steps: 20 per round, the update on top
+        assert r["bytes_up_per_round"] > 20 * r["smashed_bytes"]
+    assert got["int8"]["bytes_up_per_round"] < 0.3 * got["fp32"]["bytes_up_per_round"]
+
+
+def test_smashed_codec_is_refused_where_no_smashed_data_go_up() -> None:
+    from baselines.steps import StepSpec
+
+    common: dict[str, Any] = {"model": "cnn", "cut": "conv1", "batch": 8, "threads": 1,
+                              "input_shape": (1, 8, 8), "num_classes": 10, "bundle_dir": "b"}
+    with pytest.raises(ValueError, match="uploads no smashed data"):
+        StepSpec(algorithm="fedavg", smashed_codec="int8", **common)
+    with pytest.raises(ValueError, match="unknown smashed codec"):
+        StepSpec(algorithm="heron", smashed_codec="int4", **common)
+    assert StepSpec.from_json(StepSpec(algorithm="heron", smashed_codec="fp16",
+                                       **common).to_json()).smashed_codec == "fp16"

@@ -286,7 +286,8 @@ def test_bytes_by_kind_add_up_to_what_the_transports_counted(tmp_path: Path) -> 
     fleet.start_devices(run, 2)
     summary = fleet.run(server)
     up, down = summary["bytes_up_by_kind"], summary["bytes_down_by_kind"]
-    assert set(up) == set(down) == {"smashed", "grad", "weights", "bundle", "control"}
+    assert set(up) == set(down) == {"smashed", "grad", "weights", "weights_fallback", "bundle",
+                                    "control"}
     assert sum(up.values()) == summary["bytes_up"] == server.transport.bytes_in
     # what the devices' transports sent and received, by the kind of message
     sent = [d.transport.bytes_out_by_kind for d in fleet.devices]
@@ -295,6 +296,7 @@ def test_bytes_by_kind_add_up_to_what_the_transports_counted(tmp_path: Path) -> 
     assert up["smashed"] == sum(s["smashed"] for s in sent) > 0
     assert up["weights"] == sum(s["update"] for s in sent) > 0
     assert up["bundle"] == up["grad"] == 0  # heron: no gradient comes back
+    assert up["weights_fallback"] == 0  # weights sync: nothing to fall back from
     assert sum(down.values()) == summary["bytes_down"]
     assert down["bundle"] == sum(g["bundle"] for g in got) > 0
     assert down["weights"] == sum(g["round"] for g in got) > 0

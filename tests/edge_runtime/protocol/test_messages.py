@@ -36,6 +36,8 @@ from edge_runtime.protocol import (
     Stop,
     Telemetry,
     Update,
+    WeightsReply,
+    WeightsRequest,
     chunk,
     decode,
     encode,
@@ -99,6 +101,8 @@ def _messages() -> list[Message]:
         Update(**ENV, weights=_rng_array("float32", (0,)), num_samples=10**9,
                telemetry=Telemetry(**{**TELEMETRY, "threads": None, "algorithm": None})),
         Update(**ENV),
+        WeightsRequest(**ENV, reason="replay mismatch"),
+        WeightsReply(**ENV, weights=_rng_array("float32", (257,))),
         DeviceError(**ENV, error="shard has label 11 but the bundle has 10 classes"),
         Stop(**ENV, reason="done"),
         Stop(run_id="", round=-1, sender="server", reason="ünïcode ✓"),
@@ -163,7 +167,8 @@ def test_every_kind_round_trips(msg: Message) -> None:
 ARRAY_KINDS = [  # (kind, array, the dtype it must have)
     (Update, "weights", "float32"), (RoundStart, "weights", "float32"),
     (Smashed, "activations", "float32"), (Smashed, "labels", "int64"),
-    (Gradient, "grad", "float32"), (BundleFiles, "file0", "uint8")]
+    (Gradient, "grad", "float32"), (BundleFiles, "file0", "uint8"),
+    (WeightsReply, "weights", "float32")]
 
 
 def _with_array(cls: type[Message], name: str, arr: np.ndarray) -> Message:
