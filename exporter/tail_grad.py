@@ -17,8 +17,9 @@ rewrites each into public torch ops that it does export (same arithmetic).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch
@@ -73,7 +74,7 @@ def tail_loss(graph: TrainGraph, names: list[str]) -> Callable[..., torch.Tensor
                             "look like 'client.layers.4.ffn_out.weight'")
 
     def loss(x: torch.Tensor, y: torch.Tensor, *tail: torch.Tensor) -> torch.Tensor:
-        return functional_call(graph, {**params, **dict(zip(names, tail))}, (x, y))[0]
+        return functional_call(graph, {**params, **dict(zip(names, tail, strict=True))}, (x, y))[0]
 
     return loss
 
