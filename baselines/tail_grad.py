@@ -41,6 +41,24 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def adam_update(w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                scratch: np.ndarray, t: int) -> None:
+    """One Adam step (torch.optim.Adam's, ADAM's settings) on w in place, at step t >= 1.
+
+    In place with one scratch array per tensor: a device should not allocate temporaries
+    the size of the weights on every step (they would count in its peak RSS)."""
+    lr, b1, b2, eps = ADAM
+    m *= b1
+    m += np.multiply(g, 1 - b1, out=scratch)
+    v *= b2
+    np.multiply(g, g, out=scratch)
+    v += np.multiply(scratch, 1 - b2, out=scratch)
+    np.sqrt(np.divide(v, 1 - b2 ** t, out=scratch), out=scratch)
+    scratch += eps
+    np.divide(m, scratch, out=scratch)
+    w -= np.multiply(scratch, lr / (1 - b1 ** t), out=scratch)
+
+
 def child(graph: str, batch: int, length: int, steps: int, warmup: int, threads: int,
           prepack: bool = True) -> dict:
     """In a fresh process: tail-gradient graph + numpy Adam, as a device would run it, with
@@ -64,7 +82,6 @@ def child(graph: str, batch: int, length: int, steps: int, warmup: int, threads:
     m = {n: np.zeros_like(v) for n, v in w.items()}
     v2 = {n: np.zeros_like(v) for n, v in w.items()}
     scratch = {n: np.empty_like(v) for n, v in w.items()}  # Adam in place: no temporaries
-    lr, b1, b2, eps = ADAM
     times: list[float] = []
     loss = math.nan
     for t in range(1, warmup + steps + 1):
@@ -72,16 +89,7 @@ def child(graph: str, batch: int, length: int, steps: int, warmup: int, threads:
         out = session.run(None, {"x": x, "y": y, **w})
         loss = float(out[0])
         for n, g in zip(names, out[1:], strict=True):
-            tmp = scratch[n]
-            m[n] *= b1
-            m[n] += np.multiply(g, 1 - b1, out=tmp)
-            v2[n] *= b2
-            np.multiply(g, g, out=tmp)
-            v2[n] += np.multiply(tmp, 1 - b2, out=tmp)
-            np.sqrt(np.divide(v2[n], 1 - b2 ** t, out=tmp), out=tmp)
-            tmp += eps
-            np.divide(m[n], tmp, out=tmp)
-            w[n] -= np.multiply(tmp, lr / (1 - b1 ** t), out=tmp)
+            adam_update(w[n], g, m[n], v2[n], scratch[n], t)
         del out, g  # the next run's outputs must not coexist with these
         if t > warmup:
             times.append((time.perf_counter() - start) * 1e3)
