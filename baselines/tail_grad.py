@@ -88,7 +88,7 @@ def child(graph: str, batch: int, length: int, steps: int, warmup: int, threads:
         start = time.perf_counter()
         out = session.run(None, {"x": x, "y": y, **w})
         loss = float(out[0])
-        for n, g in zip(names, out[1:], strict=True):
+        for n, g in zip(names, out[2:], strict=True):
             adam_update(w[n], g, m[n], v2[n], scratch[n], t)
         del out, g  # the next run's outputs must not coexist with these
         if t > warmup:

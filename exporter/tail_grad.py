@@ -29,7 +29,7 @@ from torch.func import functional_call, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edge_runtime.bundle import GRAPH_DATA
-from edge_runtime.manifest import INPUT_NAME, LABEL_NAME, LOSS_OUTPUT
+from edge_runtime.manifest import INPUT_NAME, LABEL_NAME, LOSS_OUTPUT, SMASHED_OUTPUT
 from exporter.export import (
     TrainGraph,
     externalize_initializers,
@@ -64,29 +64,35 @@ def tail_names(split: SplitModel, tail_set: str = "ffnout-last1") -> list[str]:
     return [last + name for name in TAIL_SETS[tail_set]]
 
 
-def tail_loss(graph: TrainGraph, names: list[str]) -> Callable[..., torch.Tensor]:
-    """loss(x, y, *tail): the aux loss with the named tensors replaced, every other tensor
-    of the graph a detached constant (so nothing else is differentiated)."""
+def tail_loss(graph: TrainGraph, names: list[str]
+              ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """loss(x, y, *tail) -> (aux loss, smashed): the named tensors replaced, every other
+    tensor of the graph a detached constant (so nothing else is differentiated)."""
     params = {k: v.detach() for k, v in graph.named_parameters()}
     missing = [n for n in names if n not in params]
     if missing:
         raise TailGradError(f"{missing} are not tensors of the device graph; help: names "
                             "look like 'client.layers.4.ffn_out.weight'")
 
-    def loss(x: torch.Tensor, y: torch.Tensor, *tail: torch.Tensor) -> torch.Tensor:
-        return functional_call(graph, {**params, **dict(zip(names, tail, strict=True))}, (x, y))[0]
+    def loss(x: torch.Tensor, y: torch.Tensor,
+             *tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value, smashed, _ = functional_call(
+            graph, {**params, **dict(zip(names, tail, strict=True))}, (x, y))
+        return value, smashed
 
     return loss
 
 
 def grad_step(graph: TrainGraph, names: list[str]) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """(x, y, *tail) -> (loss, *d loss / d tail): what the exported graph computes."""
+    """(x, y, *tail) -> (loss, smashed, *d loss / d tail): what the exported graph
+    computes; the smashed data come along because the device uploads them every k steps."""
     loss = tail_loss(graph, names)
     argnums = tuple(range(2, 2 + len(names)))
 
     def step(x: torch.Tensor, y: torch.Tensor, *tail: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        grads, value = grad_and_value(loss, argnums=argnums)(x, y, *tail)
-        return (value, *grads)
+        grads, (value, smashed) = grad_and_value(loss, argnums=argnums, has_aux=True)(
+            x, y, *tail)
+        return (value, smashed.detach(), *grads)
 
     return step
 
@@ -139,8 +145,8 @@ def trace_tail_grad(split: SplitModel, names: list[str], x: torch.Tensor,
 def export_tail_grad(split: SplitModel, path: str | Path, *, batch: int, length: int | None = None,
                      tail_set: str = "ffnout-last1", opset: int = 17) -> Path:
     """Write the tail-gradient graph to `path` (+ GRAPH_DATA beside it for the frozen
-    tensors, as the bundle does). Inputs: x, y, the tail tensors (named as the manifest
-    names them); outputs: loss and GRAD_PREFIX + name per tail tensor. Shapes are fixed to
+    tensors, as the bundle does). Inputs: x, y, the tail tensors (named as the device graph
+    names them); outputs: loss, smashed and GRAD_PREFIX + name per tail tensor. Shapes are fixed to
     (batch, *split.input_shape), with the sequence length replaced by `length` if given."""
     names = tail_names(split, tail_set)
     shape = tuple(split.input_shape)
@@ -152,7 +158,8 @@ def export_tail_grad(split: SplitModel, path: str | Path, *, batch: int, length:
     gm = trace_tail_grad(split, names, x, y)
     tail = [dict(train_graph(split).named_parameters())[n].detach() for n in names]
     proto = legacy_export(gm, (x, y, *tail), input_names=[INPUT_NAME, LABEL_NAME, *names],
-                          output_names=[LOSS_OUTPUT, *(GRAD_PREFIX + n for n in names)],
+                          output_names=[LOSS_OUTPUT, SMASHED_OUTPUT,
+                                        *(GRAD_PREFIX + n for n in names)],
                           dynamic_axes={}, opset=opset)
     # The frozen constants are initializers only (ORT may fold them); inputs are x, y, tail.
     keep = [i for i in proto.graph.input if i.name in {INPUT_NAME, LABEL_NAME, *names}]

@@ -46,7 +46,8 @@ def test_ort_gradients_equal_torch_autograd_without_torch(tmp_path: Path) -> Non
 
     proto = onnx.load(str(graph_path), load_external_data=False)
     assert [i.name for i in proto.graph.input] == ["x", "y", *names]
-    assert [o.name for o in proto.graph.output] == ["loss", *(GRAD_PREFIX + n for n in names)]
+    assert [o.name for o in proto.graph.output] == ["loss", "smashed",
+                                                *(GRAD_PREFIX + n for n in names)]
     assert {n.domain for n in proto.graph.node} <= {""}  # standard ONNX ops only
 
     # Tail values away from the pretrained ones, and a padded sequence, so the gradient is
@@ -67,10 +68,10 @@ def test_ort_gradients_equal_torch_autograd_without_torch(tmp_path: Path) -> Non
         p.requires_grad_(False)
     for n in names:
         params[n].requires_grad_(True)
-    loss = graph(x, y)[0]
+    loss, smashed, _ = graph(x, y)
     loss.backward()
-    ref = {"loss": loss.detach().numpy(), **{GRAD_PREFIX + n: params[n].grad.numpy()
-                                             for n in names}}
+    ref = {"loss": loss.detach().numpy(), "smashed": smashed.detach().numpy(),
+           **{GRAD_PREFIX + n: params[n].grad.numpy() for n in names}}
 
     np.savez(tmp_path / "in.npz", x=x.numpy(), y=y.numpy(),
              **{n: params[n].detach().numpy() for n in names})
