@@ -195,7 +195,16 @@ def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return grad_x, grad_w, grad_b
 
 
+def _squeeze_dims(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """squeeze over several dims (group norm's decomposition) as one squeeze per dim: the
+    exporter's squeeze takes a single constant dim."""
+    for d in sorted((d % t.dim() for d in dims), reverse=True):
+        t = t.squeeze(d)
+    return t
+
+
 _PORTABLE: dict[Any, Callable[..., Any]] = {
+    _A.squeeze.dims: _squeeze_dims,
     _A.convolution_backward.default: _conv_backward,
     _A._to_copy.default: lambda t, dtype=None, **_: t.to(dtype),
     _A._unsafe_view.default: torch.reshape,

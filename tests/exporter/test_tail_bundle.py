@@ -26,20 +26,22 @@ from exporter.zoo import build_split
 BATCH = 5
 
 
-@pytest.mark.parametrize(("model", "shape", "cut", "conv"), [
-    ("cnn", (1, 8, 8), "conv2", "client.conv2.0"),
-    ("cnn", (1, 8, 8), "conv1", "client.conv1.0"),
-    ("fedcnn", (1, 28, 28), "conv2", "client.conv2.0"),
+@pytest.mark.parametrize(("model", "shape", "cut", "tail"), [
+    ("cnn", (1, 8, 8), "conv2", ["client.conv2.0.weight", "client.conv2.0.bias"]),
+    ("cnn", (1, 8, 8), "conv1", ["client.conv1.0.weight", "client.conv1.0.bias"]),
+    ("fedcnn", (1, 28, 28), "conv2", ["client.conv2.0.weight", "client.conv2.0.bias"]),
+    # a conv without bias, then GroupNorm and ReLU on the way to the cut
+    ("resnet18", (3, 16, 16), "stem", ["client.stem.0.weight"]),
 ])
 def test_bundle_tail_gradients_equal_torch_autograd(tmp_path: Path, model: str,
                                                     shape: tuple[int, ...], cut: str,
-                                                    conv: str) -> None:
+                                                    tail: list[str]) -> None:
     split = build_split(model, shape, 10, cut=cut, seed=0)
-    assert tail_names(split) == [f"{conv}.weight", f"{conv}.bias"]
+    assert tail_names(split) == tail
     mark_tail_trainable(split)
     manifest = export_bundle(split, tmp_path / "b", tail_batch=BATCH)
     names = [p.name for p in manifest.params]
-    trained = [f"{conv}.weight", f"{conv}.bias", "aux.fc.weight", "aux.fc.bias"]
+    trained = [*tail, "aux.fc.weight", "aux.fc.bias"]
     assert manifest.tail is not None and list(manifest.tail.trained) == trained
     assert manifest.tail.batch == BATCH and manifest.tail.file == TAIL_GRAPH
     assert manifest.segments == ()  # a tail bundle runs no block-wise ZO
