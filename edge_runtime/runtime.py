@@ -96,22 +96,38 @@ class LocalModel:
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
-        opts = session_options(threads)
         self.threads = thread_count(threads)
         self._chain: blockzo.SegmentChain | None = None
         self._tail: TailModel | None = None
         self._fast: bool | None = None  # fast_chain's answer, once known
+        self._session: ort.InferenceSession | None = None
+        if bundle.manifest.tail is None:
+            self._open()
+        else:
+            # A heron-tail bundle: its device steps only the tail graph, so that one is
+            # opened (and checked) now and the training graph only if something runs it;
+            # both sessions at once cost ~60 MB more peak RSS on minilm/layer5.
+            self.tail()
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The training graph's session (opened on first use for a heron-tail bundle)."""
+        return self._session if self._session is not None else self._open()
+
+    def _open(self) -> ort.InferenceSession:
         try:
-            self.session = open_session(bundle, opts)
+            session = open_session(self.bundle, session_options(self.threads))
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"ONNX Runtime cannot load the bundle's graph: {exc}") from exc
-        names = {i.name for i in self.session.get_inputs()}
-        expected = {INPUT_NAME, LABEL_NAME, *(p.name for p in bundle.manifest.params)}
+        names = {i.name for i in session.get_inputs()}
+        expected = {INPUT_NAME, LABEL_NAME, *(p.name for p in self.bundle.manifest.params)}
         if names != expected:
             raise BundleError(f"graph inputs {sorted(names)} do not match the manifest "
                               f"{sorted(expected)}")
+        self._session = session
+        return session
 
     def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Refuse a shard that does not fit the bundle, before any training."""
