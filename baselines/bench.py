@@ -16,6 +16,7 @@ from typing import Any
 
 from baselines.profile import export_bundle, machine, profile
 from baselines.steps import ALGORITHMS
+from edge_runtime.algorithms import algorithm
 
 REFERENCE = "cse-fsl"
 BLOCK = "heron-block"  # heron with block-wise ZO (--zo-perturb block), a row of its own
@@ -72,12 +73,17 @@ def run_cost(
     with tempfile.TemporaryDirectory(prefix="heron-bench-") as tmp:
         bundle = Path(tmp) / "bundle"
         manifest = export_bundle(model, input_shape, num_classes, cut, bundle)
+        tail_bundle = Path(tmp) / "tail-bundle"  # heron-tail's: the tail in its weights
+        if any(algorithm(a).needs_tail_graph for a in algorithms if a != BLOCK):
+            export_bundle(model, input_shape, num_classes, cut, tail_bundle, tail_batch=batch)
         for rep in range(repeats):
             for alg in (algorithms if rep % 2 == 0 else list(reversed(algorithms))):
                 res = profile("heron" if alg == BLOCK else alg, model=model, cut=manifest.cut,
                               batch=batch, threads=threads, steps=steps, warmup=warmup,
                               input_shape=input_shape, num_classes=num_classes,
-                              bundle_dir=bundle, perturb="block" if alg == BLOCK else "full")
+                              bundle_dir=(tail_bundle if alg != BLOCK
+                                          and algorithm(alg).needs_tail_graph else bundle),
+                              perturb="block" if alg == BLOCK else "full")
                 res["algorithm"] = alg
                 progress(f"  {alg:11s} step {res['step_ms_median']:9.2f} ms (median of {steps}),"
                          f" {res['step_ms_mean']:9.2f} mean,"

@@ -135,11 +135,22 @@ def child_main(argv: list[str]) -> int:
 
 
 def export_bundle(model: str, input_shape: tuple[int, ...], num_classes: int,
-                  cut: str | None, out_dir: str | Path, seed: int = 0) -> Any:
-    """The device bundle every ONNX Runtime measurement runs (exported with torch, here)."""
+                  cut: str | None, out_dir: str | Path, seed: int = 0,
+                  tail_batch: int | None = None) -> Any:
+    """The device bundle every ONNX Runtime measurement runs (exported with torch, here);
+    with `tail_batch`, heron-tail's (the tail in the weights, its gradient graph for that
+    batch), as its server exports it."""
     from exporter.export import export_split
 
-    return export_split(model, input_shape, num_classes, out_dir, cut=cut, seed=seed)
+    if tail_batch is None:
+        return export_split(model, input_shape, num_classes, out_dir, cut=cut, seed=seed)
+    from exporter.export import export_bundle as export
+    from exporter.tail_grad import mark_tail_trainable
+    from exporter.zoo import build_split
+
+    split = build_split(model, input_shape, num_classes, cut=cut, seed=seed)
+    mark_tail_trainable(split)
+    return export(split, out_dir, tail_batch=tail_batch)
 
 
 def _run_child(spec: StepSpec, steps: int, warmup: int, timeout: float) -> dict[str, Any]:
@@ -208,8 +219,10 @@ def profile(
     with tempfile.TemporaryDirectory(prefix="heron-profile-") as tmp:
         if bundle_dir is None:
             bundle_dir = Path(tmp) / "bundle"
-            export_bundle(model, input_shape, num_classes, split.cut, bundle_dir, seed)
+            export_bundle(model, input_shape, num_classes, split.cut, bundle_dir, seed,
+                          tail_batch=batch if alg.needs_tail_graph else None)
         bundle = load_bundle(bundle_dir)
+        m = bundle.manifest
         spec = StepSpec(algorithm=algorithm, model=model, cut=split.cut, batch=batch,
                         threads=threads, input_shape=split.input_shape,
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
@@ -225,8 +238,9 @@ def profile(
                                    "not be a device's")
             # a graph with external data is read from disk, where onnx finds its tensors
             data = bundle.external_data
-            full_flops = onnx_graph_flops(bundle.graph if data is None else data.parent / GRAPH,
-                                          batch)
+            graph, name = ((bundle.tail, m.tail.file) if alg.needs_tail_graph and m.tail
+                           else (bundle.graph, GRAPH))
+            full_flops = onnx_graph_flops(graph if data is None else data.parent / name, batch)
             flops = full_flops * int(got["forwards_per_step"])
             flops_method = ONNX_FLOPS_METHOD
             if perturb == "block":

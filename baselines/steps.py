@@ -141,6 +141,8 @@ def make_runner(spec: StepSpec) -> Runner:
     a = algorithm(spec.algorithm)
     if a.runtime == "torch":
         return TorchRunner(spec)
+    if a.device_update == "tail":
+        return TailRunner(spec)
     return HeronRunner(spec) if a.device_update == "zo" else FrozenRunner(spec)
 
 
@@ -328,6 +330,48 @@ class FrozenRunner(_OrtBase):
         from edge_runtime.manifest import SMASHED_OUTPUT
 
         return self._timed_passes(n, [[(SMASHED_OUTPUT,)]] * n)
+
+
+class TailRunner(_OrtBase):
+    """heron-tail's step through `train_round` itself: the bundle's tail graph (loss, smashed,
+    exact gradients) and numpy Adam on the trained tensors. Its forward is the training
+    graph's pass with loss and smashed outputs on fixed weights (frozen's upload pass), so
+    step / forwards is what the gradient and the update cost on top of one forward."""
+
+    forwards_per_step = 1
+
+    def __init__(self, spec: StepSpec) -> None:
+        super().__init__(spec)
+        from edge_runtime.algorithms import DEVICE_LR
+        from edge_runtime.protocol import OptimizerConfig, TrainConfig
+
+        self.cfg = TrainConfig(algorithm=spec.algorithm, local_steps=1,
+                               upload_every=spec.upload_every, batch_size=spec.batch,
+                               seed=spec.seed, optimizer=OptimizerConfig(lr=DEVICE_LR["tail"]))
+        self.round = 0
+        self.model.tail()  # its session is made now, not inside a timed step
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.spec.upload_every
+
+    def _on_smashed(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
+        self.smashed = wire_smashed(self.spec, step, activations, labels)  # then publish
+
+    def steps(self, n: int) -> list[float]:
+        from edge_runtime.runtime import train_round
+
+        res = train_round(self.model, self.theta, self.x, self.y,
+                          replace(self.cfg, local_steps=n), round_idx=self.round,
+                          device_id="profile", on_smashed=self._on_smashed)
+        self.theta = res.theta
+        self.round += 1
+        return list(res.step_ms)
+
+    def forwards(self, n: int) -> list[float]:
+        from edge_runtime.manifest import LOSS_OUTPUT, SMASHED_OUTPUT
+
+        return self._timed_passes(n, [[(LOSS_OUTPUT, SMASHED_OUTPUT)]] * n)
 
 
 # -- PyTorch --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ benchmark rows) and every check that depends on an algorithm reads this module: 
 elsewhere asks an `Algorithm` for a property instead of comparing its name. The behaviour
 of each family lives in one module per side: the server's in `server/strategies/` (one
 module per family), the ONNX Runtime device's in `edge_runtime.runtime.train_round` (which
-runs `device_update` "zo" or nothing), the torch device's in `devices/torch_device.py`.
+runs `device_update` "zo", "tail" or nothing), the torch device's in `devices/torch_device.py`.
 
 Adding an algorithm of an existing family is one entry in `ALGORITHMS` (and one line in
 `server.strategies.STRATEGIES`); a new family is one new server strategy module besides.
@@ -20,12 +20,16 @@ from typing import Literal
 
 Family = Literal["aux-loss", "splitfed", "fedavg"]
 Runtime = Literal["onnxruntime", "torch"]
-DeviceUpdate = Literal["zo", "backprop"]
+# zo: forward-only estimates over all device weights; tail: the exact gradient of the aux
+# loss w.r.t. the last device map + aux head from a gradient graph the exporter traced
+# (ONNX Runtime still, no autograd on the device); backprop: torch on the device.
+DeviceUpdate = Literal["zo", "tail", "backprop"]
 Part = Literal["client", "aux", "server"]
 
 # The device learning-rate default, by the class of device optimizer. ZO: measured on digits
-# (BENCHMARKS.md), 1e-2 loses 4-6 points to frozen; first-order: the torch baselines' usual.
-DEVICE_LR = {"zo": 3e-4, "first-order": 1e-3}
+# (BENCHMARKS.md), 1e-2 loses 4-6 points to frozen; first-order: the torch baselines' usual;
+# tail: the Adam rate of the server-fixed screen whose ffnout-last1 backprop gained +2.75.
+DEVICE_LR = {"zo": 3e-4, "first-order": 1e-3, "tail": 3e-4}
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,15 @@ class Algorithm:
 
     @property
     def lr_class(self) -> str:
-        """The device learning-rate default class: "zo" or "first-order"."""
+        """The device learning-rate default class: "zo", "tail" or "first-order"."""
+        if self.device_update == "tail":
+            return "tail"
         return "first-order" if self.device_update == "backprop" else "zo"
+
+    @property
+    def needs_tail_graph(self) -> bool:
+        """The bundle must carry the tail-gradient graph (and the tail in its weights)."""
+        return self.device_update == "tail"
 
     @property
     def default_device_lr(self) -> float:
@@ -61,6 +72,12 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
         waits_for_gradient=False, ships_server_part=False, server_copy_per_device=False,
         uploads_smashed=True, sends_weights=True,
         summary="devices train client+aux by ZO (ONNX Runtime)"),
+    Algorithm(
+        "heron-tail", "aux-loss", "onnxruntime", "tail", ("client", "aux"), aux_loss=True,
+        waits_for_gradient=False, ships_server_part=False, server_copy_per_device=False,
+        uploads_smashed=True, sends_weights=True,
+        summary="devices train the last device map + aux by its exact gradient (ONNX "
+                "Runtime gradient graph)"),
     Algorithm(
         "cse-fsl", "aux-loss", "torch", "backprop", ("client", "aux"), aux_loss=True,
         waits_for_gradient=False, ships_server_part=False, server_copy_per_device=False,

@@ -14,6 +14,7 @@ What the manifest says (graph interface, parameter and segment layout) is in
                     stay reclaimable file pages. Such a bundle must be on disk to run
                     (`Bundle.root`; a device stores one it receives, `store_bundle_files`).
     segment*.onnx   the optional segment chain (`edge_runtime.manifest`)
+    tail.onnx       the optional tail-gradient graph (`heron-tail`, `edge_runtime.manifest`)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from edge_runtime.manifest import (
     Manifest,
     SegmentGraphs,
     SegmentSpec,
+    TailSpec,
     param_specs,
     unflatten,
 )
@@ -47,6 +49,7 @@ MANIFEST = "manifest.json"
 GRAPH = "train.onnx"
 GRAPH_DATA = "train.onnx.data"  # external data of train.onnx, where the bundle has it
 WEIGHTS = "weights.bin"
+TAIL_GRAPH = "tail.onnx"
 
 
 # -- external data: the one file a bundle's graphs may read from --------------------------------
@@ -100,6 +103,7 @@ def write_bundle(
     input_dtype: str = "float32",
     segments: list[SegmentGraphs] | None = None,
     graph_data: bytes | None = None,
+    tail: tuple[bytes, str, tuple[str, ...], int] | None = None,
 ) -> Manifest:
     """Write a bundle directory; `params` are (graph input name, value, role) in feed order.
 
@@ -107,6 +111,9 @@ def write_bundle(
 
     `segments`, optional: the segment chain in order, the last being aux head + loss; they
     must own `params` back to back.
+
+    `tail`, optional: (ONNX bytes, tail set, trained param names, batch) of the
+    tail-gradient graph, written as TAIL_GRAPH.
     """
     if input_dtype not in INPUT_DTYPES:
         raise BundleError(f"input dtype {input_dtype!r} is not one of {INPUT_DTYPES}")
@@ -137,12 +144,20 @@ def write_bundle(
         index, offset = index + seg.num_params, offset + size
     if segments and index != len(specs):
         raise BundleError(f"segments own {index} of the {len(specs)} params")
+    tail_spec = None
+    if tail is not None:
+        tail_bytes, tail_set, trained, batch = tail
+        (out / TAIL_GRAPH).write_bytes(tail_bytes)
+        files[TAIL_GRAPH] = sha256_bytes(tail_bytes)
+        tail_spec = TailSpec(TAIL_GRAPH, tail_set, tuple(trained), int(batch))
     manifest = Manifest(
         model=model, cut=cut, input_shape=tuple(input_shape), num_classes=num_classes,
         smashed_shape=tuple(smashed_shape), opset=opset, params=specs,
         files=files, extra=dict(extra or {}), input_dtype=input_dtype,
-        segments=tuple(seg_specs),
+        segments=tuple(seg_specs), tail=tail_spec,
     )
+    # the same checks a device makes on a received manifest
+    manifest = Manifest.from_json(json.loads(json.dumps(manifest.to_json())))
     (out / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
@@ -157,6 +172,7 @@ class Bundle:
     segments: tuple[bytes, ...] = ()  # ONNX bytes per manifest segment, if it has them
     nchwc_segments: tuple[bytes | None, ...] = ()  # their NCHWc variants, where shipped
     root: Path | None = None  # the directory it was verified in (load_bundle), if on disk
+    tail: bytes | None = None  # the tail-gradient graph (manifest.tail), if it has one
 
     @property
     def data_folder(self) -> Path:
@@ -217,8 +233,10 @@ def _parse_manifest(files: Mapping[str, bytes | memoryview]) -> Manifest:
 
 
 def _graph_files(manifest: Manifest) -> list[str]:
-    """The ONNX graphs of a bundle: the training graph and every segment (NCHWc too)."""
-    return [GRAPH, *(f for s in manifest.segments for f in (s.file, s.nchwc_file) if f)]
+    """The ONNX graphs of a bundle: the training graph, every segment (NCHWc too) and the
+    tail graph."""
+    tail = [manifest.tail.file] if manifest.tail is not None else []
+    return [GRAPH, *(f for s in manifest.segments for f in (s.file, s.nchwc_file) if f), *tail]
 
 
 def _verify(manifest: Manifest, files: Mapping[str, bytes | memoryview], names: list[str],
@@ -255,7 +273,8 @@ def bundle_from_files(files: dict[str, bytes], root: Path | None = None) -> Bund
     return Bundle(manifest, files[GRAPH], decode_weights(files[WEIGHTS], manifest),
                   tuple(files[s.file] for s in manifest.segments),
                   tuple(files[s.nchwc_file] if s.nchwc_file else None
-                        for s in manifest.segments), root=root)
+                        for s in manifest.segments), root=root,
+                  tail=None if manifest.tail is None else bytes(files[manifest.tail.file]))
 
 
 def sha256_file(path: Path) -> str:

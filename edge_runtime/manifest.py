@@ -19,6 +19,14 @@ graphs, one per block of the client plus one for aux head and loss::
 
 Each segment owns one contiguous slice of the flat weight vector. Block-wise ZO
 (`edge_runtime.blockzo`) perturbs one segment and re-runs the chain from its cached input.
+Optionally (manifest key ``tail``, the `heron-tail` algorithm) a gradient graph::
+
+    tail.onnx   inputs: x, y (batch fixed to ``tail.batch``), every trainable param
+                outputs: loss, smashed, grad.<name> for each param in ``tail.trained``
+
+It returns the aux loss's exact gradient w.r.t. the trained tensors (the last device map and
+the aux head), which the device steps with numpy Adam (`edge_runtime.runtime`).
+
 A segment may also come as ``segmentK.nchwc.onnx``: the same computation with its
 convolutions in ONNX Runtime's blocked NCHWc layout, which the device uses when its ONNX
 Runtime can run it and it agrees with the plain graph (see `edge_runtime.blockzo`).
@@ -46,6 +54,8 @@ NCHWC_DOMAIN = "com.microsoft.nchwc"  # ONNX Runtime's blocked-layout CPU kernel
 NCHWC_LAYOUTS = "heron.nchwc_layouts"  # model metadata: JSON {filter input: its layout}
 PLAIN_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain name: no directories
 INPUT_DTYPES = ("float32", "int64")  # images / token ids + attention mask
+GRAD_PREFIX = "grad."  # the tail graph's output for a trained param: GRAD_PREFIX + its name
+MAX_TAIL_BATCH = 4096  # a tail graph's fixed batch; more is a hostile or broken manifest
 
 
 class BundleError(ValueError):
@@ -83,6 +93,45 @@ class SegmentSpec:
         if self.nchwc_file is not None:
             obj["nchwc_file"] = self.nchwc_file
         return obj
+
+
+@dataclass(frozen=True)
+class TailSpec:
+    """The tail-gradient graph (`heron-tail`): its file, fixed batch and trained params."""
+
+    file: str
+    tail_set: str  # which tensors of the client it trains (exporter.tail_grad.TAIL_SETS)
+    trained: tuple[str, ...]  # manifest param names it returns gradients for, in order
+    batch: int  # the graph's fixed batch size (its shapes are static)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "tail_set": self.tail_set, "trained": list(self.trained),
+                "batch": self.batch}
+
+
+def _tail_from_json(obj: Any, params: tuple[ParamSpec, ...], files: dict[str, str]) -> TailSpec:
+    """Check the tail entry against the params and files, as every manifest field is."""
+    if not isinstance(obj, dict) or set(obj) != {"file", "tail_set", "trained", "batch"}:
+        raise BundleError("manifest tail must be an object with exactly file, tail_set, "
+                          "trained and batch; help: re-export the bundle")
+    file, trained, batch = obj["file"], obj["trained"], obj["batch"]
+    if not isinstance(file, str) or not PLAIN_FILE_NAME.match(file) or file not in files:
+        raise BundleError(f"tail file {file!r} is not a plain file name listed with a sha256 "
+                          "in the manifest's files")
+    if not isinstance(obj["tail_set"], str):
+        raise BundleError("manifest tail_set must be a string")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_TAIL_BATCH:
+        raise BundleError(f"tail batch must be an integer in 1..{MAX_TAIL_BATCH}, got {batch!r}")
+    order = [p.name for p in params]
+    if (not isinstance(trained, list) or not trained
+            or not all(isinstance(n, str) for n in trained)):
+        raise BundleError("tail trained must be a non-empty list of param names")
+    unknown = [n for n in trained if n not in order]
+    if unknown:
+        raise BundleError(f"tail trains {unknown[:3]}, which are not manifest params")
+    if len(set(trained)) != len(trained) or sorted(trained, key=order.index) != trained:
+        raise BundleError("tail trained names must be distinct and in manifest param order")
+    return TailSpec(file, obj["tail_set"], tuple(trained), batch)
 
 
 class SegmentGraphs(NamedTuple):
@@ -140,6 +189,7 @@ class Manifest:
     extra: dict[str, Any]
     input_dtype: str = "float32"  # of x; a manifest that names none means float32
     segments: tuple[SegmentSpec, ...] = ()  # the optional segment chain (see module doc)
+    tail: TailSpec | None = None  # the optional tail-gradient graph (see module doc)
 
     @property
     def num_params(self) -> int:
@@ -171,6 +221,8 @@ class Manifest:
         }
         if self.segments:  # only then: no key means no segment chain
             obj["segments"] = [s.to_json() for s in self.segments]
+        if self.tail is not None:
+            obj["tail"] = self.tail.to_json()
         return obj
 
     @staticmethod
@@ -210,6 +262,8 @@ class Manifest:
                 input_dtype=input_dtype,
                 segments=(() if obj.get("segments") is None else _segments_from_json(
                     obj["segments"], tuple(params), dict(obj["files"]))),
+                tail=(None if obj.get("tail") is None else _tail_from_json(
+                    obj["tail"], tuple(params), dict(obj["files"]))),
             )
         except BundleError:
             raise

@@ -24,6 +24,7 @@ from edge_runtime.data import BatchSampler
 from edge_runtime.manifest import INPUT_NAME, LABEL_NAME, LOSS_OUTPUT, SMASHED_OUTPUT, BundleError
 from edge_runtime.protocol import ZOConfig
 from edge_runtime.protocol.config import TrainConfig
+from edge_runtime.tail import TailModel, fixed_batch
 from edge_runtime.zo import step_seed
 
 # The ONNX Runtime device runs the registry's ONNX_ALGORITHMS (`edge_runtime.algorithms`);
@@ -76,15 +77,16 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
-def open_session(bundle: Bundle, opts: ort.SessionOptions | None = None
-                 ) -> ort.InferenceSession:
-    """An ONNX Runtime session over the bundle's training graph. External graph data
-    (GRAPH_DATA) is memory-mapped from the bundle's directory, never read into memory, and
-    no other folder is searched (`Bundle.session_config`)."""
+def open_session(bundle: Bundle, opts: ort.SessionOptions | None = None,
+                 graph: bytes | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session over the bundle's training graph (or `graph`, another graph
+    of the bundle). External graph data (GRAPH_DATA) is memory-mapped from the bundle's
+    directory, never read into memory, and no other folder is searched
+    (`Bundle.session_config`)."""
     opts = opts or ort.SessionOptions()
     for key, value in bundle.session_config().items():
         opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(bundle.graph, sess_options=opts,
+    return ort.InferenceSession(bundle.graph if graph is None else graph, sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 
 
@@ -94,21 +96,38 @@ class LocalModel:
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
-        opts = session_options(threads)
         self.threads = thread_count(threads)
         self._chain: blockzo.SegmentChain | None = None
+        self._tail: TailModel | None = None
         self._fast: bool | None = None  # fast_chain's answer, once known
+        self._session: ort.InferenceSession | None = None
+        if bundle.manifest.tail is None:
+            self._open()
+        else:
+            # A heron-tail bundle: its device steps only the tail graph, so that one is
+            # opened (and checked) now and the training graph only if something runs it;
+            # both sessions at once cost ~60 MB more peak RSS on minilm/layer5.
+            self.tail()
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The training graph's session (opened on first use for a heron-tail bundle)."""
+        return self._session if self._session is not None else self._open()
+
+    def _open(self) -> ort.InferenceSession:
         try:
-            self.session = open_session(bundle, opts)
+            session = open_session(self.bundle, session_options(self.threads))
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"ONNX Runtime cannot load the bundle's graph: {exc}") from exc
-        names = {i.name for i in self.session.get_inputs()}
-        expected = {INPUT_NAME, LABEL_NAME, *(p.name for p in bundle.manifest.params)}
+        names = {i.name for i in session.get_inputs()}
+        expected = {INPUT_NAME, LABEL_NAME, *(p.name for p in self.bundle.manifest.params)}
         if names != expected:
             raise BundleError(f"graph inputs {sorted(names)} do not match the manifest "
                               f"{sorted(expected)}")
+        self._session = session
+        return session
 
     def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Refuse a shard that does not fit the bundle, before any training."""
@@ -138,6 +157,13 @@ class LocalModel:
         if self._chain is None:
             self._chain = blockzo.SegmentChain(self.bundle, session_options(self.threads))
         return self._chain
+
+    def tail(self) -> TailModel:
+        """The bundle's tail-gradient graph (`heron-tail`; BundleError if it has none)."""
+        if self._tail is None:
+            self._tail = TailModel(self.bundle, session_options(self.threads),
+                                   lambda graph, opts: open_session(self.bundle, opts, graph))
+        return self._tail
 
     def fast_chain(self) -> blockzo.SegmentChain | None:
         """The segment chain if it computes the graph faster than the graph itself, else
@@ -220,12 +246,15 @@ def train_round(
         raise ValueError(f"algorithm {cfg.algorithm!r} needs a first-order device; this ONNX "
                          f"Runtime device runs {', '.join(ONNX_ALGORITHMS)}. help: start "
                          "the device with `heron device --torch` (needs torch installed)")
-    trains = algorithm(cfg.algorithm).device_update == "zo"  # else frozen: forwards only
+    update = algorithm(cfg.algorithm).device_update
+    trains = update == "zo"  # else frozen: forwards only (or the tail's own round)
     if not np.all(np.isfinite(theta)):
         raise ValueError("the starting weights contain NaN or Inf; refusing to train on them")
     sampler = BatchSampler(len(y), cfg.batch_size,
                            np.random.default_rng([cfg.seed, round_idx,
                                                   zlib.crc32(device_id.encode())]))
+    if update == "tail":
+        return _tail_round(model.tail(), theta, x, y, cfg, sampler, on_smashed)
     state = zo.init_state(theta, cfg.optimizer)
     seeds, projected, losses, times = [], [], [], []
     blocks: list[int] = []
@@ -280,6 +309,42 @@ def train_round(
     return RoundResult(theta, np.asarray(seeds, dtype=np.uint64),
                        np.asarray(projected, dtype=np.float32), losses, times, sent,
                        np.asarray(blocks, dtype=np.int64), draw)
+
+
+def _tail_round(tail: TailModel, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                cfg: TrainConfig, sampler: BatchSampler,
+                on_smashed: Callable[[int, np.ndarray, np.ndarray], None] | None
+                ) -> RoundResult:
+    """heron-tail's round: each step one run of the tail graph (loss, smashed, exact
+    gradients of the trained params) and an optimizer step on those params alone; the rest
+    of θ is frozen. Smashed data of the batch's real samples (not the padding) every k."""
+    if cfg.batch_size != tail.batch:
+        raise ValueError(f"the bundle's tail graph was exported for batch {tail.batch}, the "
+                         f"round asks for {cfg.batch_size}; help: the server exports it with "
+                         "the run's --batch-size")
+    theta = theta.copy()
+    trained = tail.gather(theta)
+    state = zo.init_state(trained, cfg.optimizer)
+    losses, times, sent = [], [], 0
+    for step in range(cfg.local_steps):
+        t0 = time.perf_counter()
+        idx = sampler.next_indices()
+        full = fixed_batch(idx, tail.batch)
+        loss, smashed, grad = tail.step(theta, x[full], y[full])
+        if on_smashed is not None and step % cfg.upload_every == 0:
+            on_smashed(step, smashed[:len(idx)], y[idx])
+            sent += 1
+        if not np.all(np.isfinite(grad)):
+            raise FloatingPointError(f"tail gradient at step {step} is not finite (loss "
+                                     f"{loss}); help: lower the device learning rate")
+        trained, state = zo.apply(trained, grad, state, cfg.optimizer)
+        tail.scatter(theta, trained)
+        losses.append(loss)
+        times.append((time.perf_counter() - t0) * 1000.0)
+        rss_mb()
+    empty = np.zeros(0)
+    return RoundResult(theta, empty.astype(np.uint64), empty.astype(np.float32), losses, times,
+                       sent)
 
 
 def _full_estimate(model: LocalModel, theta: np.ndarray, xb: np.ndarray, yb: np.ndarray,

@@ -197,8 +197,14 @@ def share_graph_data(graph: bytes, index: _DataIndex) -> bytes:
     return proto.SerializeToString()
 
 
-def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) -> Manifest:
-    """Write the device bundle for `split` into `out_dir`."""
+def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17,
+                  tail_batch: int | None = None) -> Manifest:
+    """Write the device bundle for `split` into `out_dir`.
+
+    `tail_batch`: also the tail-gradient graph for that fixed batch (`heron-tail`; the split's
+    tail tensors must be trainable, `exporter.tail_grad.mark_tail_trainable`). Its frozen
+    tensors point into the training graph's GRAPH_DATA, so they are not shipped twice. Such a
+    bundle has no segment chain: the device never runs block-wise ZO in that mode."""
     graph = train_graph(split)
     params = trainable_params(graph)
     names = [name for name, _, _ in params]
@@ -206,7 +212,15 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
     _weights_to_inputs(proto, names)
     onnx.checker.check_model(proto, full_check=True)
     graph_data, index = externalize_initializers(proto)
-    segments = export_segments(split, names, opset)  # for block-wise ZO
+    tail = None
+    if tail_batch is not None:
+        from exporter.tail_grad import bundle_tail_graph  # it builds on this module
+
+        made = bundle_tail_graph(split, batch=tail_batch, opset=opset)
+        tail_bytes = made.proto.SerializeToString()
+        tail = (share_graph_data(tail_bytes, index) if index else tail_bytes,
+                made.tail_set, made.trained, made.batch)
+    segments = [] if tail is not None else export_segments(split, names, opset)  # block ZO
     if segments and index:
         segments = [seg._replace(graph=share_graph_data(seg.graph, index),
                                  nchwc=None if seg.nchwc is None
@@ -222,6 +236,7 @@ def export_bundle(split: SplitModel, out_dir: str | Path, *, opset: int = 17) ->
                **({"options": split.options} if split.options else {})},
         input_dtype=split.input_dtype,
         segments=segments,
+        tail=tail,
     )
 
 

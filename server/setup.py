@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.algorithms import AUX_ALGORITHMS
+from edge_runtime.algorithms import AUX_ALGORITHMS, algorithm
 from edge_runtime.bundle import GRAPH, Bundle, read_bundle_files
 from edge_runtime.bundle import bundle_from_files as verify_files
 from edge_runtime.manifest import Manifest
 from edge_runtime.protocol import Presence, topics
 from edge_runtime.transport import Endpoint, Transport
 from exporter.export import aux_from_server, export_bundle
+from exporter.tail_grad import mark_tail_trainable
 from exporter.zoo import SplitModel, build_split
 from heron_data.datasets import Dataset, load_dataset
 from server.aggregate import AGGREGATES, check_trim
@@ -90,7 +91,13 @@ def build_run(opts: ServerOptions) -> Run:
     split = build_split(opts.model, data.input_shape, data.num_classes, cut=opts.cut,
                         seed=opts.seed, **opts.model_options)
     opts.out.mkdir(parents=True, exist_ok=True)
-    manifest = export_bundle(split, opts.out / "bundle")
+    tail_batch = None
+    if algorithm(opts.train.algorithm).needs_tail_graph:
+        # the tail joins the device's weights (shipped, trained, aggregated) and the bundle
+        # gets the graph of its gradient for the run's fixed batch
+        mark_tail_trainable(split)
+        tail_batch = opts.train.batch_size
+    manifest = export_bundle(split, opts.out / "bundle", tail_batch=tail_batch)
     bundle_files = read_bundle_files(opts.out / "bundle")
     bundle = verify_files(bundle_files)
     trainer = ServerTrainer(split.server, optimizer=opts.server_optimizer, lr=opts.server_lr,

@@ -35,7 +35,8 @@ def _run(tmp_path: Path, algorithm: str, *extra: str) -> tuple[dict, list[dict],
     return summary, records, out
 
 
-@pytest.mark.parametrize("algorithm", ["heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"])
+@pytest.mark.parametrize("algorithm", ["heron", "heron-tail", "cse-fsl", "sflv1", "sflv2", "fedavg",
+                                       "frozen"])
 def test_every_algorithm_completes_a_federation(tmp_path: Path, algorithm: str) -> None:
     summary, records, out = _run(tmp_path, algorithm)
     assert summary["final_test_accuracy"] > 0.3, summary["test_accuracy_per_round"]  # chance 0.1

@@ -33,29 +33,32 @@ def test_every_entry_is_consistent(name: str) -> None:
     assert not a.server_copy_per_device or a.waits_for_gradient
     if a.aux_loss and a.device_update is not None:
         assert "aux" in a.trained_parts
-    if a.runtime == "onnxruntime":  # the ONNX Runtime device makes no backprop
-        assert a.device_update in ("zo", None)
+    if a.runtime == "onnxruntime":  # no autograd there: ZO, or the exported tail gradient
+        assert a.device_update in ("zo", "tail", None)
     else:
         assert a.device_update == "backprop"
     assert a.default_device_lr == DEVICE_LR[a.lr_class]
 
 
 def test_the_known_algorithms_and_their_derived_lists() -> None:
-    assert list(ALGORITHMS) == ["heron", "cse-fsl", "sflv1", "sflv2", "fedavg", "frozen"]
-    assert ONNX_ALGORITHMS == ("heron", "frozen")
+    assert list(ALGORITHMS) == ["heron", "heron-tail", "cse-fsl", "sflv1", "sflv2", "fedavg",
+                                "frozen"]
+    assert ONNX_ALGORITHMS == ("heron", "heron-tail", "frozen")
     assert TORCH_ALGORITHMS == ("cse-fsl", "sflv1", "sflv2", "fedavg")
-    assert AUX_ALGORITHMS == ("heron", "cse-fsl", "frozen")
+    assert AUX_ALGORITHMS == ("heron", "heron-tail", "cse-fsl", "frozen")
+    assert names(needs_tail_graph=True) == ("heron-tail",)
     assert names(family="splitfed") == ("sflv1", "sflv2")
     assert names(server_copy_per_device=True) == ("sflv1",)
     assert algorithm("heron").default_device_lr == 3e-4
     assert algorithm("frozen").default_device_lr == 3e-4  # the ZO class: it never steps
     assert algorithm("cse-fsl").default_device_lr == 1e-3
+    assert algorithm("heron-tail").default_device_lr == 3e-4  # the screen's Adam rate
 
 
 @pytest.mark.parametrize("bad", ["fedprox", "", "HERON", None, 3])
 def test_an_unknown_name_is_refused_with_the_choices(bad: object) -> None:
     with pytest.raises(ValueError, match="unknown algorithm .*help: choose one of heron, "
-                                         "cse-fsl, sflv1, sflv2, fedavg, frozen"):
+                                         "heron-tail, cse-fsl, sflv1, sflv2, fedavg, frozen"):
         algorithm(bad)  # type: ignore[arg-type]
 
 

@@ -17,8 +17,6 @@ from exporter.export import train_graph
 from exporter.tail_grad import GRAD_PREFIX, TailGradError, export_tail_grad, tail_names
 from exporter.zoo import build_split
 
-pytestmark = pytest.mark.slow  # one make_fx trace and one export of real MiniLM (~1 min)
-
 L = 8
 BATCH = 3
 NUM_CLASSES = 3
@@ -37,6 +35,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # one make_fx trace and one export of real MiniLM (~1 min)
 def test_ort_gradients_equal_torch_autograd_without_torch(tmp_path: Path) -> None:
     split = build_split("minilm", (2, L), NUM_CLASSES, cut="layer1", seed=0)
     graph_path = export_tail_grad(split, tmp_path / "tail.onnx", batch=BATCH)
@@ -90,10 +89,13 @@ def test_ort_gradients_equal_torch_autograd_without_torch(tmp_path: Path) -> Non
         assert np.abs(want).max() > 0, key  # a zero gradient would pass trivially
 
 
+@pytest.mark.slow  # builds real MiniLM
 def test_unknown_tail_set_and_models_without_layers_are_refused(tmp_path: Path) -> None:
     split = build_split("minilm", (2, L), NUM_CLASSES, cut="layer1", seed=0)
     with pytest.raises(TailGradError, match="unknown tail set"):
         tail_names(split, "lora-all")
+    with pytest.raises(TailGradError, match="no convolution"):
+        tail_names(split, "last-conv")
     cnn = build_split("cnn", (1, 8, 8), 10)
     with pytest.raises(TailGradError, match="no encoder layers"):
-        tail_names(cnn)
+        tail_names(cnn, "ffnout-last1")

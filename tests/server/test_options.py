@@ -12,7 +12,7 @@ from conftest import ROOT, heron
 
 @pytest.mark.parametrize(("extra", "message"), [
     ((), "no aux parameter of cnn has a server parameter"),  # a CNN's fc aux matches nothing
-    (("--algorithm", "sflv2"), "applies to heron, cse-fsl, frozen"),
+    (("--algorithm", "sflv2"), "applies to heron, heron-tail, cse-fsl, frozen"),
 ])
 def test_aux_from_server_is_refused_where_it_cannot_apply(tmp_path: Path, extra: tuple[str, ...],
                                                           message: str) -> None:
