@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from baselines.fleet_probes import Sampler, SysCounters
+from baselines.fleet_probes import Sampler, SysCounters, thread_summary
 from baselines.fleet_report import markdown, plot_fleet, summary_line
 from baselines.profile import machine
 from devices.host import raise_open_files
@@ -313,6 +313,13 @@ def _fill_row(row: dict[str, Any], cfg: FleetConfig, out: Path, watch: _Watch,
             rate = counters.rate(name, start["t"], end["t"])
             row[f"broker_{name}_per_s"] = None if rate is None else round(rate, 1)
         row["broker_dropped"] = counters.last("dropped")
+    # threads of the device hosts and the machine's load, over the rounds when they ran
+    # (else over the whole attempt: where 1,000 devices broke, no round ended)
+    rounds = start is not None and end is not None
+    row["host_threads"] = thread_summary(sampler.threads, "hosts",
+                                         start["t"] if rounds else None,
+                                         end["t"] if rounds else None)
+    row["host_threads"]["over"] = "rounds" if rounds else "whole run"
     row["cpu_seconds"] = {role: round(sum(v.values()), 1) for role, v in sampler.cpu.items()}
     row["server_peak_rss_mb"] = _peak(sampler, "server")
     row["broker_peak_rss_mb"] = _peak(sampler, "broker")

@@ -3,6 +3,7 @@ RSS of each process (psutil, /proc VmHWM) and Mosquitto's $SYS message and byte 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ class Sampler:
         self.cpu: dict[str, dict[int, float]] = {}  # role -> pid -> last CPU seconds
         self.main_cpu: dict[str, dict[int, float]] = {}  # role -> pid -> main thread's
         self.hwm: dict[str, dict[int, float]] = {}  # role -> pid -> peak RSS MB
+        # the GIL contention that broke the threaded host: per sample, (time, 1-min load,
+        # role -> [(threads, runnable threads) per process])
+        self.threads: list[tuple[float, float, dict[str, list[tuple[int, int]]]]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fleet-sampler", daemon=True)
@@ -52,6 +56,9 @@ class Sampler:
 
     def sample(self) -> None:
         with self._lock:
+            counts = {role: [c for p in procs if (c := _thread_states(p.pid)) is not None]
+                      for role, procs in self.procs.items()}
+            self.threads.append((time.monotonic(), os.getloadavg()[0], counts))
             for role, procs in self.procs.items():
                 for p in procs:
                     try:
@@ -74,6 +81,40 @@ class Sampler:
         with self._lock:
             return {"cpu": {r: sum(v.values()) for r, v in self.cpu.items()},
                     "main_cpu": {r: sum(v.values()) for r, v in self.main_cpu.items()}}
+
+
+def _thread_states(pid: int) -> tuple[int, int] | None:
+    """(threads, threads in state R) of a process, from /proc/PID/task/*/stat."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    running = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the state follows the parenthesised name, which may itself hold spaces or ')'
+        if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R":
+            running += 1
+    return len(tids), running
+
+
+def thread_summary(samples: list[tuple[float, float, dict[str, list[tuple[int, int]]]]],
+                   role: str, t0: float | None = None,
+                   t1: float | None = None) -> dict[str, float | None]:
+    """Over the samples in [t0, t1]: the peak 1-min load, the largest process's thread
+    count, and runnable threads per process (peak and mean)."""
+    inside = [s for s in samples
+              if (t0 is None or s[0] >= t0) and (t1 is None or s[0] <= t1)]
+    per_proc = [c for _, _, counts in inside for c in counts.get(role, [])]
+    return {"load_1min_max": round(max(s[1] for s in inside), 2) if inside else None,
+            "threads_max": max((c[0] for c in per_proc), default=None),
+            "runnable_max": max((c[1] for c in per_proc), default=None),
+            "runnable_mean": round(sum(c[1] for c in per_proc) / len(per_proc), 2)
+            if per_proc else None}
 
 
 def _vm_hwm_mb(pid: int) -> float | None:

@@ -31,8 +31,9 @@ def markdown(report: dict[str, Any]) -> str:
         "| devices | round s (median) | updates recv/exp | cores busy: server / broker / "
         "devices | server main thread busy | broker msg/s in / out | broker MB/s in / out "
         "| server CPU s / peak RSS MB | broker CPU s / peak RSS MB | device hosts peak RSS MB "
-        "(largest / all) | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(largest / all) | host threads / runnable max / runnable mean / 1-min load max "
+        "| error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         busy = r.get("cores_busy") or {}
@@ -51,12 +52,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_f(cpu.get('server'))} / {_f(r.get('server_peak_rss_mb'), '{:.0f}')} "
             f"| {_f(cpu.get('broker'))} / {_f(r.get('broker_peak_rss_mb'), '{:.0f}')} "
             f"| {_f(r.get('host_peak_rss_mb'), '{:.0f}')} / "
-            f"{_f(r.get('hosts_peak_rss_mb_total'), '{:.0f}')} | {r['error'] or ''} |")
+            f"{_f(r.get('hosts_peak_rss_mb_total'), '{:.0f}')} | {_threads(r)} "
+            f"| {r['error'] or ''} |")
     lines += ["", "Cores busy: CPU seconds per wall second over the rounds (from the first "
               "round's start to the last round's end), summed over the group's processes. "
               "Broker rates from Mosquitto's $SYS counters (1 s resolution). Peak RSS: VmHWM "
-              "per process, MB = 2^20 bytes."]
+              "per process, MB = 2^20 bytes. Host threads: the largest host process's thread "
+              "count and its threads in state R (/proc, every 0.5 s) over the rounds, or over "
+              "the whole attempt where no round ended; the machine's 1-minute load average."]
     return "\n".join(lines) + "\n"
+
+
+def _threads(r: dict[str, Any]) -> str:
+    t = r.get("host_threads") or {}
+    return (f"{_f(t.get('threads_max'), '{:.0f}')} / {_f(t.get('runnable_max'), '{:.0f}')} / "
+            f"{_f(t.get('runnable_mean'), '{:.1f}')} / {_f(t.get('load_1min_max'), '{:.0f}')}")
 
 
 def plot_fleet(report: dict[str, Any], path: Path) -> Path | None:

@@ -25,8 +25,14 @@ clients off):
   includes the wait;
 - a keepalive of `KEEPALIVE_S` instead of `heron device`'s 15 s, for the waits left.
 
-A device costs its shard, its MQTT client (two threads: paho's network loop and the device
-loop; three file descriptors) and its bundle copy (the received files; the session is shared).
+And the devices' MQTT clients share one network thread (`MqttTransport(shared_loop=True)`,
+a `selectors` loop over all their sockets) instead of paho's `loop_start` thread each: with
+a thread per client, 1,000 devices in four hosts were 2,000 threads, up to 160 of a host
+runnable at once, and devices dropped off on keepalive (BENCHMARKS.md, the fleet section).
+
+A device costs its shard, its MQTT client (one socket, driven by the host's network
+thread), its device-loop thread (blocked on its inbox while idle) and its bundle copy (the
+received files; the session is shared).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ log = logging.getLogger("heron.host")
 TRAIN_SLOTS = 1  # devices of one host training at once (module doc)
 KEEPALIVE_S = 60  # MQTT keepalive of a hosted device
 
-FDS_PER_DEVICE = 4  # the MQTT socket, paho's wake-up socket pair, headroom for the shard
+FDS_PER_DEVICE = 4  # the MQTT socket, headroom for the shard and a bundle's files
 FDS_BASE = 256  # the interpreter, ONNX Runtime, logs
 
 
@@ -77,7 +83,8 @@ class SharedModelDevice(Device):
             ep = device_endpoint(opts.device_id, opts.prefix)
             transport = MqttTransport(opts.broker, ep.client_id, ep.subscriptions, will=ep.will,
                                       credentials=opts.credentials, keepalive=KEEPALIVE_S,
-                                      max_message_bytes=message_limit(opts.profile))
+                                      max_message_bytes=message_limit(opts.profile),
+                                      shared_loop=True)
         super().__init__(opts, transport)
 
     def _train(self, msg: RoundStart, cfg: TrainConfig,

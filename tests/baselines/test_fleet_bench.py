@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, heron, mosquitto_binary
 
 from baselines.fleet import parse_devices
+from baselines.fleet_probes import _thread_states, thread_summary
 
 
 @pytest.mark.broker
@@ -27,8 +28,12 @@ def test_fleet_workload_writes_a_row_per_size(tmp_path: Path) -> None:
         for key in ("devices", "round_seconds_median", "updates_expected", "updates_received",
                     "server_main_thread_busy", "server_waiting_share", "cores_busy",
                     "broker_msgs_in_per_s", "broker_bytes_out_per_s", "cpu_seconds",
-                    "server_peak_rss_mb", "broker_peak_rss_mb", "host_peak_rss_mb", "error"):
+                    "server_peak_rss_mb", "broker_peak_rss_mb", "host_peak_rss_mb",
+                    "host_threads", "error"):
             assert key in row, key
+        # main, 3 device loops at most, one MQTT network thread (the shared loop) and one
+        # more seen (6 measured); a paho loop_start thread per device would make it 9
+        assert row["host_threads"]["threads_max"] <= 1 + 3 + 1 + 1
         assert row["updates_received"] == row["updates_expected"] == row["devices"]
         assert row["error"] is None
     assert [r["hosts"] for r in report["rows"]] == [1, 2]  # --per-host 3: 5 devices, 2 hosts
@@ -41,3 +46,31 @@ def test_devices_list_is_checked() -> None:
     assert parse_devices("10,100") == (10, 100)
     with pytest.raises(ValueError, match="10,100,300,1000"):
         parse_devices("10,x")
+
+
+def test_thread_states_counts_this_process_threads_and_sees_itself_running() -> None:
+    import os
+    import threading
+
+    stop = threading.Event()
+    idle = [threading.Thread(target=stop.wait) for _ in range(3)]
+    for t in idle:
+        t.start()
+    try:
+        got = _thread_states(os.getpid())
+        assert got is not None
+        threads, running = got
+        assert threads == len(os.listdir(f"/proc/{os.getpid()}/task"))
+        assert threads >= 4  # this one and the three waiting
+        assert 1 <= running <= threads - 3  # the reader runs; the three waiters sleep
+    finally:
+        stop.set()
+
+
+def test_thread_summary_keeps_to_the_rounds_window() -> None:
+    samples = [(0.0, 9.0, {"hosts": [(500, 160)]}),  # before the rounds: left out
+               (1.0, 2.0, {"hosts": [(260, 1), (255, 3)]}),
+               (2.0, 3.0, {"hosts": [(260, 2), (255, 2)]})]
+    s = thread_summary(samples, "hosts", 0.5, 2.5)
+    assert s == {"load_1min_max": 3.0, "threads_max": 260, "runnable_max": 3,
+                 "runnable_mean": 2.0}
