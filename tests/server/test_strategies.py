@@ -81,7 +81,8 @@ def test_every_registered_algorithm_has_a_server_strategy(
 
 def test_the_family_of_each_algorithm() -> None:
     want = {"heron": AuxLossStrategy, "heron-tail": AuxLossStrategy, "cse-fsl": AuxLossStrategy,
-            "frozen": AuxLossStrategy, "sflv1": SplitFedStrategy, "sflv2": SplitFedStrategy, "fedavg": FedAvgStrategy}
+            "frozen": AuxLossStrategy, "sflv1": SplitFedStrategy, "sflv2": SplitFedStrategy,
+            "fedavg": FedAvgStrategy}
     assert {n: STRATEGIES[a.family] for n, a in ALGORITHMS.items()} == want
 
 
