@@ -43,6 +43,35 @@ def mosquitto_binary() -> str:
     return path
 
 
+class RestartableMosquitto:
+    """A Mosquitto on a fixed port that can be killed and started again. With `persistence`
+    its sessions and subscriptions survive a restart; without, only a client's resubscribe
+    brings messages back. `log` keeps every line the broker logs (e.g. PINGREQs)."""
+
+    def __init__(self, tmp: Path, *, persistence: bool = False, log: bool = False) -> None:
+        self.port = free_port()
+        self.conf = tmp / "mosquitto.conf"
+        self.log = tmp / "mosquitto.log"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        lines += ([f"persistence true\npersistence_location {tmp}/\nautosave_interval 1"]
+                  if persistence else ["persistence false"])
+        lines += [f"log_dest file {self.log}\nlog_type all"] if log else []
+        lines += ["user root"] if os.geteuid() == 0 else []
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.p: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.p = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[str]:
     """A real Mosquitto 2.x with stock limits on a free loopback port."""

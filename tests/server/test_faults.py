@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, heron, mosquitto_binary, wait_port
+from conftest import ROOT, heron
+from conftest import RestartableMosquitto as Mosquitto
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -54,32 +55,9 @@ class Proc:
         return "".join(self.lines)
 
 
-class Mosquitto:
-    """A Mosquitto on a fixed port that can be killed and restarted with its persistence."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             f"persistence true\npersistence_location {tmp}/\n"
-                             "autosave_interval 1\nuser root\n")
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.p: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.p = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def kill(self) -> None:
-        assert self.p is not None
-        self.p.kill()
-        self.p.wait(10)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path)
+    m = Mosquitto(tmp_path, persistence=True)
     m.start()
     yield m
     if m.p is not None and m.p.poll() is None:

@@ -4,8 +4,6 @@ reconnect and resubscribe after a broker restart, a clean stop (no last will).""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, mosquitto_binary, wait_port
+from conftest import RestartableMosquitto as Broker
+from conftest import free_port
 
 from edge_runtime.protocol import MAX_CHUNK_PAYLOAD, BundleFiles, Presence, topics
 from edge_runtime.transport import RECONNECTED, BrokerError, Incoming
@@ -24,34 +23,9 @@ pytestmark = pytest.mark.broker
 N = 5
 
 
-class Broker:
-    """A Mosquitto on a fixed port that can be restarted (no persistence: a restart loses
-    every session and subscription, so only a resubscribe brings messages back)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.conf = tmp / "mosquitto.conf"
-        self.log = tmp / "mosquitto.log"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             f"persistence false\nlog_dest file {self.log}\nlog_type all\n"
-                             + ("user root\n" if os.geteuid() == 0 else ""))
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.p: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.p = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def kill(self) -> None:
-        if self.p is not None and self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(10)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path)
+    b = Broker(tmp_path, log=True)
     b.start()
     yield b
     b.kill()
