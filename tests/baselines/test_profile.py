@@ -270,3 +270,18 @@ def test_smashed_codec_is_refused_where_no_smashed_data_go_up() -> None:
         StepSpec(algorithm="heron", smashed_codec="int4", **common)
     assert StepSpec.from_json(StepSpec(algorithm="heron", smashed_codec="fp16",
                                        **common).to_json()).smashed_codec == "fp16"
+
+
+def test_heron_tail_profile_runs_only_the_tail_graph(tmp_path: Path) -> None:
+    """A heron-tail device never opens its training graph, so neither may the profile's
+    runner: that session would be counted in the step's peak RSS."""
+    from baselines.profile import export_bundle
+    from baselines.steps import StepSpec, TailRunner, make_runner
+
+    export_bundle("cnn", (1, 8, 8), 10, "conv1", tmp_path / "b", tail_batch=8)
+    spec = StepSpec(algorithm="heron-tail", model="cnn", cut="conv1", batch=8, threads=1,
+                    input_shape=(1, 8, 8), num_classes=10, bundle_dir=str(tmp_path / "b"))
+    runner = make_runner(spec)
+    assert isinstance(runner, TailRunner)
+    assert len(runner.steps(2)) == 2 and len(runner.forwards(2)) == 2
+    assert runner.model._session is None  # type: ignore[attr-defined]
