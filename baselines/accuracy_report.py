@@ -67,21 +67,34 @@ def checks(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# (a, b): a - b per seed; does training the device pay (cse-fsl - frozen), does heron's
-PAIRS = (("cse-fsl", "frozen"), (SUBJECT, "frozen"), (SUBJECT, "cse-fsl"),
-         (SUBJECT, CENTRALIZED), ("cse-fsl", CENTRALIZED))
+CONTROLS = ("frozen", "cse-fsl", CENTRALIZED)  # what every other algorithm is paired against
+
+
+def default_pairs(algorithms: Sequence[str]) -> list[tuple[str, str]]:
+    """(a, b) to report as a - b per seed: does training the device pay (cse-fsl - frozen,
+    cse-fsl - centralized), and each other algorithm present (heron, heron-tail, ...)
+    against frozen, cse-fsl and centralized, in the order the algorithms came."""
+    present = list(dict.fromkeys(algorithms))
+    pairs = [("cse-fsl", "frozen")]
+    for a in present:
+        if a not in CONTROLS:
+            pairs += [(a, "frozen"), (a, "cse-fsl"), (a, CENTRALIZED)]
+    return [*pairs, ("cse-fsl", CENTRALIZED)]
 
 
 TAIL = 5  # rounds averaged for the second paired table: the final round alone is noisy
 
 
-def paired(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] = PAIRS,
+def paired(runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] | None = None,
            tail: int = 1) -> list[dict[str, Any]]:
     """Paired per-seed differences of the test accuracy (the final round's, or with `tail`
     the mean of the last `tail` rounds'), a - b, with their mean and 95% t interval, per
     (dataset, partition) and pair present on at least two common seeds: the seeds share
     data, shards and initialisation, so pairing removes their spread."""
     from baselines.race import t_interval  # imports torch: only when a report is made
+
+    if pairs is None:
+        pairs = default_pairs([r["algorithm"] for r in runs])
 
     acc = {(r["dataset"], r["partition"], r["algorithm"], r["seed"]):
            (r["final_test_accuracy"] if tail == 1

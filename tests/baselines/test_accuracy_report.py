@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from baselines.accuracy import AccuracyConfig
-from baselines.accuracy_report import aggregate, checks, markdown, paired
+from baselines.accuracy_report import aggregate, checks, default_pairs, markdown, paired
 from baselines.centralized import CENTRALIZED
 
 
@@ -81,3 +81,15 @@ def test_paired_differences_pair_by_seed_with_a_t_interval() -> None:
     assert "Paired per-seed differences of the final test accuracy:" in markdown(report)
     assert ("| digits | iid | heron - frozen | +1.00, +2.00, +3.00 | +2.00 | [-0.48, +4.48] | "
             "no |") in markdown(report)
+
+
+def test_every_non_control_algorithm_is_paired_against_the_controls() -> None:
+    runs = [_run("sst2", "iid", alg, s, a) for s in range(2)
+            for alg, a in (("heron-tail", 0.77), ("frozen", 0.76), ("cse-fsl", 0.80))]
+    got = {(r["a"], r["b"]): r["mean"] for r in paired(runs)}
+    assert got == pytest.approx({("cse-fsl", "frozen"): 0.04, ("heron-tail", "frozen"): 0.01,
+                                 ("heron-tail", "cse-fsl"): -0.03})
+    assert default_pairs(["heron", "frozen", "heron", "heron-tail"]) == [
+        ("cse-fsl", "frozen"), ("heron", "frozen"), ("heron", "cse-fsl"),
+        ("heron", CENTRALIZED), ("heron-tail", "frozen"), ("heron-tail", "cse-fsl"),
+        ("heron-tail", CENTRALIZED), ("cse-fsl", CENTRALIZED)]
