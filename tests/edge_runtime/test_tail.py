@@ -138,3 +138,10 @@ def test_a_round_at_another_batch_size_is_refused(model: LocalModel, bundle: Bun
     with pytest.raises(ValueError, match="exported for batch 8"):
         train_round(model, bundle.weights, *_shard(20), _cfg(batch_size=16), round_idx=0,
                     device_id="dev-0")
+
+
+def test_tail_session_runs_without_the_arena_and_prepacked_weights(model: LocalModel) -> None:
+    # both only raise the peak RSS of a graph of many short-lived tensors over mapped weights
+    opts = model.tail().session.get_session_options()
+    assert opts.enable_cpu_mem_arena is False
+    assert opts.get_session_config_entry("session.disable_prepacking") == "1"
