@@ -18,6 +18,7 @@ from heron.cli.options import (
     positive_float,
     positive_int,
     unit_fraction,
+    usage,
 )
 
 
@@ -206,6 +207,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from baselines.bench import run_cost
     from baselines.profile import ProfileError
 
+    if args.workload not in ("progress", "screen"):
+        ignored = [name for name, default in args.server_fixed_options.items()
+                   if getattr(args, name) != default]
+        if ignored:
+            flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+            usage("bench", f"--workload {args.workload} does not use {flags} (options of "
+                  "the progress and screen workloads); help: to pass an option to every "
+                  "`heron run` of the accuracy bench, use --run-arg=--OPTION")
     if args.workload == "accuracy":
         return cmd_bench_accuracy(args)
     if args.workload == "progress":
@@ -411,4 +420,8 @@ def add_bench_parsers(sub: Any) -> None:
                      help="guide rows per guide gradient (16)")
     scr.add_argument("--guide-every", type=positive_int, default=None,
                      help="steps between guide recomputations (screen: 50; progress: --every)")
-    bench.set_defaults(func=cmd_bench)
+    # options of the progress and screen workloads, with their defaults: set under another
+    # workload they would be ignored, so cmd_bench refuses them (a run option goes through
+    # --run-arg instead)
+    server_fixed = {a.dest: a.default for g in (prog, scr) for a in g._group_actions}
+    bench.set_defaults(func=cmd_bench, server_fixed_options=server_fixed)

@@ -86,6 +86,16 @@ def test_an_invalid_run_option_is_refused(extra: list[str], message: str, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("workload", ["accuracy", "cost", "fleet"])
+def test_bench_refuses_an_option_its_workload_would_ignore(
+        workload: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --aux-from-server is the screen's; an accuracy bench ran without it, silently
+    err = _refused(["bench", "--workload", workload, "--out", str(tmp_path / "b"),
+                    "--aux-from-server", "--lrs", "1e-3"], capsys)
+    assert f"--workload {workload} does not use --aux-from-server, --lrs" in err
+    assert "--run-arg=--OPTION" in err and not (tmp_path / "b").exists()
+
+
 def test_the_real_command_exits_2_at_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(heron("run", "--out", str(out), "--server-lr", "nan"), cwd=ROOT,
