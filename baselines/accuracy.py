@@ -3,8 +3,9 @@ cut, over IID and Dirichlet partitions and several seeds, each run a real `heron
 (embedded broker, server process, device processes).
 
 ``centralized`` is the reference every split algorithm is compared with
-(`baselines.centralized`); ``mnist-format`` is real MNIST, or digits-28 where none is given
-(`baselines.digits28`); the table, checks and plots are `baselines.accuracy_report`'s.
+(`baselines.centralized`); ``mnist-format`` is real MNIST, or digits-28 where none is given,
+and ``cifar-format`` real CIFAR-10, or digits-32c (`baselines.digits28`); the table, checks
+and plots are `baselines.accuracy_report`'s.
 
 Writes DIR/accuracy.json (every run, every round), DIR/accuracy.md (the table that goes into
 BENCHMARKS.md), DIR/accuracy_rounds.png (test accuracy vs round) and DIR/accuracy_bytes.png
@@ -33,11 +34,12 @@ from baselines.accuracy_report import (
     plot_accuracy,
 )
 from baselines.centralized import CENTRALIZED, CentralizedSpec, centralized_spec, train_centralized
-from baselines.digits28 import MNIST_FORMAT, make_digits28
+from baselines.digits28 import CIFAR_FORMAT, MNIST_FORMAT, make_digits28, make_digits32c
 from edge_runtime.algorithms import ALGORITHMS
 
 BENCH_ALGORITHMS = (*ALGORITHMS, CENTRALIZED)
-DATASETS = ("digits", MNIST_FORMAT, "sst2")  # sst2: text, for --model minilm
+DATASETS = ("digits", MNIST_FORMAT, CIFAR_FORMAT, "sst2")  # sst2: text, for --model minilm
+RUN_DATASET = {MNIST_FORMAT: "mnist", CIFAR_FORMAT: "cifar10"}  # `heron run --dataset`
 DEFAULT_DATASETS = ("digits", MNIST_FORMAT)
 PARTITIONS = ("iid", "dirichlet")
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class AccuracyConfig:
     datasets: tuple[str, ...] = DEFAULT_DATASETS
     mnist_dir: str | None = None  # MNIST idx files; None: generate digits-28 in idx format
+    cifar_dir: str | None = None  # CIFAR-10 python batches; None: generate digits-32c
     partitions: tuple[str, ...] = PARTITIONS
     alpha: float = 0.5
     algorithms: tuple[str, ...] = BENCH_ALGORITHMS
@@ -147,8 +150,12 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
     data_dirs: dict[str, str | None] = {"digits": None, "sst2": None}
     if MNIST_FORMAT in cfg.datasets:
         data_dirs[MNIST_FORMAT] = cfg.mnist_dir or str(make_digits28(out / "data" / "digits28"))
+    if CIFAR_FORMAT in cfg.datasets:
+        data_dirs[CIFAR_FORMAT] = cfg.cifar_dir or str(make_digits32c(out / "data" / "digits32c"))
     mnist_source = "MNIST idx files from " + cfg.mnist_dir if cfg.mnist_dir else \
         "digits-28: sklearn digits drawn 28x28 with random shifts, as MNIST idx files"
+    cifar_source = "CIFAR-10 batches from " + cfg.cifar_dir if cfg.cifar_dir else \
+        "digits-32c: sklearn digits drawn 32x32 in colour, as CIFAR-10 python batches"
     plan = [(ds, part, alg, seed) for ds in cfg.datasets for part in cfg.partitions
             for seed in cfg.seeds for alg in cfg.algorithms]
     t0 = time.monotonic()
@@ -157,7 +164,7 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
         # the centralized reference trains on the union of the shards: one serves every partition
         name = f"{ds}-{alg}-s{seed}" if alg == CENTRALIZED else f"{ds}-{part}-{alg}-s{seed}"
         run_dir = out / "runs" / name
-        argv = _run_argv(cfg, "mnist" if ds == MNIST_FORMAT else ds, data_dirs[ds], part,
+        argv = _run_argv(cfg, RUN_DATASET.get(ds, ds), data_dirs[ds], part,
                          "heron" if alg == CENTRALIZED else alg, seed, run_dir)
         started = time.monotonic()
         if alg == CENTRALIZED:
@@ -177,7 +184,8 @@ def run_accuracy(out: str | Path, cfg: AccuracyConfig, *, command: str | None = 
         "workload": "accuracy",
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "config": {**asdict(cfg), "mnist_format_source": mnist_source},
+        "config": {**asdict(cfg), "mnist_format_source": mnist_source,
+                   "cifar_format_source": cifar_source},
         "runs": runs,
         "table": aggregate(runs),
         "wall_s": round(time.monotonic() - t0, 1),

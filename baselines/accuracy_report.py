@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from baselines.centralized import CENTRALIZED
-from baselines.digits28 import MNIST_FORMAT
+from baselines.digits28 import CIFAR_FORMAT, MNIST_FORMAT
 
 SUBJECT = "heron"  # the algorithm the report is about (bold row, thick line, the checks)
 
@@ -142,6 +142,8 @@ def markdown(report: dict[str, Any]) -> str:
     alpha = (f", Dirichlet alpha {cfg['alpha']}" if "dirichlet" in cfg["partitions"] else "")
     mnist = (f"; {MNIST_FORMAT} = {cfg['mnist_format_source']}" if MNIST_FORMAT in cfg["datasets"]
              else "")
+    if CIFAR_FORMAT in cfg["datasets"]:
+        mnist += f"; {CIFAR_FORMAT} = {cfg.get('cifar_format_source')}"
     models: dict[str, str] = {}
     for r in report["runs"]:
         if r["algorithm"] != CENTRALIZED or r["dataset"] not in models:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_runtime.algorithms import algorithm
 from edge_runtime.bundle import Manifest
 from edge_runtime.protocol import TrainConfig, Update
 from edge_runtime.replay import check_log, replay_round, weights_hash
@@ -36,8 +37,14 @@ class Replayed:
 def replay_update(msg: Update, start: np.ndarray, cfg: TrainConfig, manifest: Manifest,
                   round_idx: int, device_id: str) -> Replayed:
     """The weights `msg` stands for. Updates of the other form than `cfg.device_sync` asks
-    for are refused, so a device cannot choose which check it goes through."""
+    for are refused, so a device cannot choose which check it goes through; an algorithm
+    whose devices do not train (`frozen`) sends no weights and stands for the round's start."""
     has_log = msg.weights_hash is not None
+    if not algorithm(cfg.algorithm).sends_weights:  # frozen: the round's own weights
+        if has_log or msg.weights.shape[0]:
+            return Replayed(None, f"bad update: weights or a log, but {cfg.algorithm} devices "
+                                  "never change their weights and send none")
+        return Replayed(start, None)
     if cfg.device_sync != "replay":
         if has_log:
             return Replayed(None, "bad update: a replay log, but this run syncs weights "

@@ -351,7 +351,9 @@ class DeviceLoop:
         try:  # the codec's bounds hold on the way out too (a NaN loss, say)
             telemetry = round_telemetry(result, cfg, time.perf_counter() - t0, self.threads,
                                         t.bytes_in - bytes_in0, t.bytes_out - bytes_out0)
-            update = Update(msg.run_id, msg.round, dev, weights=result.theta,
+            sent = result.theta if algorithm(cfg.algorithm).sends_weights else \
+                np.zeros(0, np.float32)  # frozen: the server has them already
+            update = Update(msg.run_id, msg.round, dev, weights=sent,
                             num_samples=len(self.y), telemetry=telemetry)
             if cfg.device_sync == "replay":  # the log instead of the weights (README)
                 update = replace(update, weights=np.zeros(0, np.float32), seeds=result.seeds,

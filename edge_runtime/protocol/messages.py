@@ -237,6 +237,8 @@ class Update(Message):
     them: one (seed, projected gradient) per step and direction, and `weights_hash`
     (`edge_runtime.replay.weights_hash`) of the weights the device ended with, which the
     server checks its replay against. Exactly one of the two forms (codec `_check_together`).
+    Devices of an algorithm that never trains (`frozen`) send neither: the update is their
+    sample count and telemetry, and stands for the round's starting weights.
     """
 
     weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))

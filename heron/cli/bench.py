@@ -81,7 +81,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
 
     try:
         cfg = AccuracyConfig(
-            datasets=_csv(args.datasets), mnist_dir=args.mnist_dir,
+            datasets=_csv(args.datasets), mnist_dir=args.mnist_dir, cifar_dir=args.cifar_dir,
             partitions=_csv(args.partitions), alpha=args.alpha,
             algorithms=_csv(args.algorithms), seeds=tuple(int(s) for s in _csv(args.seeds)),
             devices=_one_count(args.devices, 5), rounds=args.rounds or 20,
@@ -304,11 +304,15 @@ def add_bench_parsers(sub: Any) -> None:
                        "algorithm keeps its fastest run (1)")
     acc = bench.add_argument_group("accuracy workload")
     acc.add_argument("--datasets", default="digits,mnist-format",
-                     help="comma-separated: digits, mnist-format, sst2 (text: with --model "
-                     "minilm) (digits,mnist-format)")
+                     help="comma-separated: digits, mnist-format, cifar-format, sst2 (text: "
+                     "with --model minilm) (digits,mnist-format)")
     acc.add_argument("--mnist-dir", default=None,
                      help="MNIST idx files for mnist-format (default: generate digits-28, "
                      "sklearn digits drawn 28x28, as idx files; no download)")
+    acc.add_argument("--cifar-dir", default=None,
+                     help="CIFAR-10 python batches for cifar-format (default: generate "
+                     "digits-32c, sklearn digits drawn 32x32 in colour, as CIFAR-10 batches; "
+                     "no download)")
     acc.add_argument("--partitions", default="iid,dirichlet", help="iid,dirichlet")
     acc.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet alpha (0.5)")
     acc.add_argument("--algorithms",

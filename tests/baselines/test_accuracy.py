@@ -46,3 +46,23 @@ def test_accuracy_bench_end_to_end_tiny(tmp_path: Path) -> None:
     # a second start reuses the finished federations
     again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reused") == 6, again.stdout
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_cifar_format_runs_on_generated_cifar10_batches(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = heron("bench", "--workload", "accuracy", "--out", str(out),
+                 "--datasets", "cifar-format", "--model", "cnn", "--partitions", "iid",
+                 "--algorithms", "frozen", "--seeds", "0", "--devices", "2", "--rounds", "1",
+                 "--local-steps", "2")
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    report = json.loads((out / "accuracy.json").read_text())
+    [run] = report["runs"]
+    assert (run["dataset"], run["model"]) == ("cifar-format", "cnn")
+    assert (out / "data" / "digits32c" / "test_batch").is_file()  # what the run read
+    argv_used = json.loads((out / run["run_dir"] / "bench-argv.json").read_text())
+    assert argv_used[argv_used.index("--dataset") + 1] == "cifar10"
+    assert "digits-32c" in report["config"]["cifar_format_source"]
+    assert "cifar-format = digits-32c" in (out / "accuracy.md").read_text()

@@ -338,3 +338,26 @@ def test_a_smashed_upload_in_another_codec_is_rejected(tmp_path: Path) -> None:
                   labels=np.zeros(2, np.int64))
     server._smashed("dev-0", msg, state)
     assert any("smashed codec fp32" in why for why in server.members.rejected)
+
+
+def test_frozen_devices_send_no_weights_and_a_weights_update_from_one_is_refused(
+        tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, devices=2, rounds=2)
+    fleet.opts = replace(fleet.opts, train=replace(fleet.opts.train, algorithm="frozen"))
+    run, server = fleet.server()
+    start_theta = run.theta.copy()
+    fleet.start_devices(run, 2)
+    summary = fleet.run(server)
+    assert summary["rejected"] == {} and summary["completed_rounds"] == 2
+    assert all(r["updates"] == ["dev-0", "dev-1"] for r in server.records)
+    # the update is the header, sample count and telemetry only: far below the 330 weights'
+    # 1,320 bytes (the byte model's `sends_weights=False`)
+    per_update = summary["bytes_up_by_kind"]["weights"] / (2 * 2)
+    assert per_update < run.manifest.num_params * 4
+    assert np.array_equal(server.theta, start_theta)  # averaging stood for the start weights
+    # a frozen device that sends weights anyway is refused, not averaged
+    start = RoundStart(run.run_id, 3, "server", weights=run.theta, participants=("dev-0",),
+                       config=fleet.opts.train.to_json())
+    state = RoundState(("dev-0",), start, None)
+    server._update("dev-0", Update(run.run_id, 3, "dev-0", weights=run.theta + 1.0), state)
+    assert state.updates == {} and server.members.rejected == {"bad update": 1}
