@@ -237,3 +237,50 @@ def plot_accuracy(report: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         paths.append(str(path))
     return paths
+
+
+def pair_benches(a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str
+                 ) -> dict[str, Any]:
+    """Two accuracy benches that differ in one `heron run` option (a codec, say), paired by
+    seed: each algorithm of `a` against the same algorithm of `b`, final and last-TAIL."""
+    runs = ([{**r, "algorithm": f"{r['algorithm']} {label_a}"} for r in a["runs"]]
+            + [{**r, "algorithm": f"{r['algorithm']} {label_b}"} for r in b["runs"]])
+    algs = dict.fromkeys(r["algorithm"] for r in a["runs"])
+    pairs = [(f"{alg} {label_a}", f"{alg} {label_b}") for alg in algs]
+    return {"a": {"label": label_a, "command": a.get("command")},
+            "b": {"label": label_b, "command": b.get("command")},
+            "paired": paired(runs, pairs), "paired_tail": paired(runs, pairs, tail=TAIL)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m baselines.accuracy_report pair A B --labels LA,LB --out FILE``: pair two
+    benches' accuracy.json (written as FILE.json and FILE.md)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m baselines.accuracy_report")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pair", help="pair two accuracy benches by seed (a - b)")
+    p.add_argument("a", type=Path, help="bench directory (or its accuracy.json) for a")
+    p.add_argument("b", type=Path, help="bench directory (or its accuracy.json) for b")
+    p.add_argument("--labels", required=True, help="LA,LB: what differs, e.g. int8,fp32")
+    p.add_argument("--out", required=True, type=Path, help="FILE: writes FILE.json, FILE.md")
+    args = ap.parse_args(argv)
+    labels = [s.strip() for s in args.labels.split(",")]
+    if len(labels) != 2 or not all(labels):
+        ap.error("--labels takes two comma-separated labels")
+
+    def load(path: Path) -> dict[str, Any]:
+        return json.loads((path / "accuracy.json" if path.is_dir() else path).read_text())
+
+    got = pair_benches(load(args.a), load(args.b), *labels)
+    if not got["paired"]:
+        raise SystemExit("no algorithm and data set has two or more seeds in both benches")
+    args.out.with_suffix(".json").write_text(json.dumps(got, indent=2) + "\n")
+    md = "\n".join([*paired_markdown(got["paired"]), *paired_markdown(got["paired_tail"])])
+    args.out.with_suffix(".md").write_text(md.lstrip("\n") + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

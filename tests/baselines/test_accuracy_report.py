@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from baselines.accuracy import AccuracyConfig
-from baselines.accuracy_report import aggregate, checks, default_pairs, markdown, paired
+from baselines.accuracy_report import (
+    aggregate,
+    checks,
+    default_pairs,
+    main,
+    markdown,
+    pair_benches,
+    paired,
+)
 from baselines.centralized import CENTRALIZED
 
 
@@ -93,3 +104,22 @@ def test_every_non_control_algorithm_is_paired_against_the_controls() -> None:
         ("cse-fsl", "frozen"), ("heron", "frozen"), ("heron", "cse-fsl"),
         ("heron", CENTRALIZED), ("heron-tail", "frozen"), ("heron-tail", "cse-fsl"),
         ("heron-tail", CENTRALIZED), ("cse-fsl", CENTRALIZED)]
+
+
+def test_two_benches_are_paired_by_seed_per_algorithm(tmp_path: Path) -> None:
+    a = {"runs": [_run("digits", "iid", "heron", s, v) for s, v in
+                  ((0, 0.90), (1, 0.80), (2, 0.85))], "command": "heron bench ... int8"}
+    b = {"runs": [_run("digits", "iid", "heron", s, v) for s, v in
+                  ((0, 0.88), (1, 0.81), (2, 0.80), (3, 0.5))]}
+    got = pair_benches(a, b, "int8", "fp32")
+    [row] = got["paired"]
+    assert (row["a"], row["b"], row["seeds"]) == ("heron int8", "heron fp32", [0, 1, 2])
+    assert row["diffs"] == pytest.approx([0.02, -0.01, 0.05])  # seed 3 has no partner
+    # the CLI writes the pairing and its tables
+    for name, bench in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "accuracy.json").write_text(json.dumps(bench))
+    main(["pair", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "int8,fp32",
+          "--out", str(tmp_path / "paired")])
+    assert json.loads((tmp_path / "paired.json").read_text())["paired"][0]["seeds"] == [0, 1, 2]
+    assert "heron int8 - heron fp32" in (tmp_path / "paired.md").read_text()
