@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import algorithms as registry
+from edge_runtime.protocol.smashed_codec import DEFAULT_CODEC
 
 ROUND_DEVICES = 5  # participants named in the RoundStart used for the byte count
 ONNX_FLOPS_METHOD = (
@@ -114,7 +115,7 @@ def _wire_bytes(msg: Any) -> int:
 
 def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
                   device_params: int, local_steps: int, upload_every: int,
-                  smashed_codec: str = "fp32") -> dict[str, Any]:
+                  smashed_codec: str = DEFAULT_CODEC) -> dict[str, Any]:
     """A device's payload bytes per step and per round for `algorithm` (see BYTES_METHOD).
 
     `device_params` is what the device holds and exchanges: client + aux (heron, cse-fsl),

@@ -37,6 +37,7 @@ from baselines.counts import (
 )
 from baselines.steps import ONNX_ALGORITHMS, StepSpec, make_runner
 from edge_runtime import algorithms as registry
+from edge_runtime.protocol.smashed_codec import DEFAULT_CODEC
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LOCAL_STEPS = 40  # h, as edge_runtime.protocol.TrainConfig
@@ -194,7 +195,7 @@ def profile(
     timeout: float = 3600.0,
     perturb: str = "full",
     q: int = 1,
-    smashed_codec: str = "fp32",
+    smashed_codec: str = DEFAULT_CODEC,
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
@@ -203,7 +204,7 @@ def profile(
     `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO);
     `q` its directions per step (`heron run --q`).
     `smashed_codec` codes the smashed uploads inside the timed step, as a device does, and
-    sizes them in the byte counts.
+    sizes them in the byte counts (algorithms that upload none ignore it, as `heron run` does).
     """
     alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup

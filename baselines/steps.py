@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_runtime.algorithms import ALGORITHMS, ONNX_ALGORITHMS, TORCH_ALGORITHMS, algorithm
 from edge_runtime.protocol.config import PERTURBS
-from edge_runtime.protocol.smashed_codec import CODECS
+from edge_runtime.protocol.smashed_codec import CODECS, DEFAULT_CODEC
 
 __all__ = ["ALGORITHMS", "ONNX_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
@@ -59,7 +59,7 @@ class StepSpec:
     perturb: str = "full"  # heron's ZO perturbation: full (the paper) or block (blockzo)
     input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
     q: int = 1  # heron: ZO directions per step (each one more forward, or block re-run)
-    smashed_codec: str = "fp32"  # how the smashed uploads are coded (smashed_codec.CODECS)
+    smashed_codec: str = DEFAULT_CODEC  # how smashed uploads are coded (smashed_codec.CODECS)
 
     def __post_init__(self) -> None:
         alg = algorithm(self.algorithm)  # ValueError naming the choices
@@ -76,9 +76,6 @@ class StepSpec:
         if self.smashed_codec not in CODECS:
             raise ValueError(f"unknown smashed codec {self.smashed_codec!r}; help: one of "
                              f"{', '.join(CODECS)}")
-        if self.smashed_codec != "fp32" and not alg.uploads_smashed:
-            raise ValueError(f"{self.algorithm} uploads no smashed data; help: drop "
-                             "--smashed-codec")
         if self.perturb != "full" and alg.device_update != "zo":
             raise ValueError(f"perturb={self.perturb!r} is a heron option; {self.algorithm} "
                              "makes no ZO perturbation")

@@ -16,7 +16,7 @@ import numpy as np
 
 # TrainConfig.algorithm and JoinProfile.algorithms carry the registry's names
 from edge_runtime.algorithms import ALGORITHMS, DEVICE_LR, names
-from edge_runtime.protocol.smashed_codec import CODECS
+from edge_runtime.protocol.smashed_codec import CODECS, DEFAULT_CODEC, WIRE_DEFAULT
 
 SCHEMES = ("forward", "central")
 DISTRIBUTIONS = ("gaussian", "sphere")
@@ -76,7 +76,7 @@ class TrainConfig:
     upload_every: int = 2  # k: smashed data every k steps
     batch_size: int = 32
     seed: int = 0
-    smashed_codec: str = "fp32"  # how devices code smashed data (smashed_codec.CODECS)
+    smashed_codec: str = DEFAULT_CODEC  # how devices code smashed data (smashed_codec.CODECS)
     zo: ZOConfig = field(default_factory=ZOConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     device_sync: str = "weights"  # DEVICE_SYNCS: what a round's update carries
@@ -127,6 +127,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys {sorted(unknown)}")
         fields = dict(obj)
+        fields.setdefault("smashed_codec", WIRE_DEFAULT)  # not the local default: the sender's
         for name, cls in (("zo", ZOConfig), ("optimizer", OptimizerConfig)):
             if name in fields:
                 if not isinstance(fields[name], dict):

@@ -21,6 +21,10 @@ from typing import NamedTuple
 import numpy as np
 
 CODECS = ("fp32", "fp16", "int8")
+# int8: a quarter of fp32's bytes with no measured accuracy cost on image and text
+# workloads (BENCHMARKS.md, "Smashed-data codecs"); fp16 saves half as much at more device time
+DEFAULT_CODEC = "int8"
+WIRE_DEFAULT = "fp32"  # what a training config without the field means (servers before codecs)
 WIRE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "uint8"}
 FP16_MAX = 65504.0
 MAX_ABS = 1e30  # int8's domain: hi - lo stays finite in float32 with room to spare

@@ -32,7 +32,7 @@ def test_onnx_flops_equal_torch_flop_counter_on_the_same_forward(tmp_path: Path)
 
 def test_payload_bytes_follow_each_protocol() -> None:
     kw: dict[str, Any] = {"batch": 8, "smashed_shape": (16, 8, 8), "device_params": 330,
-                          "local_steps": 10, "upload_every": 2}
+                          "local_steps": 10, "upload_every": 2, "smashed_codec": "fp32"}
     b = {alg: payload_bytes(alg, **kw) for alg in ALGORITHMS}
     smashed = len(encode(Smashed("0" * 32, 1, "dev-0", activations=np.zeros(
         (8, 16, 8, 8), np.float32), labels=np.zeros(8, np.int64))))

@@ -259,13 +259,14 @@ def test_profile_codes_smashed_uploads_in_the_step_and_sizes_them_by_codec(
     assert got["int8"]["bytes_up_per_round"] < 0.3 * got["fp32"]["bytes_up_per_round"]
 
 
-def test_smashed_codec_is_refused_where_no_smashed_data_go_up() -> None:
+def test_an_unknown_smashed_codec_is_refused_and_a_known_one_round_trips() -> None:
     from baselines.steps import StepSpec
 
     common: dict[str, Any] = {"model": "cnn", "cut": "conv1", "batch": 8, "threads": 1,
                               "input_shape": (1, 8, 8), "num_classes": 10, "bundle_dir": "b"}
-    with pytest.raises(ValueError, match="uploads no smashed data"):
-        StepSpec(algorithm="fedavg", smashed_codec="int8", **common)
+    # a run-wide setting: fedavg uploads no smashed data and has nothing to code, as in
+    # `heron run --algorithm fedavg` under the default codec
+    assert StepSpec(algorithm="fedavg", **common).smashed_codec == "int8"
     with pytest.raises(ValueError, match="unknown smashed codec"):
         StepSpec(algorithm="heron", smashed_codec="int4", **common)
     assert StepSpec.from_json(StepSpec(algorithm="heron", smashed_codec="fp16",

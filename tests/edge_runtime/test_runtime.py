@@ -255,8 +255,11 @@ def test_config_json_round_trip(cfg: TrainConfig) -> None:
 
 
 def test_partial_config_takes_defaults() -> None:
-    assert TrainConfig.from_json({"local_steps": 9}) == TrainConfig(local_steps=9)
-    assert TrainConfig.from_json({}) == TrainConfig()
+    # every default but the codec's: a config without one predates the codecs, so fp32
+    assert TrainConfig.from_json({"local_steps": 9}) == TrainConfig(local_steps=9,
+                                                                    smashed_codec="fp32")
+    assert TrainConfig.from_json({}) == TrainConfig(smashed_codec="fp32")
+    assert TrainConfig.from_json({"smashed_codec": "int8"}) == TrainConfig()
 
 
 def test_unknown_config_keys_are_rejected() -> None:

@@ -18,6 +18,15 @@ def test_nested_configs_default_to_the_train_configs_defaults() -> None:
     assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == DEVICE_LR["zo"]
 
 
+def test_the_default_codec_is_int8_and_a_config_without_one_means_fp32() -> None:
+    cfg = TrainConfig()
+    assert cfg.smashed_codec == "int8"
+    assert TrainConfig.from_json(cfg.to_json()).smashed_codec == "int8"  # always on the wire
+    # a server from before the codecs sends no such key and decodes only float32 uploads
+    old = {k: v for k, v in cfg.to_json().items() if k != "smashed_codec"}
+    assert TrainConfig.from_json(old).smashed_codec == "fp32"
+
+
 def test_cli_defaults_are_the_configs() -> None:
     from heron.cli import build_parser
     from heron.cli.server import train_config
