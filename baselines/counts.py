@@ -119,8 +119,8 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
     """A device's payload bytes per step and per round for `algorithm` (see BYTES_METHOD).
 
     `device_params` is what the device holds and exchanges: client + aux (heron, cse-fsl),
-    client (SplitFed), the whole model (fedavg); frozen exchanges no weights. The uploads
-    are coded under `smashed_codec`; SplitFed's gradient down stays float32 (not coded).
+    client (SplitFed), the whole model (fedavg); frozen receives them and sends none back.
+    The uploads are coded under `smashed_codec`; SplitFed's gradient down stays float32.
     """
     from edge_runtime.protocol import RoundStart, Smashed, TrainConfig, Update
 
@@ -151,9 +151,10 @@ def payload_bytes(algorithm: str, *, batch: int, smashed_shape: tuple[int, ...],
     n_grads = n_smashed if a.waits_for_gradient else 0  # SplitFed: one gradient per upload
     grad = _wire_bytes(Smashed(run, 1, "server", step=0, activations=np.zeros(
         (batch, *smashed_shape), np.float32), labels=np.zeros(0, np.int64))) if n_grads else 0
-    weights = device_params if a.sends_weights else 0
-    up = n_smashed * smashed + (update(weights) if a.sends_weights else 0)
-    down = n_grads * grad + round_start(weights)
+    # every device ends its round with an update (frozen's carries no weights) and gets the
+    # global weights in each RoundStart (frozen's never change, but they are sent)
+    up = n_smashed * smashed + update(device_params if a.sends_weights else 0)
+    down = n_grads * grad + round_start(device_params)
     step_up, step_down = n_smashed * smashed / steps_per_round, n_grads * grad / steps_per_round
     return {"bytes_per_step": round(step_up + step_down), "bytes_per_round": up + down,
             "bytes_up_per_round": up, "bytes_down_per_round": down,

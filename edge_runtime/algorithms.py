@@ -46,7 +46,7 @@ class Algorithm:
     ships_server_part: bool  # the global weights include the server part (the whole model)
     server_copy_per_device: bool  # the server trains one copy per device, averaged at round end
     uploads_smashed: bool  # the device sends smashed data during the round
-    sends_weights: bool  # a round's uplink carries the device's trained weights (byte model)
+    sends_weights: bool  # the round-end update carries the device's weights (else none)
     summary: str  # one line for help texts
 
     @property
