@@ -13,6 +13,9 @@ inside the timed step. Codecs alternate within each repeat, in reversed order ev
 repeat, so machine load hits them alike; each codec's step time and peak RSS are compared
 with fp32's of the same repeat (a paired ratio per repeat, then the mean and a 95% t
 interval over repeats).
+
+``python -m baselines.smashed_codec server --out DIR``: the codecs' accuracy cost on the
+server alone (fedcnn/conv1 on digits-28, same batches for every codec; `server_only`).
 """
 
 from __future__ import annotations
@@ -290,16 +293,85 @@ def zstd_main(argv: list[str]) -> None:
             (out / "codec_zstd.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def server_only(data_dir: Path, steps: int, seeds: int, codecs: tuple[str, ...] = CODECS,
+                batch: int = 32) -> dict[str, Any]:
+    """The codec's accuracy cost with the federation's other noise removed: fedcnn/conv1's
+    server part trained by torch (Adam 1e-3, the server's default) on the smashed data of a
+    fixed device part, coded and decoded by each codec, on the same batches in the same order
+    for every codec of a seed; tested on the uncoded test activations, as the server's
+    evaluation sees them. Paired differences codec - fp32 per seed."""
+    import torch
+
+    from edge_runtime.protocol.smashed_codec import decode
+    from exporter.zoo import build_split
+    from heron_data.datasets import load_dataset
+
+    torch.set_num_threads(1)
+    ds = load_dataset("mnist", str(data_dir), seed=0)
+    client = build_split("fedcnn", (1, 28, 28), 10, cut="conv1", seed=0).client
+    with torch.no_grad():
+        a_train = client(torch.from_numpy(ds.x_train)).numpy()
+        a_test = client(torch.from_numpy(ds.x_test))
+    y_test = torch.from_numpy(ds.y_test)
+    acc: dict[str, list[float]] = {c: [] for c in codecs}
+    for seed in range(seeds):
+        for codec in codecs:
+            torch.manual_seed(seed)
+            server = build_split("fedcnn", (1, 28, 28), 10, cut="conv1", seed=seed).server
+            opt = torch.optim.Adam(server.parameters(), 1e-3)
+            rng = np.random.default_rng(seed)
+            for _ in range(steps):
+                idx = rng.choice(len(ds.y_train), batch, replace=False)
+                x = decode(*encode(a_train[idx], codec))
+                loss = torch.nn.functional.cross_entropy(
+                    server(torch.from_numpy(x)), torch.from_numpy(ds.y_train[idx]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                acc[codec].append(float((server(a_test).argmax(1) == y_test).float().mean()))
+            print(f"  seed {seed} {codec}: test accuracy {acc[codec][-1]:.4f}", flush=True)
+    paired = {}
+    for codec in codecs:
+        if codec != "fp32" and "fp32" in acc:
+            diffs = [a - b for a, b in zip(acc[codec], acc["fp32"], strict=True)]
+            mean, lo, hi = t_interval(diffs)
+            paired[f"{codec} - fp32"] = {"diffs": diffs, "mean": mean, "ci95": [lo, hi]}
+    return {"steps": steps, "batch": batch, "accuracy": acc, "paired": paired}
+
+
+def server_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m baselines.smashed_codec server")
+    ap.add_argument("--out", required=True, help="directory for codec_server_only.json")
+    ap.add_argument("--steps", type=int, default=480,
+                    help="server steps (480: 8 rounds x 3 devices x 20 uploads)")
+    ap.add_argument("--seeds", type=int, default=5)
+    args = ap.parse_args(argv)
+    from baselines.digits28 import make_digits28
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = server_only(make_digits28(Path(tmp) / "digits28"), args.steps, args.seeds)
+    (out / "codec_server_only.json").write_text(json.dumps(got, indent=1) + "\n")
+    for name, p in got["paired"].items():
+        lo, hi = p["ci95"]
+        print(f"{name}: {100 * p['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] points; per "
+              f"seed {', '.join(f'{100 * d:+.2f}' for d in p['diffs'])}")
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "profile":
         profile_main(argv[1:])
     elif argv and argv[0] == "zstd":
         zstd_main(argv[1:])
+    elif argv and argv[0] == "server":
+        server_main(argv[1:])
     elif not argv or argv == ["encode"]:
         encode_main()
     else:
         raise SystemExit("usage: python -m baselines.smashed_codec [encode | profile --out DIR | "
-                         "zstd --out DIR]")
+                         "zstd --out DIR | server --out DIR]")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""The codec benches' own arithmetic: bytes per round without the bundle, and the
+server-only pairing (BENCHMARKS.md, "Smashed-data codecs")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from baselines.codec_bytes import markdown, round_bytes
+from baselines.digits28 import make_digits28
+from baselines.smashed_codec import server_only
+
+
+def test_round_bytes_leave_out_the_bundle_and_add_both_directions(tmp_path: Path) -> None:
+    up = {"smashed": 1000, "grad": 0, "weights": 40, "weights_fallback": 0, "bundle": 5000,
+          "control": 2}
+    down = {"smashed": 0, "grad": 0, "weights": 40, "weights_fallback": 0, "bundle": 7000,
+            "control": 3}
+    later = {**up, "bundle": 0, "smashed": 999}
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"bytes_up_by_kind": up, "bytes_down_by_kind": down},
+        {"bytes_up_by_kind": later, "bytes_down_by_kind": down})) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"device_params": 10, "model": "cnn", "cut": "conv1"}))
+    got = round_bytes(tmp_path)
+    assert got["total"] == 1000 + 40 + 2 + 40 + 3  # round 1's, the bundle left out
+    assert "bundle" not in got["up"] and "bundle" not in got["down"]
+    row = {"workload": "digits", "setting": "int8", "bytes": got, "ratio": 0.25}
+    assert "| digits (cnn/conv1) | 10 | int8 | 0.001 MB |" in markdown([row])
+
+
+@pytest.mark.slow
+def test_server_only_pairs_each_codec_with_fp32_on_the_same_batches(tmp_path: Path) -> None:
+    data = make_digits28(tmp_path / "d28")
+    got = server_only(data, steps=3, seeds=2, codecs=("fp32", "int8"), batch=8)
+    assert set(got["accuracy"]) == {"fp32", "int8"}
+    # a seed's batches and initialisation do not depend on what else ran: fp32 alone again
+    # trains the same server (one torch thread, the same ops in the same order)
+    again = server_only(data, steps=3, seeds=2, codecs=("fp32",), batch=8)
+    assert again["accuracy"]["fp32"] == got["accuracy"]["fp32"] and again["paired"] == {}
+    assert all(0.0 <= a <= 1.0 for accs in got["accuracy"].values() for a in accs)
+    [(name, p)] = got["paired"].items()
+    assert name == "int8 - fp32" and len(p["diffs"]) == 2
+    lo, hi = p["ci95"]
+    assert lo <= p["mean"] <= hi
