@@ -4,7 +4,7 @@ cut, over IID and Dirichlet partitions and several seeds, each run a real `heron
 
 ``centralized`` is the reference every split algorithm is compared with
 (`baselines.centralized`); ``mnist-format`` is real MNIST, or digits-28 where none is given,
-and ``cifar-format`` real CIFAR-10, or digits-32c (`baselines.digits28`); the table, checks
+and ``cifar-format`` real CIFAR-10, or digits-32c (`baselines.generated_data`); the table, checks
 and plots are `baselines.accuracy_report`'s.
 
 Writes DIR/accuracy.json (every run, every round), DIR/accuracy.md (the table that goes into
@@ -34,7 +34,7 @@ from baselines.accuracy_report import (
     plot_accuracy,
 )
 from baselines.centralized import CENTRALIZED, CentralizedSpec, centralized_spec, train_centralized
-from baselines.digits28 import CIFAR_FORMAT, MNIST_FORMAT, make_digits28, make_digits32c
+from baselines.generated_data import CIFAR_FORMAT, MNIST_FORMAT, make_digits28, make_digits32c
 from edge_runtime.algorithms import ALGORITHMS
 
 BENCH_ALGORITHMS = (*ALGORITHMS, CENTRALIZED)

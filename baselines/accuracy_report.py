@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from baselines.centralized import CENTRALIZED
-from baselines.digits28 import CIFAR_FORMAT, MNIST_FORMAT
+from baselines.generated_data import CIFAR_FORMAT, MNIST_FORMAT
 
 SUBJECT = "heron"  # the algorithm the report is about (bold row, thick line, the checks)
 

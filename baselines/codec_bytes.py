@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baselines.digits28 import make_digits28, make_digits32c
+from baselines.generated_data import make_digits28, make_digits32c
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -285,7 +285,7 @@ def zstd_main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="heron-d28-") as tmp:
         mnist = args.mnist_dir
         if mnist is None and "fedcnn" in args.workloads:
-            from baselines.digits28 import make_digits28
+            from baselines.generated_data import make_digits28
 
             mnist = make_digits28(Path(tmp) / "digits28")
         for name in args.workloads.split(","):
@@ -347,7 +347,7 @@ def server_main(argv: list[str]) -> None:
                     help="server steps (480: 8 rounds x 3 devices x 20 uploads)")
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(argv)
-    from baselines.digits28 import make_digits28
+    from baselines.generated_data import make_digits28
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

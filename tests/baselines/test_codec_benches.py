@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from baselines.codec_bytes import markdown, round_bytes
-from baselines.digits28 import make_digits28
+from baselines.generated_data import make_digits28
 from baselines.smashed_codec import server_only
 
 

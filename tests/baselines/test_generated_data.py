@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines.digits28 import make_digits28, make_digits32c
+from baselines.generated_data import make_digits28, make_digits32c
 from heron_data.datasets import load_dataset
 from heron_data.images import CIFAR10_MEAN, CIFAR10_STD
 
