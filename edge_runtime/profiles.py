@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from edge_runtime.protocol import topics
+
 if TYPE_CHECKING:  # imported lazily: `heron --help` should not load ONNX Runtime
     from edge_runtime.protocol import TrainConfig
     from edge_runtime.runtime import LocalModel
@@ -59,6 +61,7 @@ PROFILE_KEYS = {"description": str, "memory_mb": int, "budget_mb": int, "cores":
 DEVICE_CONFIG_KEYS = {"broker": str, "id": str, "data": str, "profile": str, "prefix": str,
                       "bundle": str, "threads": int, "username": str, "password": str,
                       "credentials": str, "ca_file": str, "cert_file": str, "key_file": str}
+MAX_THREADS = 1024  # ONNX Runtime intra-op threads a config may ask for
 MEMORY_EXIT_CODE = 5  # `heron device` exit status when the bundle does not fit the budget
 
 
@@ -155,6 +158,15 @@ def load_device_config(path: str | Path) -> dict[str, Any]:
                            "/etc/heron/") from exc
     obj = parse_toml(text, str(path))
     _typed(obj, DEVICE_CONFIG_KEYS, str(path), "device config")
+    # the bounds `heron device`'s own options have (positive_int, topic-level ids)
+    if "threads" in obj and not 1 <= obj["threads"] <= MAX_THREADS:
+        raise ProfileError(f"{path}: threads = {obj['threads']} must be 1..{MAX_THREADS}")
+    for key, check in (("id", topics.validate_id), ("prefix", topics.validate_prefix)):
+        if key in obj:
+            try:
+                check(obj[key])
+            except ValueError as exc:
+                raise ProfileError(f"{path}: {exc}") from exc
     return obj
 
 

@@ -32,6 +32,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                          "put them in a --config file (broker = ..., id = ..., data = ...)")
     try:
         topics.validate_id(args.id)
+        topics.validate_prefix(args.prefix)
     except ValueError as exc:
         raise SystemExit(f"heron device: {exc}") from exc
     from edge_runtime.device import Device, DeviceOptions, run_device

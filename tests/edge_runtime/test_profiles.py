@@ -445,3 +445,22 @@ def test_profiles_load_with_the_device_install_only(no_torch_env: dict) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[1024, 2560, 256, 3072]", "[]"]
+
+
+@pytest.mark.parametrize("line, error", [
+    ("threads = 0", r"threads = 0 must be 1\.\.1024"),
+    ("threads = -3", r"threads = -3 must be 1\.\.1024"),
+    ("threads = 100000", r"threads = 100000 must be 1\.\.1024"),
+    ('id = "a/b"', r"device id 'a/b' is not allowed"),
+    ('id = "dev+1"', r"device id 'dev\+1' is not allowed"),
+    ('prefix = "fleet/#"', r"topic prefix 'fleet/#' must be"),
+    ('prefix = ""', r"topic prefix '' must be"),
+])
+def test_device_config_values_have_the_command_lines_bounds(
+        tmp_path: Path, line: str, error: str) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text(f'broker = "mqtt://h"\n{line}\n')
+    with pytest.raises(ProfileError, match=rf"device\.toml: {error}"):
+        load_device_config(path)
+    path.write_text('broker = "mqtt://h"\nthreads = 4\nid = "board-1"\nprefix = "farm/a"\n')
+    assert load_device_config(path)["threads"] == 4

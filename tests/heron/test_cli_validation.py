@@ -1,10 +1,11 @@
-"""`heron run` and `heron server` refuse invalid options in the console, with exit code 2,
-before they write anything, start a broker or start a device."""
+"""`heron run`, `heron server` and `heron device` refuse invalid options in the console, with
+exit code 2, before they write anything, start a broker or start a device."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,19 @@ def test_run_resume_needs_a_run_directory(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     err = _refused(["run", "--resume", str(tmp_path / "nothing")], capsys)
     assert "no readable run.json" in err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--id", "a/b"], "device id 'a/b' is not allowed"),
+    (["--prefix", "fleet/#"], "topic prefix 'fleet/#' must be"),
+    (["--prefix", "/fleet"], "topic prefix '/fleet' must be"),
+])
+def test_device_refuses_an_id_or_prefix_that_is_no_topic_level(
+        extra: list[str], message: str, tmp_path: Path) -> None:
+    from heron.cli import build_parser
+
+    argv = ["device", "--broker", "mqtt://127.0.0.1:1", "--id", "dev-0",
+            "--data", str(tmp_path / "shard.npz"), *extra]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        args.func(args)
