@@ -37,6 +37,7 @@ from edge_runtime.protocol import (
     RoundStart,
     Smashed,
     Stop,
+    TrainConfig,
     Update,
     chunk,
     encode,
@@ -134,9 +135,12 @@ def join_frame(s: RoundStart, who: str, **profile: object) -> tuple[str, bytes]:
 
 def _smashed(s: RoundStart, who: str, shape: tuple[int, ...], batch: int = 2, *,
              step: int = 0, round_idx: int | None = None) -> Smashed:
-    return Smashed(s.run_id, s.round if round_idx is None else round_idx, who, step=step,
-                   activations=np.zeros((batch, *shape), np.float32),
-                   labels=np.arange(batch, dtype=np.int64) % 10)
+    # coded as the run's devices code (an insider knows the round's config), so each
+    # attack meets the check it is aimed at, not the codec's
+    return Smashed.coded(s.run_id, s.round if round_idx is None else round_idx, who, step,
+                         np.zeros((batch, *shape), np.float32),
+                         np.arange(batch, dtype=np.int64) % 10,
+                         TrainConfig.from_json(s.config).smashed_codec)
 
 
 def _huge_chunks(total: int) -> list[bytes]:
@@ -170,7 +174,7 @@ def attack_telemetry(i: Insider, s: RoundStart, shape: tuple[int, ...]) -> None:
 def attack_smashed(i: Insider, s: RoundStart, shape: tuple[int, ...]) -> None:
     """(f) batches larger than the round's batch size, smashed data for other rounds."""
     i.send(_smashed(s, i.name, shape, batch=33))
-    i.send(_smashed(s, i.name, shape, batch=1000))  # 4 MB: several chunks
+    i.send(_smashed(s, i.name, shape, batch=1000))  # 1 MB under int8: more than one chunk
     i.send(_smashed(s, i.name, shape, round_idx=s.round + 1))
     i.send(_smashed(s, i.name, shape, round_idx=s.round - 1))
 
