@@ -200,7 +200,7 @@ class Server:
         batch = msg.activations.shape[0] if msg.activations.ndim else 0
         why = check_smashed(count, msg.step, batch, self.opts.train, state.start.round)
         if why is None and msg.codec != self.opts.train.smashed_codec:
-            why = (f"smashed codec {msg.codec}, but this run's devices code with "
+            why = (f"bad smashed data: codec {msg.codec}, but this run's devices code with "
                    f"{self.opts.train.smashed_codec}")
         act = msg.decoded() if why is None else msg.activations  # decode checked the codec
         if why is None and (bad := self.trainer.check_batch(act, msg.labels)):

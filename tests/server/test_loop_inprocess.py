@@ -5,6 +5,7 @@ in its own thread, joined through a `LoopbackBroker`."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -326,7 +327,8 @@ def test_a_run_with_a_smashed_codec_sends_fewer_smashed_bytes(tmp_path: Path,
     assert per_batch < fp32 * {"fp16": 0.52, "int8": 0.27}[codec]
 
 
-def test_a_smashed_upload_in_another_codec_is_rejected(tmp_path: Path) -> None:
+def test_a_smashed_upload_in_another_codec_is_rejected(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     fleet = Fleet(tmp_path, devices=1, rounds=1)
     fleet.opts = replace(fleet.opts, train=replace(fleet.opts.train, smashed_codec="int8"))
     run, server = fleet.server()
@@ -336,8 +338,10 @@ def test_a_smashed_upload_in_another_codec_is_rejected(tmp_path: Path) -> None:
     msg = Smashed(run.run_id, 1, "dev-0", step=0,
                   activations=np.zeros((2, 16, 8, 8), np.float32),
                   labels=np.zeros(2, np.int64))
-    server._smashed("dev-0", msg, state)
-    assert any("smashed codec fp32" in why for why in server.members.rejected)
+    with caplog.at_level(logging.WARNING, logger="heron.server"):
+        server._smashed("dev-0", msg, state)
+    assert server.members.rejected == {"bad smashed data": 1}
+    assert "codec fp32, but this run's devices code with int8" in caplog.text
 
 
 def test_frozen_devices_send_no_weights_and_a_weights_update_from_one_is_refused(
