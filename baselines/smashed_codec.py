@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.protocol.smashed_codec import CODECS, encode
+from edge_runtime.protocol.smashed_codec import CODECS, decode, encode
 
 SHAPES = {"digits cnn/conv1": (32, 16, 8, 8), "digits-28 fedcnn/conv1": (32, 32, 14, 14)}
 
@@ -302,7 +302,6 @@ def server_only(data_dir: Path, steps: int, seeds: int, codecs: tuple[str, ...] 
     evaluation sees them. Paired differences codec - fp32 per seed."""
     import torch
 
-    from edge_runtime.protocol.smashed_codec import decode
     from exporter.zoo import build_split
     from heron_data.datasets import load_dataset
 

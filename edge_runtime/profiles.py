@@ -158,7 +158,7 @@ def load_device_config(path: str | Path) -> dict[str, Any]:
                            "/etc/heron/") from exc
     obj = parse_toml(text, str(path))
     _typed(obj, DEVICE_CONFIG_KEYS, str(path), "device config")
-    # the bounds `heron device`'s own options have (positive_int, topic-level ids)
+    # as on the command line: threads >= 1 (and no absurd count), ids and prefix topic levels
     if "threads" in obj and not 1 <= obj["threads"] <= MAX_THREADS:
         raise ProfileError(f"{path}: threads = {obj['threads']} must be 1..{MAX_THREADS}")
     for key, check in (("id", topics.validate_id), ("prefix", topics.validate_prefix)):
