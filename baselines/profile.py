@@ -104,14 +104,18 @@ def measure(spec: StepSpec, steps: int, warmup: int) -> dict[str, Any]:
         runner.forwards(min(warmup, block))
     step_ms: list[float] = []
     fwd_ms: list[float] = []
+    cpu_s = 0.0  # the process's CPU time in the timed steps: every thread, the uplink's too
     while len(step_ms) < steps:
         n = min(block, steps - len(step_ms))
+        c0 = time.process_time()
         step_ms += runner.steps(n)
+        cpu_s += time.process_time() - c0
         fwd_ms += runner.forwards(n)
     threads = (runner.model.threads if spec.algorithm in ONNX_ALGORITHMS  # type: ignore[attr-defined]
                else sys.modules["torch"].get_num_threads())
     return {
         "step_ms": step_ms,
+        "step_cpu_ms_mean": cpu_s * 1000.0 / len(step_ms),
         "forward_ms": fwd_ms,
         "forwards_per_step": runner.forwards_per_step,
         "peak_rss_mb": peak_rss_mb(),
@@ -196,6 +200,7 @@ def profile(
     perturb: str = "full",
     q: int = 1,
     smashed_codec: str = DEFAULT_CODEC,
+    uplink: str = "thread",
 ) -> dict[str, Any]:
     """Profile one device step of `algorithm`; the JSON object `heron profile` prints.
 
@@ -203,8 +208,10 @@ def profile(
     model, cut, input shape and classes); otherwise one is exported to a temporary directory.
     `perturb` is heron's ZO perturbation: "full" (the paper) or "block" (block-wise ZO);
     `q` its directions per step (`heron run --q`).
-    `smashed_codec` codes the smashed uploads inside the timed step, as a device does, and
+    `smashed_codec` codes the smashed uploads in the timed steps, as a device does, and
     sizes them in the byte counts (algorithms that upload none ignore it, as `heron run` does).
+    `uplink` is where they are coded: "thread" (the device's uplink thread) or "inline"
+    (inside the step, the device before that thread: a baseline).
     """
     alg = registry.algorithm(algorithm)  # ValueError naming the choices
     warmup = steps if warmup is None else warmup
@@ -229,7 +236,7 @@ def profile(
                         num_classes=num_classes, upload_every=upload_every, seed=seed,
                         bundle_dir=str(bundle_dir), perturb=perturb, local_steps=local_steps,
                         input_dtype=split.input_dtype, q=q,
-                        smashed_codec=smashed_codec)
+                        smashed_codec=smashed_codec, uplink=uplink)
         t0, load0 = time.monotonic(), _load_1min()
         got = _run_child(spec, steps, warmup, timeout)
         wall, load1 = time.monotonic() - t0, _load_1min()
@@ -276,6 +283,9 @@ def profile(
         # block-wise steps differ by the block drawn: their mean is the cost per step
         "step_ms_mean": round(statistics.fmean(step_ms), 3),
         "step_ms_max": round(max(step_ms), 3),
+        # CPU time of the whole process per timed step (ONNX Runtime's and the uplink's
+        # threads too): what a step costs a board with no core to spare
+        "step_cpu_ms_mean": round(got["step_cpu_ms_mean"], 3),
         "forward_ms_median": round(fwd_med, 3), "forwards_per_step": got["forwards_per_step"],
         "step_over_forwards": round(step_med / fwd_med, 4),
         "forward_method": ("the same ONNX Runtime session run on fixed weights with the same "

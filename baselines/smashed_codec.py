@@ -8,11 +8,13 @@ data set, at the exported initial weights): bytes saved and compress time per me
 Needs the ``zstandard`` package, which heron does not depend on (BENCHMARKS.md says why).
 
 ``python -m baselines.smashed_codec profile --out DIR``: `heron profile` of heron's device
-step under each codec on real bundles, the codec's encode (and the message's wire encoding)
-inside the timed step. Codecs alternate within each repeat, in reversed order every other
-repeat, so machine load hits them alike; each codec's step time and peak RSS are compared
-with fp32's of the same repeat (a paired ratio per repeat, then the mean and a 95% t
-interval over repeats).
+step under each codec on real bundles, with the codec's encode (and the message's wire
+encoding) on the device's uplink thread (what `heron device` does) and, as baselines,
+inside the timed step ("inline": the device before that thread; fp32 inline is the device
+before the codecs). Settings alternate within each repeat, in reversed order every other
+repeat, so machine load hits them alike; each setting's step time, CPU time per step and
+peak RSS are compared with fp32 inline's of the same repeat (a paired ratio per repeat,
+then the mean and a 95% t interval over repeats).
 
 ``python -m baselines.smashed_codec server --out DIR``: the codecs' accuracy cost on the
 server alone (fedcnn/conv1 on digits-28, same batches for every codec; `server_only`).
@@ -92,7 +94,11 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-METRICS = ("step_ms_pair", "step_ms_mean", "step_ms_median", "peak_rss_mb")
+METRICS = ("step_ms_pair", "step_ms_mean", "step_ms_median", "step_cpu_ms_mean",
+           "peak_rss_mb")
+# (codec, uplink): the first is the baseline every ratio is taken against
+SETTINGS = (("fp32", "inline"), ("fp32", "thread"), ("fp16", "thread"), ("int8", "thread"),
+            ("int8", "inline"))
 
 
 def pair_ms(samples: list[float], k: int) -> float:
@@ -104,62 +110,68 @@ def pair_ms(samples: list[float], k: int) -> float:
 
 
 def profile_workload(w: Workload, *, repeats: int, steps: int, warmup: int,
-                     codecs: tuple[str, ...] = CODECS,
+                     settings: tuple[tuple[str, str], ...] = SETTINGS,
                      progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every codec's profile `repeats` times on one exported bundle; ratios vs fp32."""
+    """Every (codec, uplink) setting's profile `repeats` times on one exported bundle;
+    ratios vs the first setting's (fp32 inline: the device before the codecs)."""
     from baselines.profile import export_bundle, profile
 
-    assert codecs[0] == "fp32", "ratios are taken against fp32"
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in codecs}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {s: [] for s in settings}
+    base = settings[0]
     with tempfile.TemporaryDirectory(prefix="heron-codec-") as tmp:
         bundle = Path(tmp) / "bundle"
         export_bundle(w.model, w.input_shape, w.num_classes, w.cut, bundle)
         for rep in range(repeats):
-            order = codecs if rep % 2 == 0 else tuple(reversed(codecs))
-            for c in order:
+            order = settings if rep % 2 == 0 else tuple(reversed(settings))
+            for codec, uplink in order:
                 r = profile("heron", model=w.model, cut=w.cut, batch=w.batch, threads=1,
                             steps=steps, warmup=warmup, input_shape=w.input_shape,
-                            num_classes=w.num_classes, bundle_dir=bundle, smashed_codec=c)
+                            num_classes=w.num_classes, bundle_dir=bundle, smashed_codec=codec,
+                            uplink=uplink)
                 r["step_ms_pair"] = pair_ms(r["step_ms_samples"], r["upload_every"])
-                runs[c].append(r)
-                progress(f"{w.name} repeat {rep} {c}: step (block median) "
+                runs[codec, uplink].append(r)
+                progress(f"{w.name} repeat {rep} {codec} {uplink}: step (block median) "
                          f"{r['step_ms_pair']:.2f} ms, mean {r['step_ms_mean']:.2f} ms, "
-                         f"median {r['step_ms_median']:.2f} ms, peak RSS "
+                         f"CPU {r['step_cpu_ms_mean']:.2f} ms, peak RSS "
                          f"{r['peak_rss_mb']:.1f} MB")
     rows = []
-    for c in codecs:
-        row: dict[str, Any] = {"codec": c, "smashed_bytes": runs[c][0]["smashed_bytes"],
-                               "bytes_up_per_round": runs[c][0]["bytes_up_per_round"]}
+    for codec, uplink in settings:
+        got = runs[codec, uplink]
+        row: dict[str, Any] = {"codec": codec, "uplink": uplink,
+                               "smashed_bytes": got[0]["smashed_bytes"],
+                               "bytes_up_per_round": got[0]["bytes_up_per_round"]}
         for m in METRICS:
-            vals = [r[m] for r in runs[c]]
-            row[m] = statistics.median(vals)
-            ratios = [r[m] / f[m] for r, f in zip(runs[c], runs["fp32"], strict=True)]
+            row[m] = statistics.median(r[m] for r in got)
+            ratios = [r[m] / b[m] for r, b in zip(got, runs[base], strict=True)]
             mean, lo, hi = t_interval(ratios)
             row[f"{m}_ratio"] = {"mean": mean, "lo": lo, "hi": hi, "per_repeat": ratios}
-        row["load_avg_1min"] = [r["load_avg_1min"] for r in runs[c]]
+        row["load_avg_1min"] = [r["load_avg_1min"] for r in got]
         rows.append(row)
-    first = runs["fp32"][0]
+    first = runs[base][0]
     return {"workload": w.name, "model": w.model, "cut": w.cut, "batch": w.batch,
             "input_shape": list(w.input_shape), "threads": 1, "steps": steps,
             "warmup": warmup, "repeats": repeats, "upload_every": first["upload_every"],
+            "baseline": {"codec": base[0], "uplink": base[1]},
             "versions": first["versions"], "machine": first["machine"], "rows": rows}
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| workload | codec | smashed B/upload | step ms, block median "
-             "| × fp32 [95% CI] | step ms, mean | × fp32 [95% CI] | peak RSS MB "
-             "| × fp32 [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | codec | uplink | smashed B/upload | step ms, block median "
+             "| × base [95% CI] | step ms, mean | × base [95% CI] | CPU ms/step "
+             "| × base [95% CI] | peak RSS MB | × base [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
+        base = res["baseline"]
         for row in res["rows"]:
+            is_base = (row["codec"], row["uplink"]) == (base["codec"], base["uplink"])
             cells = []
-            for m in ("step_ms_pair", "step_ms_mean", "peak_rss_mb"):
+            for m in ("step_ms_pair", "step_ms_mean", "step_cpu_ms_mean", "peak_rss_mb"):
                 r = row[f"{m}_ratio"]
                 cells += [f"{row[m]:.2f}" if m != "peak_rss_mb" else f"{row[m]:.1f}",
-                          "—" if row["codec"] == "fp32" else
+                          "base" if is_base else
                           f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"]
-            lines.append(f"| {res['workload']} | {row['codec']} | {row['smashed_bytes']:,} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {res['workload']} | {row['codec']} | {row['uplink']} | "
+                         f"{row['smashed_bytes']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,12 @@ as a device's sampler does.
   gradient, Adam step. V1 and V2 differ only on the server, so the device step is the same.
 - ``fedavg``: the whole model forward, backward and Adam step on the device.
 
-Every runner that uploads smashed data codes it as the device does inside the step: the
-`Smashed` message under ``smashed_codec`` (`edge_runtime.protocol.smashed_codec`), encoded
-and chunked for the wire (what the MQTT transport does before paho gets the bytes), so a
-codec's cost lands in the timed step.
+Every runner that uploads smashed data codes it as the device does: the `Smashed` message
+under ``smashed_codec`` (`edge_runtime.protocol.smashed_codec`), encoded and chunked for the
+wire (what the MQTT transport does before paho gets the bytes), on the device's uplink
+thread (`edge_runtime.uplink`), whose drain at the end of each timed call is added
+to the call's last step; ``uplink="inline"`` codes inside the step instead (the device
+before that thread, kept as a baseline).
 
 Only the ONNX Runtime runners may be built in a process that must stay torch-free; torch is
 imported inside the torch runner.
@@ -39,6 +41,9 @@ from edge_runtime.protocol.smashed_codec import CODECS, DEFAULT_CODEC
 
 __all__ = ["ALGORITHMS", "ONNX_ALGORITHMS", "TORCH_ALGORITHMS", "StepSpec", "make_runner"]
 TORCH_LR = 1e-3  # irrelevant to cost; Adam does the same work at any learning rate
+# where smashed uploads are coded: on the device's uplink thread (edge_runtime.uplink,
+# what `heron device` does) or inside the step (the device before that thread: a baseline)
+UPLINKS = ("thread", "inline")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class StepSpec:
     input_dtype: str = "float32"  # "int64": token ids and attention mask (text models)
     q: int = 1  # heron: ZO directions per step (each one more forward, or block re-run)
     smashed_codec: str = DEFAULT_CODEC  # how smashed uploads are coded (smashed_codec.CODECS)
+    uplink: str = "thread"  # UPLINKS: "inline" codes inside the step (a baseline, no device)
 
     def __post_init__(self) -> None:
         alg = algorithm(self.algorithm)  # ValueError naming the choices
@@ -73,6 +79,8 @@ class StepSpec:
                              f"{self.perturb!r}")
         if self.input_dtype not in ("float32", "int64"):
             raise ValueError(f"input_dtype must be float32 or int64, got {self.input_dtype!r}")
+        if self.uplink not in UPLINKS:
+            raise ValueError(f"uplink must be one of {', '.join(UPLINKS)}, got {self.uplink!r}")
         if self.smashed_codec not in CODECS:
             raise ValueError(f"unknown smashed codec {self.smashed_codec!r}; help: one of "
                              f"{', '.join(CODECS)}")
@@ -134,6 +142,38 @@ def wire_smashed(spec: StepSpec, step: int, activations: np.ndarray,
     return chunk(encode(msg), msg.msg_id)
 
 
+class Uploads:
+    """A runner's smashed uploads, made as the device makes them: `wire_smashed` on the
+    device's `Uplink` thread, or in the step (spec.uplink == "inline"). `drain_ms` waits for
+    the thread at the end of a timed call; the runners add that wait to the call's last
+    step, so a step's time holds whatever of the coding its successors did not hide (a
+    device drains only at the end of a round: this is the conservative side)."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        from edge_runtime.uplink import Uplink
+
+        self.spec = spec
+        self.last: list[bytes] | None = None  # the last upload, as chunks for the wire
+        self._uplink = Uplink(self._wire) if spec.uplink == "thread" else None
+        self.send = self._uplink.send if self._uplink is not None else self._wire
+
+    def _wire(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
+        self.last = wire_smashed(self.spec, step, activations, labels)  # then publish
+
+    def drain_ms(self) -> float:
+        t0 = time.perf_counter()
+        if self._uplink is not None:
+            self._uplink.flush()
+        return (time.perf_counter() - t0) * 1000.0
+
+
+def drained(times: list[float], uploads: Uploads) -> list[float]:
+    """`times` with the uplink's drain added to the last step."""
+    times = list(times)
+    times[-1] += uploads.drain_ms()
+    return times
+
+
 def make_runner(spec: StepSpec) -> Runner:
     a = algorithm(spec.algorithm)
     if a.runtime == "torch":
@@ -163,7 +203,7 @@ class _OrtBase:
         self.x, self.y = random_batch(spec)
         self.model.check_data(self.x, self.y)
         self.theta = self.bundle.weights.copy()
-        self.smashed: list[bytes] | None = None  # the last upload, as chunks for the wire
+        self.uploads = Uploads(spec)
 
     def _feeds(self) -> dict[str, np.ndarray]:
         from edge_runtime.manifest import INPUT_NAME, LABEL_NAME
@@ -241,21 +281,18 @@ class HeronRunner(_OrtBase):
         passes += [(LOSS_OUTPUT,)] * (zc.q * per_direction)
         return passes
 
-    def _on_smashed(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
-        self.smashed = wire_smashed(self.spec, step, activations, labels)  # then publish
-
     def steps(self, n: int) -> list[float]:
         from edge_runtime.runtime import train_round
 
         res = train_round(self.model, self.theta, self.x, self.y,
                           replace(self.cfg, local_steps=n), round_idx=self.round,
-                          device_id="profile", on_smashed=self._on_smashed,
+                          device_id="profile", on_smashed=self.uploads.send,
                           block_sampler=self.block_sampler)
         self.theta, self.block_sampler = res.theta, res.block_sampler
         self.round += 1
         self.blocks = res.blocks.tolist()
         self.drawn += self.blocks
-        return list(res.step_ms)
+        return drained(res.step_ms, self.uploads)
 
     def forwards(self, n: int) -> list[float]:
         if self.spec.perturb == "block":
@@ -319,9 +356,9 @@ class FrozenRunner(_OrtBase):
             t0 = time.perf_counter()
             idx = rng.permutation(self.spec.batch)
             act = self.model.run(self.theta, self.x[idx], self.y[idx], (SMASHED_OUTPUT,))[0]
-            self.smashed = wire_smashed(self.spec, 0, act, self.y[idx])
+            self.uploads.send(0, act, self.y[idx])
             times.append((time.perf_counter() - t0) * 1000.0)
-        return times
+        return drained(times, self.uploads)
 
     def forwards(self, n: int) -> list[float]:
         from edge_runtime.manifest import SMASHED_OUTPUT
@@ -354,18 +391,15 @@ class TailRunner(_OrtBase):
     def steps_per_call(self) -> int:
         return self.spec.upload_every
 
-    def _on_smashed(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
-        self.smashed = wire_smashed(self.spec, step, activations, labels)  # then publish
-
     def steps(self, n: int) -> list[float]:
         from edge_runtime.runtime import train_round
 
         res = train_round(self.model, self.theta, self.x, self.y,
                           replace(self.cfg, local_steps=n), round_idx=self.round,
-                          device_id="profile", on_smashed=self._on_smashed)
+                          device_id="profile", on_smashed=self.uploads.send)
         self.theta = res.theta
         self.round += 1
-        return list(res.step_ms)
+        return drained(res.step_ms, self.uploads)
 
     def forwards(self, n: int) -> list[float]:
         tail = self.model.tail()
@@ -409,7 +443,7 @@ class TorchRunner:
         self.cut_grad = torch.from_numpy(1e-3 * rng.standard_normal(
             (spec.batch, *split.smashed_shape), dtype=np.float32))
         self.rng = np.random.default_rng([spec.seed, 1])
-        self.smashed: Any = None
+        self.uploads = Uploads(spec)
 
     def _step(self, step: int) -> None:
         torch = self.torch
@@ -422,12 +456,11 @@ class TorchRunner:
             smashed = s.client(xb)
             F.cross_entropy(s.aux(smashed), yb).backward()
             if step % self.spec.upload_every == 0:
-                self.smashed = wire_smashed(self.spec, step, smashed.detach().numpy(),
-                                            yb.numpy())
+                self.uploads.send(step, smashed.detach().numpy(), yb.numpy())
         elif self.alg.waits_for_gradient:  # SplitFed
             smashed = s.client(xb)
             # published every step, before the gradient returns
-            self.smashed = wire_smashed(self.spec, step, smashed.detach().numpy(), yb.numpy())
+            self.uploads.send(step, smashed.detach().numpy(), yb.numpy())
             smashed.backward(self.cut_grad)
         else:  # fedavg: the whole model
             F.cross_entropy(s.server(s.client(xb)), yb).backward()
@@ -448,7 +481,7 @@ class TorchRunner:
             t0 = time.perf_counter()
             self._step(i)
             times.append((time.perf_counter() - t0) * 1000.0)
-        return times
+        return drained(times, self.uploads)
 
     def forwards(self, n: int) -> list[float]:
         times = []

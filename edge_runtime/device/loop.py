@@ -50,6 +50,7 @@ from edge_runtime.protocol import (
 from edge_runtime.replay import weights_hash
 from edge_runtime.runtime import RoundResult
 from edge_runtime.transport import RECONNECTED, Incoming, Transport
+from edge_runtime.uplink import Uplink
 
 log = logging.getLogger("heron.device")
 
@@ -343,8 +344,10 @@ class DeviceLoop:
 
         bytes_in0, bytes_out0 = t.bytes_in, t.bytes_out
         t0 = time.perf_counter()
-        try:
-            result = self._train(msg, cfg, send_smashed)
+        try:  # smashed data coded and published off the step (uplink.py), all before the update
+            with Uplink(send_smashed) as uplink:
+                result = self._train(msg, cfg, uplink.send)
+                uplink.flush()
         except (ValueError, FloatingPointError, RoundAborted) as exc:
             self._report(f"round {msg.round} failed: {exc}")
             return

@@ -277,7 +277,8 @@ def add_bench_parsers(sub: Any) -> None:
     prof.add_argument("--q", type=positive_int, default=1,
                       help="heron's ZO directions per step, as `heron run --q` (1)")
     prof.add_argument("--smashed-codec", default=TrainConfig.smashed_codec, choices=CODECS,
-                      help="how the device codes its smashed uploads, inside the timed step "
+                      help="how the device codes its smashed uploads, in the timed steps (on its "
+                      "uplink thread, as `heron device`) "
                       f"and in the byte counts ({TrainConfig.smashed_codec})")
     prof.add_argument("--out", help="also write the JSON to this file")
     prof.set_defaults(func=cmd_profile)

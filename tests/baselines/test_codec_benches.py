@@ -45,3 +45,23 @@ def test_server_only_pairs_each_codec_with_fp32_on_the_same_batches(tmp_path: Pa
     assert name == "int8 - fp32" and len(p["diffs"]) == 2
     lo, hi = p["ci95"]
     assert lo <= p["mean"] <= hi
+
+
+def test_the_codec_profile_pairs_every_setting_with_fp32_inline() -> None:
+    """Real `heron profile` children on the digits bundle: each setting's ratios are taken
+    against the baseline of the same repeat, so the baseline's own are exactly 1."""
+    from baselines.smashed_codec import WORKLOADS, profile_workload
+    from baselines.smashed_codec import markdown as profile_markdown
+
+    settings = (("fp32", "inline"), ("int8", "thread"))
+    res = profile_workload(WORKLOADS["digits"], repeats=2, steps=4, warmup=0,
+                           settings=settings, progress=lambda line: None)
+    base, int8 = res["rows"]
+    assert res["baseline"] == {"codec": "fp32", "uplink": "inline"}
+    for m in ("step_ms_pair", "step_ms_mean", "step_cpu_ms_mean", "peak_rss_mb"):
+        assert base[f"{m}_ratio"]["per_repeat"] == [1.0, 1.0]
+        assert len(int8[f"{m}_ratio"]["per_repeat"]) == 2 and int8[m] > 0
+    # int8 sends a quarter of the values' bytes, plus one scale and offset per channel
+    assert int8["smashed_bytes"] < 0.3 * base["smashed_bytes"]
+    table = profile_markdown([res])
+    assert "| digits cnn/conv1 | fp32 | inline |" in table and "| int8 | thread |" in table

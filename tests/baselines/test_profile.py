@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, heron
@@ -231,14 +233,19 @@ def test_profile_codes_smashed_uploads_in_the_step_and_sizes_them_by_codec(
     spec = StepSpec(algorithm="heron", model="cnn", cut="conv1", batch=8, threads=1,
                     input_shape=(1, 8, 8), num_classes=10, bundle_dir=str(tmp_path / "b"),
                     smashed_codec="int8")
-    runner = make_runner(spec)
-    runner.steps(2)  # step 0 uploads (k = 2)
-    raw = None
-    for part in runner.smashed:  # type: ignore[attr-defined]
-        raw = Reassembler().add("t", part) or raw
-    assert raw is not None
-    msg = decode(raw)
-    assert msg.codec == "int8" and msg.activations.dtype.name == "uint8"  # type: ignore[attr-defined]
+    sent = {}
+    for uplink in ("thread", "inline"):  # the device's uplink thread, and inside the step
+        runner = make_runner(replace(spec, uplink=uplink))
+        times = runner.steps(2)  # step 0 uploads (k = 2)
+        assert len(times) == 2 and min(times) > 0
+        raw = None
+        for part in runner.uploads.last or []:  # type: ignore[attr-defined]
+            raw = Reassembler().add("t", part) or raw
+        assert raw is not None
+        sent[uplink] = msg = decode(raw)
+        assert msg.codec == "int8" and msg.activations.dtype.name == "uint8"  # type: ignore[attr-defined]
+    # the same batch, coded the same way on either thread
+    assert np.array_equal(sent["thread"].activations, sent["inline"].activations)  # type: ignore[attr-defined]
     shape = msg.activations.shape  # type: ignore[attr-defined]
 
     got = {c: profile("heron", threads=1, steps=2, warmup=0, bundle_dir=tmp_path / "b",

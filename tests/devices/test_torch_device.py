@@ -144,7 +144,7 @@ def test_server_gradient_matches_autograd() -> None:
     a = torch.from_numpy(act).requires_grad_(True)
     expected_loss = F.cross_entropy(ref(a), torch.from_numpy(labels))
     expected_loss.backward()
-    assert loss == pytest.approx(float(expected_loss), rel=1e-6)
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-6)
     assert grad is not None
     np.testing.assert_allclose(grad, a.grad.numpy(), rtol=1e-5, atol=1e-7)
 

@@ -153,11 +153,13 @@ class Spy(LoopbackTransport):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.published: list[Message] = []
+        self.threads: list[str] = []  # the thread each of `published` came from
         self.handed: list[Incoming] = []
 
     def publish(self, topic: str, msg: Message, **kw: Any) -> int:
         n = super().publish(topic, msg, **kw)
         self.published.append(msg)
+        self.threads.append(threading.current_thread().name)
         if self.on_publish is not None:
             self.on_publish(msg)
         return n
@@ -251,6 +253,11 @@ def test_a_round_joins_takes_the_bundle_trains_and_uploads(
     assert (tel.steps, tel.smashed_sent, tel.algorithm) == (STEPS, STEPS // EVERY, "heron")
     assert tel.bytes_in == 0  # heron asks nothing of the server mid-round
     assert tel.bytes_out >= sum(s.activations.nbytes for s in smashed)  # the smashed uploads
+    # coded and published on the uplink thread, every one of them before the update
+    kinds = [(m.kind, th) for m, th in zip(dev.t.published, dev.t.threads, strict=True)]
+    assert {th for k, th in kinds if k == "smashed"} == {"heron-uplink"}
+    last_smashed = max(i for i, (k, _) in enumerate(kinds) if k == "smashed")
+    assert kinds.index(("update", dev.thread.name)) > last_smashed
 
     server.stop()
     assert dev.exit_code() == 0

@@ -3,6 +3,8 @@ boundary that refuses a codec header that does not fit its data."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,12 @@ def _tensors() -> dict[str, np.ndarray]:
                                np.logspace(-12, 4.8, 5)[None, :, None, None]).astype(np.float32),
         "extreme_int8_range": (rng.uniform(-1, 1, size=(2, 5, 3)) *
                                np.logspace(-30, 30, 3)[None, None, :]).astype(np.float32),
+        # channel ranges whose scale (range / 255) is below float32's smallest normal value:
+        # subnormal inputs, and tiny steps on a large offset
+        "tiny_range": (np.array([0.0, 5.0, -1e-30, 0.0], np.float32)[None, :, None, None] +
+                       rng.uniform(0, 1, size=(3, 4, 2, 2)).astype(np.float32) *
+                       np.array([1e-40, 1e-6, 1e-38, 1e-45], np.float32)[None, :, None, None]
+                       ).astype(np.float32),
     }
 
 
@@ -87,6 +95,46 @@ def test_int8_error_is_half_a_step_per_channel(name: str) -> None:
     # lo exactly.
     bound = scale * (0.5 + 4 * 255 * U) + U * (255 * scale + peak) + U * peak
     assert np.all(np.abs(y.astype(np.float64) - x) <= bound)
+
+
+def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 coding one channel at a time, written as plainly as it is specified: the same
+    float32 operations, so the result must be identical, not merely close."""
+    axis = channel_axis(x.ndim)
+    xs = np.moveaxis(x, axis, 0) if axis is not None else x[None]
+    q = np.empty(xs.shape, np.uint8)
+    scale = np.empty(xs.shape[0], np.float32)
+    lo = np.empty(xs.shape[0], np.float32)
+    tiny = np.finfo(np.float32).tiny
+    for c, xc in enumerate(xs):
+        lo[c], hi = xc.min(), xc.max()
+        s = np.float32((np.float64(hi) - np.float64(lo[c])) / 255)
+        scale[c] = max(s, tiny) if hi > lo[c] else 0  # a subnormal one's inverse overflows
+        inv = np.float32(1.0) / scale[c] if scale[c] > 0 else np.float32(0)
+        t = (xc - lo[c]) * inv
+        q[c] = np.clip(np.rint(t), 0, 255).astype(np.uint8)
+    q = np.moveaxis(q, 0, axis) if axis is not None else q[0]
+    return q, scale, lo
+
+
+@pytest.mark.parametrize("name", list(_tensors()))
+def test_int8_equals_a_per_channel_reference(name: str) -> None:
+    x = _tensors()[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow to Inf, no NaN cast to uint8
+        enc = encode_smashed(x, "int8")
+    q, scale, lo = _int8_reference(x)
+    np.testing.assert_array_equal(enc.data, q)
+    np.testing.assert_array_equal(enc.scale, scale)
+    np.testing.assert_array_equal(enc.offset, lo)
+    assert enc.data.flags.c_contiguous
+
+
+def test_int8_leaves_the_activations_as_they_were() -> None:
+    x = _tensors()["random_nchw"]
+    before = x.copy()
+    encode_smashed(x, "int8")
+    np.testing.assert_array_equal(x, before)
 
 
 def test_int8_constant_and_zero_tensors_come_back_exactly() -> None:
