@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,141 @@ def profile_main(argv: list[str]) -> None:
         (out / "codec_profile.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "codec_profile.md").write_text(markdown(results))
     print(markdown(results), end="")
+
+
+# -- interleaved: every setting in one process, block by block ---------------------------------
+def interleave_blocks(spec_json: dict[str, Any], settings: tuple[tuple[str, str], ...],
+                      rounds: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """Run in a torch-free child: one heron runner per (codec, uplink) setting on the same
+    bundle, then `rounds` rounds in each of which every setting runs one block of
+    2 * upload_every steps (two uploads, the uplink drained at its end), in a fresh random
+    order. Wall and CPU milliseconds per step of each block, by setting."""
+    from baselines.steps import StepSpec, make_runner
+    from edge_runtime.runtime import use_process_pool
+
+    base = StepSpec.from_json(spec_json)
+    use_process_pool(base.threads)  # as `heron device` does
+    runners = [make_runner(replace(base, smashed_codec=c, uplink=u)) for c, u in settings]
+    n = 2 * base.upload_every
+    for r in runners:
+        for _ in range(warmup):
+            r.steps(n)
+    wall = np.zeros((rounds, len(settings)))
+    cpu = np.zeros((rounds, len(settings)))
+    rng = np.random.default_rng(seed)
+    for i in range(rounds):
+        for j in rng.permutation(len(settings)):
+            c0 = time.process_time()
+            times = runners[j].steps(n)
+            cpu[i, j] = (time.process_time() - c0) * 1000.0 / n
+            wall[i, j] = sum(times) / n
+    return {"wall_ms": wall.tolist(), "cpu_ms": cpu.tolist(), "steps_per_block": n}
+
+
+def median_ratio(a: np.ndarray, b: np.ndarray, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, float]:
+    """median(a) / median(b) for blocks paired by round, with a 95% bootstrap interval that
+    resamples rounds (a round's blocks ran within milliseconds of each other, so a slow
+    stretch of the machine moves both)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"ratio": float(np.median(a) / np.median(b)), "lo": float(lo), "hi": float(hi)}
+
+
+def interleave_workload(w: Workload, *, rounds: int, warmup: int,
+                        settings: tuple[tuple[str, str], ...] = SETTINGS,
+                        timeout: float = 3600.0) -> dict[str, Any]:
+    """`interleave_blocks` on `w`'s exported bundle in a fresh torch-free process; each
+    setting's median step (wall and CPU) and its ratio to the first setting's."""
+    import os
+    import subprocess
+    import sys
+
+    from baselines.profile import ROOT, export_bundle, machine
+    from baselines.steps import StepSpec
+
+    with tempfile.TemporaryDirectory(prefix="heron-codec-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        export_bundle(w.model, w.input_shape, w.num_classes, w.cut, bundle)
+        manifest = export_bundle(w.model, w.input_shape, w.num_classes, w.cut, bundle)
+        spec = StepSpec(algorithm="heron", model=w.model, cut=w.cut, batch=w.batch, threads=1,
+                        input_shape=w.input_shape, num_classes=w.num_classes,
+                        bundle_dir=str(bundle), input_dtype=manifest.input_dtype)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        job = json.dumps({"spec": spec.to_json(), "settings": settings, "rounds": rounds,
+                          "warmup": warmup})
+        proc = subprocess.run([sys.executable, "-m", "baselines.smashed_codec",
+                               "interleave-child", job], capture_output=True, text=True,
+                              env=env, timeout=timeout, stdin=subprocess.DEVNULL, cwd=str(ROOT))
+        if proc.returncode != 0:
+            raise SystemExit(f"interleaved profile of {w.name} failed:\n{proc.stderr[-2000:]}")
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+    wall, cpu = np.asarray(got["wall_ms"]), np.asarray(got["cpu_ms"])
+    rows = []
+    for j, (codec, uplink) in enumerate(settings):
+        rows.append({"codec": codec, "uplink": uplink,
+                     "step_ms_median": float(np.median(wall[:, j])),
+                     "cpu_ms_median": float(np.median(cpu[:, j])),
+                     "step_ratio": median_ratio(wall[:, j], wall[:, 0]),
+                     "cpu_ratio": median_ratio(cpu[:, j], cpu[:, 0])})
+    return {"workload": w.name, "model": w.model, "cut": w.cut, "batch": w.batch,
+            "threads": 1, "rounds": rounds, "warmup_blocks": warmup,
+            "steps_per_block": got["steps_per_block"],
+            "baseline": {"codec": settings[0][0], "uplink": settings[0][1]},
+            "machine": machine(), "rows": rows, "wall_ms": got["wall_ms"],
+            "cpu_ms": got["cpu_ms"]}
+
+
+def interleave_markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| workload | codec | uplink | step ms (median block) | × base [95% CI] "
+             "| CPU ms/step | × base [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        for row in res["rows"]:
+            cells = [f"{row['step_ms_median']:.3f}", _ratio_cell(row["step_ratio"]),
+                     f"{row['cpu_ms_median']:.3f}", _ratio_cell(row["cpu_ratio"])]
+            lines.append(f"| {res['workload']} | {row['codec']} | {row['uplink']} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(r: dict[str, float]) -> str:
+    return f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+
+def interleave_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m baselines.smashed_codec interleave")
+    ap.add_argument("--out", required=True, help="directory for codec_interleaved.{json,md}")
+    ap.add_argument("--workloads", default="fedcnn,digits", help=f"of {','.join(WORKLOADS)}")
+    ap.add_argument("--rounds", type=int, default=600,
+                    help="blocks per setting, interleaved (600)")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed blocks per setting (20)")
+    args = ap.parse_args(argv)
+    if args.rounds < 2 or args.warmup < 0:
+        raise SystemExit("--rounds must be >= 2 and --warmup >= 0")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.workloads.split(","):
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r}; help: one of {', '.join(WORKLOADS)}")
+        t0 = time.monotonic()
+        res = interleave_workload(WORKLOADS[name], rounds=args.rounds, warmup=args.warmup)
+        res["wall_s"] = round(time.monotonic() - t0, 1)
+        results.append(res)
+        print(f"{name}: {res['wall_s']} s", flush=True)
+        (out / "codec_interleaved.json").write_text(json.dumps(results) + "\n")
+        (out / "codec_interleaved.md").write_text(interleave_markdown(results))
+    print(interleave_markdown(results), end="")
+
+
+def interleave_child(job_json: str) -> None:
+    job = json.loads(job_json)
+    got = interleave_blocks(job["spec"], tuple(tuple(s) for s in job["settings"]),
+                            int(job["rounds"]), int(job["warmup"]))
+    print(json.dumps(got))
 
 
 # -- zstd on top of the codecs ----------------------------------------------------------------
@@ -374,6 +509,10 @@ def server_main(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "profile":
         profile_main(argv[1:])
+    elif argv and argv[0] == "interleave":
+        interleave_main(argv[1:])
+    elif argv and argv[0] == "interleave-child":
+        interleave_child(argv[1])
     elif argv and argv[0] == "zstd":
         zstd_main(argv[1:])
     elif argv and argv[0] == "server":
@@ -382,7 +521,7 @@ def main(argv: list[str]) -> None:
         encode_main()
     else:
         raise SystemExit("usage: python -m baselines.smashed_codec [encode | profile --out DIR | "
-                         "zstd --out DIR | server --out DIR]")
+                         "interleave --out DIR | zstd --out DIR | server --out DIR]")
 
 
 if __name__ == "__main__":

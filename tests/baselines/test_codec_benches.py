@@ -65,3 +65,23 @@ def test_the_codec_profile_pairs_every_setting_with_fp32_inline() -> None:
     assert int8["smashed_bytes"] < 0.3 * base["smashed_bytes"]
     table = profile_markdown([res])
     assert "| digits cnn/conv1 | fp32 | inline |" in table and "| int8 | thread |" in table
+
+
+def test_the_interleaved_profile_pairs_blocks_by_round() -> None:
+    """One torch-free child runs every setting's blocks in shuffled order; the baseline's
+    ratio to itself is exactly 1 and every other setting has a finite interval around its
+    ratio of medians."""
+    import numpy as np
+
+    from baselines.smashed_codec import WORKLOADS, interleave_markdown, interleave_workload
+
+    settings = (("fp32", "inline"), ("int8", "thread"))
+    res = interleave_workload(WORKLOADS["digits"], rounds=4, warmup=1, settings=settings)
+    wall = np.asarray(res["wall_ms"])
+    assert wall.shape == (4, 2) and np.all(wall > 0) and res["steps_per_block"] == 4
+    base, int8 = res["rows"]
+    assert base["step_ratio"] == {"ratio": 1.0, "lo": 1.0, "hi": 1.0}
+    r = int8["step_ratio"]
+    assert 0 < r["lo"] <= r["hi"] and r["ratio"] == pytest.approx(
+        np.median(wall[:, 1]) / np.median(wall[:, 0]))
+    assert "| digits cnn/conv1 | int8 | thread |" in interleave_markdown([res])
