@@ -108,10 +108,11 @@ def encode(x: np.ndarray, codec: str) -> Encoded:
     # TINY, which still spans it, so the error bound holds; a constant one has scale 0, q = 0
     scale = np.where(hi > lo, np.maximum(scale, TINY), np.float32(0)).astype(np.float32)
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    # One temporary, shifted, scaled, rounded and clipped in place: the device codes inside
-    # its step (BENCHMARKS.md, device cost). For NCHW it is channel-major, so each channel's
-    # min, max and broadcast run over one contiguous row of B*H*W values rather than rows of
-    # W (numpy's inner loops): about 1.5x faster on conv activations of 16-32 channels.
+    # One temporary, shifted, scaled, rounded and clipped in place: the device codes every
+    # k-th step (on its uplink thread; BENCHMARKS.md, device cost). For NCHW it is
+    # channel-major, so each channel's min, max and broadcast run over one contiguous row of
+    # B*H*W values rather than rows of W (numpy's inner loops): about 1.5x faster on conv
+    # activations of 16-32 channels.
     if t is None:
         t = np.subtract(x, _broadcast(lo, x.ndim))
         t *= _broadcast(inv, x.ndim)
