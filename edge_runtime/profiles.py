@@ -376,11 +376,15 @@ def check_memory(
 def dry_run_step(model: LocalModel, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
                  batch: int, cfg: TrainConfig | None = None) -> float:
     """One real training step at `batch` (ONNX Runtime forwards at θ and θ+μu, smashed
-    output included, optimizer update); returns the process's peak RSS in MB afterwards.
-    On a heron-tail bundle the step is the tail graph's at its fixed batch whatever `batch`
-    (its shapes are static), so every probe measures the step the device will make."""
-    from edge_runtime.protocol import TrainConfig
+    output included and coded for the wire on the uplink thread under the run's codec, as
+    the device does, then dropped; optimizer update); returns the process's peak RSS in MB
+    afterwards. On a heron-tail bundle the step is the tail graph's at its fixed batch
+    whatever `batch` (its shapes are static), so every probe measures the step the device
+    will make."""
+    from edge_runtime.protocol import Smashed, TrainConfig
     from edge_runtime.runtime import peak_rss_mb, train_round
+    from edge_runtime.transport import payloads
+    from edge_runtime.uplink import Uplink
 
     base = cfg if cfg is not None else TrainConfig()
     step_cfg = TrainConfig(local_steps=1, upload_every=1, batch_size=batch, seed=base.seed,
@@ -389,8 +393,14 @@ def dry_run_step(model: LocalModel, theta: np.ndarray, x: np.ndarray, y: np.ndar
     if tail is not None:  # a heron-tail bundle: its one step, at the graph's fixed batch
         step_cfg = TrainConfig(algorithm="heron-tail", local_steps=1, upload_every=1,
                                batch_size=tail.batch, seed=base.seed, optimizer=base.optimizer)
-    train_round(model, np.asarray(theta, dtype=np.float32), x, y, step_cfg, round_idx=0,
-                device_id="dry-run", on_smashed=lambda step, act, labels: None)
+
+    def wire(step: int, act: np.ndarray, labels: np.ndarray) -> None:  # then sent nowhere
+        payloads(Smashed.coded("0" * 32, 0, "dry-run", step, act, labels, base.smashed_codec))
+
+    with Uplink(wire) as uplink:
+        train_round(model, np.asarray(theta, dtype=np.float32), x, y, step_cfg, round_idx=0,
+                    device_id="dry-run", on_smashed=uplink.send)
+        uplink.flush()
     return peak_rss_mb()
 
 

@@ -333,7 +333,12 @@ class DeviceLoop:
             self._report(f"round {msg.round} rejected: {exc}")
             return
         if self.checks_memory:
-            verdict = self._check_memory(cfg.batch_size, msg.weights.astype(np.float32), cfg)
+            try:  # a real step at the round's weights: it fails where the round would
+                verdict = self._check_memory(cfg.batch_size, msg.weights.astype(np.float32),
+                                             cfg)
+            except (ValueError, FloatingPointError) as exc:
+                self._report(f"round {msg.round} rejected: its memory check failed: {exc}")
+                return
             if not verdict.fits:
                 self._refuse(f"round {msg.round} refused: {verdict.message()}")
         smashed_topic = topics.up(dev, "smashed", p)

@@ -423,3 +423,26 @@ def test_a_server_resumed_from_an_earlier_round_has_it_trained_again(
     np.testing.assert_array_equal(again.weights, u1.weights)  # same seed, same weights
     resumed.stop()
     assert dev.exit_code() == 0 and dev.device.rounds_done == 3
+
+
+def test_a_round_whose_memory_check_fails_is_reported_and_the_device_goes_on(
+        broker: LoopbackBroker, tiny: Tiny, tmp_path: Path) -> None:
+    """The round's memory check is a real step at its weights, coded under its codec: if
+    that step fails (here float16 cannot carry the activations of weights x 1e5), the round
+    is refused with the reason, and the next round trains."""
+    from dataclasses import replace
+
+    dev = Running(broker, tiny, tmp_path)
+    server = FakeServer(broker, tiny)
+    ready(server, tiny)  # measured up to CFG's batch 16; batch 32 is a new probe
+    bad_cfg = replace(CFG, batch_size=32, smashed_codec="fp16")
+    big = (tiny.bundle.weights * np.float32(1e5)).astype(np.float32)
+    server.t.publish(topics.down_all("round", P),
+                     RoundStart(RUN, 1, "server", weights=big, participants=(DEV,),
+                                config=bad_cfg.to_json(), bundle_sha256=tiny.sha))
+    err = server.expect("error")
+    assert "round 1 rejected: its memory check failed" in err.error and "float16" in err.error
+    u2 = round_trip(server, 2, tiny.bundle.weights)
+    assert u2.round == 2 and not server.sent("update")[:-1]  # round 1 sent no update
+    server.stop()
+    assert dev.exit_code() == 0 and dev.device.rounds_done == 1

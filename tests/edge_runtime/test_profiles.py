@@ -464,3 +464,27 @@ def test_device_config_values_have_the_command_lines_bounds(
         load_device_config(path)
     path.write_text('broker = "mqtt://h"\nthreads = 4\nid = "board-1"\nprefix = "farm/a"\n')
     assert load_device_config(path)["threads"] == 4
+
+
+def test_the_dry_run_codes_its_smashed_data_as_the_device_does(tmp_path: Path) -> None:
+    """The memory probe's step codes its upload with the run's codec on the uplink thread
+    (its temporaries count in the peak): a codec that refuses the batch fails the probe as
+    it would fail the round."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.profiles import dry_run_step
+    from edge_runtime.protocol import TrainConfig
+    from edge_runtime.protocol.smashed_codec import SmashedCodecError
+    from edge_runtime.runtime import LocalModel
+    from exporter.export import export_split
+
+    export_split("cnn", (1, 8, 8), 10, tmp_path / "b", seed=0)
+    bundle = load_bundle(tmp_path / "b")
+    model = LocalModel(bundle, 1)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 16, size=(32, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 32)
+    assert dry_run_step(model, bundle.weights, x, y, 8, TrainConfig()) > 0  # int8: fits
+    # weights x 1e5: conv1's outputs reach ~1e6, beyond float16's 65504
+    big = (bundle.weights * np.float32(1e5)).astype(np.float32)
+    with pytest.raises(SmashedCodecError, match="float16"):
+        dry_run_step(model, big, x, y, 8, TrainConfig(smashed_codec="fp16"))
