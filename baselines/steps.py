@@ -150,20 +150,19 @@ class Uploads:
     device drains only at the end of a round: this is the conservative side)."""
 
     def __init__(self, spec: StepSpec) -> None:
-        from edge_runtime.uplink import Uplink
+        from edge_runtime.uplink import make_uplink
 
         self.spec = spec
         self.last: list[bytes] | None = None  # the last upload, as chunks for the wire
-        self._uplink = Uplink(self._wire) if spec.uplink == "thread" else None
-        self.send = self._uplink.send if self._uplink is not None else self._wire
+        self._uplink = make_uplink(self._wire, spec.uplink == "thread")
+        self.send = self._uplink.send
 
     def _wire(self, step: int, activations: np.ndarray, labels: np.ndarray) -> None:
         self.last = wire_smashed(self.spec, step, activations, labels)  # then publish
 
     def drain_ms(self) -> float:
         t0 = time.perf_counter()
-        if self._uplink is not None:
-            self._uplink.flush()
+        self._uplink.flush()
         return (time.perf_counter() - t0) * 1000.0
 
 

@@ -72,6 +72,9 @@ class SharedModelDevice(Device):
     holding the same bundle, and skips the per-process memory check (module doc)."""
 
     checks_memory = False
+    # one worker thread per device would only add threads: a host's devices share its cores
+    # and train TRAIN_SLOTS at a time, so they code their smashed data inside the step
+    uplink_thread = False
     _models: dict[tuple[str, int | None], LocalModel] = {}
     _lock = threading.Lock()
     _slots = threading.BoundedSemaphore(TRAIN_SLOTS)

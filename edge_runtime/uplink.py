@@ -86,3 +86,30 @@ class Uplink:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class InlineUplink:
+    """`Uplink`'s interface with no thread: `send` codes and publishes in the caller. For
+    many devices hosted in one process (`devices.host`), whose cores are already shared and
+    where a thread per device would only add threads."""
+
+    def __init__(self, publish: Publish) -> None:
+        self.send = publish
+
+    def flush(self) -> None:
+        """Nothing waits: every `send` has published already."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def __enter__(self) -> InlineUplink:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def make_uplink(publish: Publish, threaded: bool) -> Uplink | InlineUplink:
+    """The uplink a device codes its smashed data through: on a worker thread, or inline."""
+    return Uplink(publish) if threaded else InlineUplink(publish)

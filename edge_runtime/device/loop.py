@@ -50,7 +50,7 @@ from edge_runtime.protocol import (
 from edge_runtime.replay import weights_hash
 from edge_runtime.runtime import RoundResult
 from edge_runtime.transport import RECONNECTED, Incoming, Transport
-from edge_runtime.uplink import Uplink
+from edge_runtime.uplink import make_uplink
 
 log = logging.getLogger("heron.device")
 
@@ -63,6 +63,7 @@ class DeviceLoop:
 
     algorithms: tuple[str, ...] = ()  # what it can run, said at join
     checks_memory = False  # dry-run memory check against the board profile, at join and round
+    uplink_thread = True  # smashed data coded and published beside the step (uplink.py)
 
     def __init__(self, opts: DeviceOptions, transport: Transport | None = None) -> None:
         """`transport`: where its messages go (default: MQTT to `opts.broker`); one made
@@ -350,7 +351,7 @@ class DeviceLoop:
         bytes_in0, bytes_out0 = t.bytes_in, t.bytes_out
         t0 = time.perf_counter()
         try:  # smashed data coded and published off the step (uplink.py), all before the update
-            with Uplink(send_smashed) as uplink:
+            with make_uplink(send_smashed, self.uplink_thread) as uplink:
                 result = self._train(msg, cfg, uplink.send)
                 uplink.flush()
         except (ValueError, FloatingPointError, RoundAborted) as exc:

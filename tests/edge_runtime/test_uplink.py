@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_runtime.uplink import Uplink
+from edge_runtime.uplink import Uplink, make_uplink
 
 A, Y = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
 
@@ -110,3 +110,18 @@ def test_close_publishes_what_is_queued() -> None:
     assert done == list(range(5))
     with pytest.raises(ValueError, match="depth"):
         Uplink(lambda step, act, labels: None, depth=0)
+
+
+def test_the_inline_uplink_publishes_in_the_caller() -> None:
+    got: list[tuple[int, str]] = []
+
+    def publish(step: int, act: np.ndarray, labels: np.ndarray) -> None:
+        got.append((step, threading.current_thread().name))
+
+    with make_uplink(publish, threaded=False) as up:
+        up.send(0, A, Y)
+        assert got == [(0, threading.current_thread().name)]  # done before send returned
+        up.flush()
+    threaded = make_uplink(publish, threaded=True)
+    assert isinstance(threaded, Uplink)
+    threaded.close()
