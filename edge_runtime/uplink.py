@@ -4,7 +4,9 @@ A step hands its smashed batch to `Uplink.send` and goes on with its next forwar
 while a worker thread codes the batch (`smashed_codec`), encodes and chunks the message and
 gives it to the transport. numpy's ufuncs and reductions and ONNX Runtime's `run` release
 the GIL, so on a board with a core to spare (every supported board has four) the codec's
-time comes off the step's; the CPU time is the same (BENCHMARKS.md, "Smashed-data codecs").
+time comes off the step's. The CPU time is not saved, and on steps of a millisecond it grows
+(the hand-over costs): BENCHMARKS.md, "Off the step". Devices hosted many to a process use
+`InlineUplink`, the same interface with no thread.
 
 Order and failures are the step's own: batches go out in the order they were sent; a batch
 the worker cannot publish (activations the codec refuses, say) is raised again in the
