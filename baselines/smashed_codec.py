@@ -183,21 +183,31 @@ def profile_main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps (one round, h = 40)")
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.workloads.split(","):
+    each_workload(args.workloads, Path(args.out), "codec_profile", markdown,
+                  lambda w: profile_workload(w, repeats=args.repeats, steps=args.steps,
+                                             warmup=args.warmup))
+
+
+def each_workload(names: str, out: Path, stem: str,
+                  table: Callable[[list[dict[str, Any]]], str],
+                  measure: Callable[[Workload], dict[str, Any]]) -> None:
+    """`measure` each of the comma-separated workloads, timed; `stem`.json and .md in `out`
+    are rewritten after each, so a cut-short run keeps what finished; the table printed."""
+    chosen = names.split(",")
+    for name in chosen:
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name!r}; help: one of {', '.join(WORKLOADS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in chosen:
         t0 = time.monotonic()
-        res = profile_workload(WORKLOADS[name], repeats=args.repeats, steps=args.steps,
-                               warmup=args.warmup)
+        res = measure(WORKLOADS[name])
         res["wall_s"] = round(time.monotonic() - t0, 1)
         results.append(res)
-        # written after each workload, so a cut-short run keeps what finished
-        (out / "codec_profile.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / "codec_profile.md").write_text(markdown(results))
-    print(markdown(results), end="")
+        print(f"{name}: {res['wall_s']} s", flush=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(table(results))
+    print(table(results), end="")
 
 
 # -- interleaved: every setting in one process, block by block ---------------------------------
@@ -312,20 +322,8 @@ def interleave_main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 2 or args.warmup < 0:
         raise SystemExit("--rounds must be >= 2 and --warmup >= 0")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.workloads.split(","):
-        if name not in WORKLOADS:
-            raise SystemExit(f"unknown workload {name!r}; help: one of {', '.join(WORKLOADS)}")
-        t0 = time.monotonic()
-        res = interleave_workload(WORKLOADS[name], rounds=args.rounds, warmup=args.warmup)
-        res["wall_s"] = round(time.monotonic() - t0, 1)
-        results.append(res)
-        print(f"{name}: {res['wall_s']} s", flush=True)
-        (out / "codec_interleaved.json").write_text(json.dumps(results) + "\n")
-        (out / "codec_interleaved.md").write_text(interleave_markdown(results))
-    print(interleave_markdown(results), end="")
+    each_workload(args.workloads, Path(args.out), "codec_interleaved", interleave_markdown,
+                  lambda w: interleave_workload(w, rounds=args.rounds, warmup=args.warmup))
 
 
 def interleave_child(job_json: str) -> None:
